@@ -1,0 +1,33 @@
+"""GPT-2 on SlimPajama-627B. Size: --config=configs/slimpajama.py:medium (small = 124M).
+
+Point `--config.data.path` at a local copy in SlimPajama's own layout (train/chunkN/...)
+or leave it unset to stream `cerebras/SlimPajama-627B` from the HF hub.
+"""
+
+import ml_collections
+
+from jaxgpt import config as base
+
+
+def get_config(size: str = "small") -> ml_collections.ConfigDict:
+    # 50304 = GPT-2's 50257 BPE ids padded to a multiple of 128 for faster matmuls;
+    # the padded rows are never sampled and are dropped on HF export.
+    config = base.base_config(size, vocab_size=50304, n_positions=1024)
+    config.data.source = "slimpajama"
+    config.data.tokenizer = "gpt2"
+    config.data.block_size = 1024
+    config.train.steps = 100_000
+    config.train.batch_size = 512            # 0.5M tokens per step, as in GPT-3 small
+    config.train.grad_accum = 16
+    config.train.log_every = 10
+    config.optim.learning_rate = 6e-4
+    config.optim.warmup_steps = 2000
+    config.eval.every = 1000
+    config.eval.batch_size = 32
+    config.eval.batches = 100
+    config.checkpoint.every = 1000
+    config.mesh.shape = (1, -1, 1)
+    config.mesh.rules = "fsdp"
+    config.sample.prompts = ("In the year 2100, artificial intelligence had evolved to become",
+                             "The history of the Roman Empire")
+    return config

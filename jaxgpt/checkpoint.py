@@ -1,0 +1,58 @@
+"""Orbax checkpoints of the whole run: TrainState, data-iterator state and metadata.
+
+Layout: `WORKDIR/checkpoints/<step>/{state,data,meta}`. `state` is the TrainState pytree
+(params, optimizer moments, step, RNG), restored straight into its shardings; `data` is the
+grain iterator position (exact resume); `meta` holds the config and tokenizer fingerprint.
+"""
+
+import logging
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def make_manager(workdir: str, *, keep: int, create: bool = True) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
+                                           enable_async_checkpointing=False)
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                 options=options)
+
+
+def save(manager: ocp.CheckpointManager, state, data_state: dict, meta: dict) -> None:
+    """Save at `state.step`; a save orbax declines (step already present) is an error."""
+    step = int(jax.device_get(state.step))
+    saved = manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+        meta=ocp.args.JsonSave(meta)))
+    if not saved:
+        raise RuntimeError(f"checkpoint for step {step} was not written (orbax declined it; "
+                           f"latest is {manager.latest_step()})")
+    manager.wait_until_finished()
+    logging.info("saved checkpoint at step %d", step)
+
+
+def latest_step(manager: ocp.CheckpointManager) -> int | None:
+    return manager.latest_step()
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state, step: int | None = None):
+    """Restore (state, data_state, meta) at `step` (default: the latest) into the shardings
+    carried by `abstract_state` (a tree of jax.ShapeDtypeStruct with .sharding)."""
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+    out = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+        meta=ocp.args.JsonRestore()))
+    return out.state, out.data, out.meta
+
+
+def read_meta(workdir: str, step: int | None = None) -> tuple[int, dict]:
+    """The metadata of a checkpoint without touching its arrays (for tools like sampling)."""
+    manager = make_manager(workdir, keep=1, create=False)
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
+    out = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return step, out.meta

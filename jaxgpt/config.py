@@ -1,0 +1,65 @@
+"""The one schema of run configs: every group and field, with its meaning.
+
+`configs/*.py` start from `base_config()` and change values only, so every config has the
+same fields and `--config.x.y=` overrides work alike everywhere.
+"""
+
+import dataclasses
+
+import ml_collections
+
+from jaxgpt import model
+
+
+def base_config(size: str = "small", **model_overrides) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.model = dataclasses.asdict(model.gpt2_config(size, **model_overrides))
+
+    config.data = ml_collections.ConfigDict()
+    config.data.source = "text"            # text | wikitext | slimpajama
+    # File, directory or glob; None = the running interpreter's standard library sources.
+    config.data.path = ml_collections.config_dict.placeholder(str)
+    config.data.block_size = 128           # tokens per training window (<= n_positions)
+    config.data.val_fraction = 0.05        # last fraction of the token stream held out
+    # SentencePiece model to use; None = train one with model.vocab_size pieces, cached
+    # as WORKDIR/tokenizer.model.
+    config.data.tokenizer_path = ml_collections.config_dict.placeholder(str)
+    config.data.tokenizer = "sentencepiece"   # sentencepiece | gpt2
+
+    config.train = ml_collections.ConfigDict()
+    config.train.seed = 0
+    config.train.steps = 600               # optimizer steps
+    config.train.batch_size = 32           # windows per optimizer step (global)
+    config.train.grad_accum = 1            # micro-batches per step (batch_size divisible)
+    config.train.log_every = 50            # steps between metrics lines
+
+    config.optim = ml_collections.ConfigDict()
+    config.optim.learning_rate = 2e-3      # peak
+    config.optim.min_lr_ratio = 0.1        # cosine floor, as a fraction of the peak
+    config.optim.warmup_steps = 50
+    config.optim.decay_steps = 0           # 0 = decay until train.steps
+    config.optim.b1 = 0.9
+    config.optim.b2 = 0.95
+    config.optim.eps = 1e-8
+    config.optim.weight_decay = 0.1        # >= 2-D weights only
+    config.optim.grad_clip = 1.0           # global norm; 0 disables
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.every = 200                # steps between evals; 0 = only at the end? never
+    config.eval.batch_size = 32
+    config.eval.batches = 0                # 0 = the whole validation split
+
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every = 200          # steps between checkpoints (the last is saved)
+    config.checkpoint.keep = 3             # newest checkpoints kept
+
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.shape = (-1, 1, 1)         # (data, fsdp, tensor); one -1 = the rest
+    config.mesh.rules = "dp"               # a key of sharding.RULES
+
+    config.sample = ml_collections.ConfigDict()
+    config.sample.prompts = ("def ", "import os\n", "class Parser:\n    ")
+    config.sample.max_new_tokens = 64
+    config.sample.temperature = 0.8
+    config.sample.top_k = 40
+    return config

@@ -1,0 +1,103 @@
+"""Tokenizers behind one protocol: SentencePiece (trained here) and GPT-2 BPE.
+
+Every tokenizer exposes `encode`, `decode`, `vocab_size`, `eot_id` (the document separator,
+also the start token for empty prompts) and `fingerprint` (a hash stored with checkpoints
+and token shards so data and models never silently pair with another vocabulary).
+"""
+
+import hashlib
+import io
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from typing import Protocol
+
+import sentencepiece as spm
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    eot_id: int
+    fingerprint: str
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+
+class SentencePiece:
+    """A SentencePiece model (BPE or unigram, byte fallback); `</s>` separates documents."""
+
+    def __init__(self, model_proto: bytes, path: str = "<memory>"):
+        self.path = path
+        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self.vocab_size = self.sp.get_piece_size()
+        self.eot_id = self.sp.eos_id()
+        if self.eot_id < 0:
+            raise ValueError(f"{path}: SentencePiece model has no eos piece to separate documents")
+        self.fingerprint = "spm:" + hashlib.sha256(model_proto).hexdigest()[:16]
+
+    @classmethod
+    def load(cls, path: str) -> "SentencePiece":
+        with open(path, "rb") as f:
+            return cls(f.read(), path)
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts, num_threads=os.cpu_count() or 1)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+
+def _lines(texts: Iterable[str]) -> Iterator[str]:
+    for text in texts:
+        for line in text.splitlines(keepends=True):
+            if line.strip():
+                yield line
+
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int, *, model_type: str = "bpe",
+                        max_sentences: int = 300_000, seed_sentences: bool = True) -> bytes:
+    """Train a SentencePiece model on `texts` (documents) and return the serialized model.
+
+    Whitespace is kept verbatim (identity normalization, no dummy prefix, whitespace-only
+    pieces allowed) so code and prose round-trip exactly; unseen characters fall back to
+    bytes. `\\n` is its own piece because training sees one line per sentence.
+    """
+    if model_type not in ("bpe", "unigram"):
+        raise ValueError(f"tokenizer model_type must be bpe|unigram, got {model_type!r}")
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_lines(texts), model_writer=buf, vocab_size=vocab_size,
+        model_type=model_type, byte_fallback=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=False, allow_whitespace_only_pieces=True,
+        split_digits=True, user_defined_symbols=["\n"], character_coverage=0.9999,
+        input_sentence_size=max_sentences, shuffle_input_sentence=seed_sentences,
+        max_sentence_length=16384, unk_id=0, eos_id=1, bos_id=-1, pad_id=-1,
+        num_threads=os.cpu_count() or 1, minloglevel=2)
+    return buf.getvalue()
+
+
+def load_or_train_sentencepiece(path: str, texts: Iterable[str], vocab_size: int,
+                                model_type: str = "bpe") -> SentencePiece:
+    """Load the model cached at `path`, or train one on `texts` and cache it there."""
+    if os.path.exists(path):
+        tok = SentencePiece.load(path)
+        if tok.vocab_size != vocab_size:
+            raise ValueError(f"{path} has vocab_size {tok.vocab_size}, but the config asks for "
+                             f"{vocab_size}; delete it or use another workdir")
+        return tok
+    logging.info("training a %d-piece SentencePiece %s tokenizer -> %s", vocab_size,
+                 model_type, path)
+    proto = train_sentencepiece(texts, vocab_size, model_type=model_type)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(proto)
+    os.replace(tmp, path)
+    return SentencePiece(proto, path)

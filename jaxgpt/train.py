@@ -1,0 +1,348 @@
+"""Training: TrainState, make_optimizer, loss, jitted train/eval steps, train_and_evaluate.
+
+Steps are pure functions of (state, batch) compiled once with explicit shardings; the
+ConfigDict stops at `train_and_evaluate`, which validates it and passes typed values down.
+"""
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx, struct
+
+from jaxgpt import checkpoint, data, model, report, sample, sharding, tokenizer
+
+Batch = jax.Array  # int32 [A, B, T + 1]: A micro-batches of B windows of T + 1 tokens
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array          # int32 scalar
+    params: nnx.State
+    opt_state: optax.OptState
+    rng: jax.Array           # uint32 [2]: base dropout key; step keys are fold_in(rng, step)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = 6e-4   # peak, after warm-up
+    min_lr_ratio: float = 0.1     # cosine decays to learning_rate * min_lr_ratio
+    warmup_steps: int = 100
+    decay_steps: int = 0          # steps of cosine decay; 0 = until the last step
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1     # on >= 2-D weights only (not biases, LayerNorm)
+    grad_clip: float = 1.0        # global-norm clip; 0 disables
+
+    def __post_init__(self):
+        if self.learning_rate <= 0:
+            raise ValueError(f"optim.learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0 or self.decay_steps < 0:
+            raise ValueError("optim.warmup_steps and optim.decay_steps must be >= 0")
+
+
+def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear warm-up from 0 to the peak, then cosine decay to peak * min_lr_ratio."""
+    decay = cfg.decay_steps or max(total_steps, cfg.warmup_steps + 1)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+        decay_steps=max(decay, cfg.warmup_steps + 1),
+        end_value=cfg.learning_rate * cfg.min_lr_ratio)
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW (GPT-2/3 practice) with decay on matrices only, after global-norm clipping."""
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    adamw = optax.adamw(make_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                        weight_decay=cfg.weight_decay, mask=decay_mask)
+    if cfg.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
+    return adamw
+
+
+def cross_entropy(logits, targets, mask=None):
+    """Mean token NLL in float32; logits [B, T, V], targets int [B, T], mask [B, T]."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    if mask is None:
+        return nll.mean()
+    mask = mask.astype(jnp.float32)
+    return (nll * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def loss_fn(params, graphdef, windows, rngs=None):
+    """Next-token loss of one micro-batch of windows [B, T + 1]."""
+    logits, _ = nnx.merge(graphdef, params)(windows[:, :-1], rngs=rngs)
+    return cross_entropy(logits, windows[:, 1:])
+
+
+def train_step(state: TrainState, batch: Batch, *, graphdef, tx):
+    """One optimizer step over A micro-batches (gradients averaged by a lax.scan)."""
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def micro(carry, xs):
+        loss_sum, grad_sum = carry
+        i, windows = xs
+        rngs = nnx.Rngs(dropout=jax.random.fold_in(step_key, i))
+        loss, grads = grad_fn(state.params, graphdef, windows, rngs)
+        return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    n_micro = batch.shape[0]
+    (loss, grads), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros),
+                                    (jnp.arange(n_micro), batch))
+    loss, grads = loss / n_micro, jax.tree.map(lambda g: g / n_micro, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, windows, *, graphdef):
+    """Summed token NLL and token count of validation windows [B, T + 1] (no dropout)."""
+    logits, _ = nnx.merge(graphdef, params)(windows[:, :-1])
+    n = windows[:, 1:].size
+    return {"nll_sum": cross_entropy(logits, windows[:, 1:]) * n, "tokens": jnp.float32(n)}
+
+
+def init_state(cfg: model.GPTConfig, tx, seed: int) -> TrainState:
+    key_params, key_dropout = jax.random.split(jax.random.key(seed))
+    gpt = model.GPT(cfg, rngs=nnx.Rngs(params=key_params))
+    _, params = nnx.split(gpt, nnx.Param)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=jax.random.key_data(key_dropout))
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Compiled, sharded step functions and the abstract state they work on."""
+
+    cfg: model.GPTConfig
+    mesh: jax.sharding.Mesh
+    rules: dict
+    graphdef: nnx.GraphDef
+    state_shardings: TrainState
+    init: callable
+    train_step: callable
+    eval_step: callable
+
+
+def make_trainer(cfg: model.GPTConfig, tx, mesh, rules, seed: int) -> Trainer:
+    """jax.eval_shape(init_state) -> shardings from logical names -> jitted functions."""
+    abstract = jax.eval_shape(functools.partial(init_state, cfg, tx, seed))
+    state_sh = sharding.tree_shardings(abstract, mesh, rules)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: model.GPT(cfg, rngs=nnx.Rngs(0))))
+    batch_sh = jax.sharding.NamedSharding(
+        mesh, sharding.logical_to_spec((None, "batch", None), rules))
+    windows_sh = sharding.batch_sharding(mesh, rules)
+    init = jax.jit(functools.partial(init_state, cfg, tx, seed), out_shardings=state_sh)
+    step = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx),
+                   in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+                   donate_argnums=0)
+    evaluate = jax.jit(functools.partial(eval_step, graphdef=graphdef),
+                       in_shardings=(state_sh.params, windows_sh))
+    return Trainer(cfg, mesh, rules, graphdef, state_sh, init, step, evaluate)
+
+
+def to_global(x: np.ndarray, mesh, spec_names, rules) -> jax.Array:
+    """Host-local numpy rows -> a global array sharded over the mesh's batch axes."""
+    sh = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(spec_names, rules))
+    return jax.make_array_from_process_local_data(sh, x)
+
+
+def evaluate(trainer: Trainer, params, windows: np.ndarray, batch: int, max_batches: int):
+    """Token-weighted validation loss over up to `max_batches` batches (0 = all)."""
+    nll, tokens = 0.0, 0.0
+    for b in data.iter_val_batches(windows, batch, max_batches):
+        out = trainer.eval_step(params, to_global(b, trainer.mesh, ("batch", None),
+                                                  trainer.rules))
+        nll += float(out["nll_sum"])
+        tokens += float(out["tokens"])
+    if not tokens:
+        raise ValueError(f"{len(windows)} validation windows are fewer than one eval batch "
+                         f"of {batch}")
+    loss = nll / tokens
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": tokens}
+
+
+def _validate(config: ml_collections.ConfigDict, cfg: model.GPTConfig, n_devices: int):
+    if config.data.source not in data.SOURCES:
+        raise ValueError(f"data.source must be one of {'|'.join(data.SOURCES)}, "
+                         f"got {config.data.source!r}")
+    if config.data.source != "text":
+        raise NotImplementedError(f"data.source {config.data.source!r} has no reader yet; "
+                                  f"use 'text' with data.path")
+    if config.data.tokenizer != "sentencepiece":
+        raise NotImplementedError(f"data.tokenizer {config.data.tokenizer!r} is not available "
+                                  f"yet; use 'sentencepiece'")
+    if not 1 <= config.data.block_size <= cfg.n_positions:
+        raise ValueError(f"data.block_size {config.data.block_size} must be in "
+                         f"[1, model.n_positions={cfg.n_positions}]")
+    for name in ("batch_size", "grad_accum", "steps", "log_every"):
+        if config.train[name] < 1:
+            raise ValueError(f"train.{name} must be >= 1, got {config.train[name]}")
+    if config.train.batch_size % config.train.grad_accum:
+        raise ValueError(f"train.batch_size {config.train.batch_size} is not divisible by "
+                         f"train.grad_accum {config.train.grad_accum}")
+    if config.mesh.rules not in sharding.RULES:
+        raise ValueError(f"mesh.rules must be one of {'|'.join(sharding.RULES)}, "
+                         f"got {config.mesh.rules!r}")
+    sharding.resolve_mesh_shape(config.mesh.shape, n_devices)
+
+
+def _check_batch_divisible(micro_batch: int, config, mesh, rules):
+    ways = sharding.batch_divisor(mesh, rules)
+    if micro_batch % ways:
+        raise ValueError(
+            f"micro-batch {micro_batch} (train.batch_size {config.train.batch_size} / "
+            f"grad_accum {config.train.grad_accum}) is not divisible by the {ways} devices "
+            f"the batch is split over (mesh.shape {tuple(mesh.devices.shape)})")
+    if config.eval.batch_size % ways:
+        raise ValueError(f"eval.batch_size {config.eval.batch_size} is not divisible by "
+                         f"the {ways} devices the batch is split over")
+
+
+def _load_documents(config) -> tuple[list[str], list[str]]:
+    files = (data.default_corpus_files() if config.data.path is None
+             else data.resolve_paths(config.data.path))
+    return files, data.read_text_files(files)
+
+
+def _make_tokenizer(config, workdir: str, docs: list[str], cfg: model.GPTConfig):
+    path = config.data.tokenizer_path or os.path.join(workdir, "tokenizer.model")
+    tok = tokenizer.load_or_train_sentencepiece(path, docs, cfg.vocab_size)
+    if tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f"tokenizer {path} has {tok.vocab_size} tokens, more than "
+                         f"model.vocab_size {cfg.vocab_size}")
+    return tok
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to WORKDIR/metrics.jsonl (process 0 only)."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.enabled = jax.process_index() == 0
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _sample_text(config, trainer: Trainer, params, tok, step: int) -> list[str]:
+    prompts = list(config.sample.prompts)
+    ids = [tok.encode(p) or [tok.eot_id] for p in prompts]
+    method = sample.Sampling(temperature=config.sample.temperature, top_k=config.sample.top_k)
+    out = sample.generate(trainer.cfg, params, ids, max_new_tokens=config.sample.max_new_tokens,
+                          method=method, seed=config.train.seed + step, eot_id=tok.eot_id,
+                          n_valid_vocab=tok.vocab_size)
+    return [tok.decode(o) for o in out]
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Train per `config` in `workdir`, resuming from its latest checkpoint if any.
+
+    Everything that can be checked is checked before the workdir is touched, so bad input
+    leaves an existing run intact. Returns the last metrics and eval records.
+    """
+    cfg = model.GPTConfig(**config.model)
+    optim = OptimConfig(**config.optim)
+    _validate(config, cfg, jax.device_count())
+    mesh = sharding.make_mesh(config.mesh.shape)
+    rules = sharding.RULES[config.mesh.rules]
+    micro_batch = config.train.batch_size // config.train.grad_accum
+    _check_batch_divisible(micro_batch, config, mesh, rules)
+    files, docs = _load_documents(config)
+
+    os.makedirs(workdir, exist_ok=True)
+    tok = _make_tokenizer(config, workdir, docs, cfg)
+    corpus = data.load_text_corpus(files, docs, tok, block_size=config.data.block_size,
+                                   val_fraction=config.data.val_fraction,
+                                   cache_dir=os.path.join(workdir, "data"))
+    del docs
+    total = config.train.steps
+    tx = make_optimizer(optim, total)
+    trainer = make_trainer(cfg, tx, mesh, rules, config.train.seed)
+    train_ds = data.make_train_dataset(
+        corpus.train, global_batch=config.train.batch_size, seed=config.train.seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    train_iter = iter(train_ds.to_iter_dataset())
+    manager = checkpoint.make_manager(workdir, keep=config.checkpoint.keep)
+    meta = {"config": config.to_dict(), "tokenizer": tok.fingerprint,
+            "data": corpus.fingerprint}
+    if checkpoint.latest_step(manager) is not None:
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                jax.eval_shape(trainer.init), trainer.state_shardings)
+        state, data_state, saved_meta = checkpoint.restore(manager, abstract)
+        train_iter.set_state(data_state)
+        logging.info("resumed from step %d in %s", int(state.step), workdir)
+    else:
+        state = trainer.init()
+    n_params = model.count_params(state.params)
+    logging.info("model: %s parameters; %d train windows of %d tokens; mesh %s",
+                 f"{n_params:,}", len(corpus.train), config.data.block_size,
+                 dict(mesh.shape))
+    return _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, manager,
+                       meta, schedule=make_schedule(optim, total))
+
+
+def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, manager, meta,
+                *, schedule) -> dict:
+    writer = MetricsWriter(workdir)
+    total, accum = config.train.steps, config.train.grad_accum
+    start = int(state.step)
+    tokens_per_step = config.train.batch_size * config.data.block_size
+    last_log, last_eval = {}, {}
+    t_last, step_last, t_first = time.time(), start, None
+    for step in range(start, total):
+        local = next(train_iter)                                   # [B_local, T + 1]
+        local = local.reshape(accum, -1, local.shape[-1])          # [A, B_local / A, T + 1]
+        batch = to_global(local, trainer.mesh, (None, "batch", None), trainer.rules)
+        state, metrics = trainer.train_step(state, batch)
+        done = step + 1
+        if done % config.train.log_every == 0 or done == total or done == start + 1:
+            metrics = jax.device_get(metrics)
+            now = time.time()
+            t_first = t_first or now   # ETA and throughput exclude the first (compiling) step
+            rate = (done - step_last) / max(now - t_last, 1e-9)
+            last_log = {
+                "step": done, "total_steps": total, "loss": float(metrics["loss"]),
+                "grad_norm": float(metrics["grad_norm"]), "lr": float(schedule(done - 1)),
+                "tokens_per_s": rate * tokens_per_step,
+                "samples_per_s": rate * config.train.batch_size,
+                "epoch": done * config.train.batch_size / len(corpus.train),
+                "eta_s": (total - done) / rate, "time": now}
+            writer.write(last_log)
+            if not math.isfinite(last_log["loss"]):
+                raise FloatingPointError(f"loss is {last_log['loss']} at step {done}")
+            logging.info(report.progress_line(last_log))
+            t_last, step_last = now, done
+        if config.eval.every and (done % config.eval.every == 0 or done == total):
+            last_eval = {"step": done, **evaluate(trainer, state.params, corpus.val,
+                                                  config.eval.batch_size, config.eval.batches)}
+            writer.write(last_eval)
+            logging.info(report.eval_line(last_eval))
+        if done % config.checkpoint.every == 0 or done == total:
+            checkpoint.save(manager, state, train_iter.get_state(), meta)
+    if config.sample.prompts and config.sample.max_new_tokens:
+        completions = _sample_text(config, trainer, state.params, tok, int(state.step))
+        with open(os.path.join(workdir, "samples.txt"), "a") as f:
+            f.write(report.samples_block(int(state.step), list(config.sample.prompts),
+                                         completions) + "\n")
+        logging.info(report.samples_block(int(state.step), list(config.sample.prompts),
+                                          completions))
+    return {"train": last_log, "eval": last_eval, "state": state}

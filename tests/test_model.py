@@ -1,0 +1,123 @@
+"""GPT-2 model: sizes, causality, dropout, KV cache, config validation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxgpt import model
+
+# Parameter counts of HF's GPT2LMHeadModel with the LM head tied to wte (published figures:
+# `sum(p.numel() for p in GPT2LMHeadModel.from_pretrained(name).parameters())`).
+HF_PARAM_COUNTS = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168,
+                   "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}
+
+
+def _params(cfg, seed=0):
+    return nnx.split(model.GPT(cfg, rngs=nnx.Rngs(seed)), nnx.Param)
+
+
+@pytest.mark.parametrize("name", HF_PARAM_COUNTS)
+def test_parameter_counts_equal_hf(name):
+    cfg = model.gpt2_config(name)
+    abstract = nnx.eval_shape(lambda: model.GPT(cfg, rngs=nnx.Rngs(0)))
+    assert model.count_params(nnx.state(abstract, nnx.Param)) == HF_PARAM_COUNTS[name]
+
+
+def test_every_weight_has_logical_axis_names(tiny_cfg):
+    gpt = model.GPT(tiny_cfg, rngs=nnx.Rngs(0))
+    leaves = jax.tree_util.tree_leaves_with_path(
+        nnx.state(gpt, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable))
+    for path, var in leaves:
+        names = var.get_metadata().get("out_sharding")
+        assert names is not None and len(names) == var.get_value().ndim, \
+            jax.tree_util.keystr(path)
+
+
+def test_gpt2_init_scales(tiny_cfg):
+    cfg = model.GPTConfig(vocab_size=97, n_positions=32, n_embd=256, n_layer=8, n_head=4)
+    _, params = _params(cfg)
+    fc = np.asarray(params["h"][0]["mlp"]["c_fc"]["kernel"].get_value())
+    proj = np.asarray(params["h"][0]["mlp"]["c_proj"]["kernel"].get_value())
+    np.testing.assert_allclose(fc.std(), 0.02, rtol=0.05)
+    np.testing.assert_allclose(proj.std(), 0.02 / np.sqrt(2 * 8), rtol=0.05)
+    assert float(jnp.abs(params["h"][0]["attn"]["c_attn"]["bias"].get_value()).max()) == 0
+
+
+def test_future_tokens_never_change_earlier_logits(tiny_cfg, key):
+    gpt = model.GPT(tiny_cfg, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(key, (2, 16), 0, tiny_cfg.vocab_size)
+    changed = tokens.at[:, 10:].set((tokens[:, 10:] + 7) % tiny_cfg.vocab_size)
+    a, _ = gpt(tokens)
+    b, _ = gpt(changed)
+    np.testing.assert_array_equal(np.asarray(a[:, :10]), np.asarray(b[:, :10]))
+    assert np.abs(np.asarray(a[:, 10:] - b[:, 10:])).max() > 1e-3
+
+
+def test_dropout_off_is_deterministic_and_on_is_not(key):
+    cfg = model.GPTConfig(vocab_size=97, n_positions=32, n_embd=48, n_layer=2, n_head=4,
+                          embd_pdrop=0.1, attn_pdrop=0.1, resid_pdrop=0.1)
+    gpt = model.GPT(cfg, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(key, (2, 16), 0, 97)
+    np.testing.assert_array_equal(gpt(tokens)[0], gpt(tokens)[0])
+    d1 = gpt(tokens, rngs=nnx.Rngs(dropout=1))[0]
+    d1_again = gpt(tokens, rngs=nnx.Rngs(dropout=1))[0]
+    d2 = gpt(tokens, rngs=nnx.Rngs(dropout=2))[0]
+    np.testing.assert_array_equal(d1, d1_again)
+    assert np.abs(np.asarray(d1 - d2)).max() > 1e-4
+
+
+def test_cached_decode_equals_full_forward(tiny_cfg, key):
+    gpt = model.GPT(tiny_cfg, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(key, (3, 16), 0, tiny_cfg.vocab_size)
+    full, _ = gpt(tokens)
+    cache = model.KVCache.create(tiny_cfg, 3, 20)
+    parts = []
+    for lo, hi in [(0, 7), (7, 8), (8, 9), (9, 16)]:
+        logits, cache = gpt(tokens[:, lo:hi], cache=cache)
+        parts.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(parts, axis=1), full, atol=1e-5)
+    assert int(cache.index) == 16
+
+
+def test_padding_is_masked_out(tiny_cfg, key):
+    """Left padding with a mask and shifted positions gives the unpadded logits."""
+    gpt = model.GPT(tiny_cfg, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(key, (1, 10), 0, tiny_cfg.vocab_size)
+    ref, _ = gpt(tokens)
+    padded = jnp.concatenate([jnp.full((1, 6), 5), tokens], axis=1)
+    mask = jnp.arange(16)[None] >= 6
+    pos = jnp.maximum(jnp.arange(16) - 6, 0)[None]
+    out, _ = gpt(padded, positions=pos, attention_mask=mask)
+    np.testing.assert_allclose(out[:, 6:], ref, atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits(key):
+    cfg = model.GPTConfig(vocab_size=97, n_positions=32, n_embd=48, n_layer=2, n_head=4,
+                          dtype="bfloat16")
+    gpt = model.GPT(cfg, rngs=nnx.Rngs(0))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(gpt, nnx.Param)))
+    logits, _ = gpt(jax.random.randint(key, (2, 8), 0, 97))
+    assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"n_head": 5}, "divisible by model.n_head"),
+    ({"dtype": "float16"}, "model.dtype"),
+    ({"attn_pdrop": 1.5}, "attn_pdrop"),
+    ({"n_layer": 0}, "n_layer"),
+])
+def test_bad_model_config_names_the_field(change, match):
+    with pytest.raises(ValueError, match=match):
+        model.GPTConfig(**change)
+
+
+def test_unknown_size_is_rejected():
+    with pytest.raises(ValueError, match="gpt3"):
+        model.gpt2_config("gpt3")
+
+
+def test_cache_longer_than_context_is_rejected(tiny_cfg):
+    with pytest.raises(ValueError, match="exceeds n_positions"):
+        model.KVCache.create(tiny_cfg, 1, tiny_cfg.n_positions + 1)

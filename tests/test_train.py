@@ -1,0 +1,132 @@
+"""Training: optimizer, schedule, steps, grad accumulation, overfitting, resume."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxgpt import model, sharding, train
+from tests import helpers
+
+
+def _trainer(cfg, tx, mesh_shape=(1, 1, 1), rules="dp"):
+    mesh = sharding.make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
+    return train.make_trainer(cfg, tx, mesh, sharding.RULES[rules], seed=0)
+
+
+def _batch(trainer, windows, accum=1):
+    local = np.asarray(windows).reshape(accum, -1, windows.shape[-1])
+    return train.to_global(local, trainer.mesh, (None, "batch", None), trainer.rules)
+
+
+def test_schedule_is_linear_warmup_then_cosine_to_floor():
+    cfg = train.OptimConfig(learning_rate=1e-3, min_lr_ratio=0.1, warmup_steps=10)
+    schedule = train.make_schedule(cfg, total_steps=110)
+    assert float(schedule(0)) == 0.0
+    np.testing.assert_allclose(schedule(5), 5e-4, rtol=1e-6)
+    np.testing.assert_allclose(schedule(10), 1e-3, rtol=1e-6)
+    # Closed form of cosine decay from the peak to the floor over the remaining 100 steps.
+    for t in (35, 60, 85):
+        expect = 1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + np.cos(np.pi * (t - 10) / 100))
+        np.testing.assert_allclose(schedule(t), expect, rtol=1e-5)
+    np.testing.assert_allclose(schedule(110), 1e-4, rtol=1e-5)
+
+
+def test_weight_decay_only_on_matrices(tiny_cfg):
+    cfg = train.OptimConfig(learning_rate=1.0, warmup_steps=0, weight_decay=0.5, grad_clip=0)
+    tx = train.make_optimizer(cfg, total_steps=10)
+    state = train.init_state(tiny_cfg, tx, seed=0)
+    zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+    # Step 1 has lr = peak; with zero gradients only decoupled weight decay moves params.
+    updates, _ = tx.update(zero_grads, state.opt_state, state.params)
+    for (path, u), p in zip(jax.tree_util.tree_leaves_with_path(updates),
+                            jax.tree.leaves(state.params)):
+        if p.ndim >= 2:
+            np.testing.assert_allclose(u, -0.5 * p, rtol=1e-6, err_msg=jax.tree_util.keystr(path))
+        else:
+            assert float(jnp.abs(u).max()) == 0, jax.tree_util.keystr(path)
+
+
+def test_cross_entropy_matches_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 11)).astype(np.float32)
+    targets = rng.integers(0, 11, size=(2, 5))
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expect = -np.take_along_axis(logp, targets[..., None], -1).mean()
+    np.testing.assert_allclose(train.cross_entropy(logits, targets), expect, rtol=1e-6)
+
+
+def test_overfitting_one_batch_halves_the_loss(tiny_cfg, key):
+    tx = train.make_optimizer(train.OptimConfig(learning_rate=3e-3, warmup_steps=5), 60)
+    trainer = _trainer(tiny_cfg, tx)
+    windows = np.asarray(jax.random.randint(key, (8, 17), 0, tiny_cfg.vocab_size))
+    batch = _batch(trainer, windows)
+    state = trainer.init()
+    losses = []
+    for _ in range(60):
+        state, metrics = trainer.train_step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.5 * losses[0], losses[::10]
+
+
+def test_grad_accumulation_equals_one_big_batch(tiny_cfg, key):
+    # Plain SGD, so the params move by exactly the (averaged) gradient; Adam would amplify
+    # float rounding in near-zero gradients into sign flips.
+    tx = optax.sgd(1.0)
+    trainer = _trainer(tiny_cfg, tx)
+    windows = np.asarray(jax.random.randint(key, (8, 17), 0, tiny_cfg.vocab_size))
+    one, m1 = trainer.train_step(trainer.init(), _batch(trainer, windows, accum=1))
+    four, m4 = trainer.train_step(trainer.init(), _batch(trainer, windows, accum=4))
+    np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5)
+    helpers.assert_trees_close(one.params, four.params, rtol=1e-4, atol=1e-6)
+
+
+def test_bfloat16_training_keeps_fp32_params_and_loss(key):
+    cfg = model.GPTConfig(vocab_size=97, n_positions=32, n_embd=48, n_layer=2, n_head=4,
+                          dtype="bfloat16")
+    tx = train.make_optimizer(train.OptimConfig(learning_rate=1e-3), 10)
+    trainer = _trainer(cfg, tx)
+    windows = np.asarray(jax.random.randint(key, (8, 17), 0, 97))
+    state, metrics = trainer.train_step(trainer.init(), _batch(trainer, windows))
+    assert metrics["loss"].dtype == jnp.float32 and np.isfinite(float(metrics["loss"]))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+
+
+def test_resume_continues_at_step_k_with_saved_params(tmp_path):
+    corpus = helpers.small_corpus(tmp_path)
+    workdir = str(tmp_path / "run")
+    config = helpers.tiny_run_config(corpus, train__steps=4, checkpoint__every=2)
+    first = train.train_and_evaluate(config, workdir)
+    assert int(first["state"].step) == 4
+    saved = jax.device_get(first["state"].params)
+    # A rerun asking for more steps resumes at 4; a zero-LR check would hide restore bugs,
+    # so compare the restored params before any new step by asking for 4 steps again.
+    again = train.train_and_evaluate(helpers.tiny_run_config(corpus, train__steps=4,
+                                                             checkpoint__every=2), workdir)
+    assert int(again["state"].step) == 4
+    helpers.assert_trees_close(saved, jax.device_get(again["state"].params), rtol=0, atol=0)
+    more = train.train_and_evaluate(helpers.tiny_run_config(corpus, train__steps=6,
+                                                            checkpoint__every=2), workdir)
+    assert int(more["state"].step) == 6
+    records = [l for l in open(f"{workdir}/metrics.jsonl") if '"loss"' in l]
+    steps = [int(l.split('"step": ')[1].split(",")[0]) for l in records]
+    assert steps[-1] == 6 and 5 in steps and steps.count(1) == 1   # never restarted at 0
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    corpus = helpers.small_corpus(tmp_path)
+    straight = train.train_and_evaluate(
+        helpers.tiny_run_config(corpus, train__steps=6, checkpoint__every=3),
+        str(tmp_path / "a"))
+    train.train_and_evaluate(helpers.tiny_run_config(corpus, train__steps=3,
+                                                     checkpoint__every=3), str(tmp_path / "b"))
+    resumed = train.train_and_evaluate(
+        helpers.tiny_run_config(corpus, train__steps=6, checkpoint__every=3),
+        str(tmp_path / "b"))
+    helpers.assert_trees_close(jax.device_get(straight["state"]),
+                               jax.device_get(resumed["state"]), rtol=0, atol=0)
