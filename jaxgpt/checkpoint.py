@@ -10,6 +10,9 @@ import os
 
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
+
+from jaxgpt import model
 
 
 def make_manager(workdir: str, *, keep: int, create: bool = True) -> ocp.CheckpointManager:
@@ -56,3 +59,22 @@ def read_meta(workdir: str, step: int | None = None) -> tuple[int, dict]:
         raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
     out = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return step, out.meta
+
+
+def load_params(workdir: str, step: int | None = None):
+    """(GPTConfig, params nnx.State, step, meta) of a run's checkpoint, for inference tools.
+
+    Only the params subtree is read (not the optimizer moments), onto the default device.
+    """
+    step, meta = read_meta(workdir, step)
+    cfg = model.GPTConfig(**meta["config"]["model"])
+    abstract = nnx.state(nnx.eval_shape(lambda: model.GPT(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    manager = make_manager(workdir, keep=1, create=False)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {"params": jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)}
+    out = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(target, restore_args=jax.tree.map(
+            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target),
+            partial_restore=True)))
+    return cfg, out.state["params"], step, meta

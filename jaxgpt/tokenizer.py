@@ -101,3 +101,29 @@ def load_or_train_sentencepiece(path: str, texts: Iterable[str], vocab_size: int
         f.write(proto)
     os.replace(tmp, path)
     return SentencePiece(proto, path)
+
+
+KINDS = ("sentencepiece", "gpt2")
+
+
+def load(kind: str, path: str) -> Tokenizer:
+    """A tokenizer by kind: `sentencepiece` (a .model file) or `gpt2` (BPE files or hub name).
+
+    Runs record (kind, path, fingerprint) in their checkpoints, so tools rebuild the exact
+    tokenizer a model was trained with.
+    """
+    if kind == "sentencepiece":
+        return SentencePiece.load(path)
+    if kind == "gpt2":
+        raise NotImplementedError("the GPT-2 BPE tokenizer is not available yet")
+    raise ValueError(f"tokenizer kind must be one of {'|'.join(KINDS)}, got {kind!r}")
+
+
+def from_meta(meta: dict) -> Tokenizer:
+    """The tokenizer recorded in a checkpoint's metadata; its fingerprint must match."""
+    spec = meta["tokenizer"]
+    tok = load(spec["kind"], spec["path"])
+    if tok.fingerprint != spec["fingerprint"]:
+        raise ValueError(f"tokenizer {spec['path']} has fingerprint {tok.fingerprint}, but "
+                         f"the checkpoint was trained with {spec['fingerprint']}")
+    return tok

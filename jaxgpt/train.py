@@ -282,8 +282,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         process_index=jax.process_index(), process_count=jax.process_count())
     train_iter = iter(train_ds.to_iter_dataset())
     manager = checkpoint.make_manager(workdir, keep=config.checkpoint.keep)
-    meta = {"config": config.to_dict(), "tokenizer": tok.fingerprint,
-            "data": corpus.fingerprint}
+    meta = {"config": config.to_dict(), "data": corpus.fingerprint,
+            "tokenizer": {"kind": config.data.tokenizer, "path": os.path.abspath(tok.path),
+                          "fingerprint": tok.fingerprint}}
     if checkpoint.latest_step(manager) is not None:
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                 jax.eval_shape(trainer.init), trainer.state_shardings)

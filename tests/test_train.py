@@ -10,7 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxgpt import model, sharding, train
+from jaxgpt import checkpoint, model, sharding, tokenizer, train
 from tests import helpers
 
 
@@ -110,6 +110,11 @@ def test_resume_continues_at_step_k_with_saved_params(tmp_path):
                                                              checkpoint__every=2), workdir)
     assert int(again["state"].step) == 4
     helpers.assert_trees_close(saved, jax.device_get(again["state"].params), rtol=0, atol=0)
+    cfg, params, step, meta = checkpoint.load_params(workdir)
+    assert step == 4 and cfg == model.GPTConfig(**config.model)
+    helpers.assert_trees_close(saved, jax.device_get(params), rtol=0, atol=0)
+    tok = tokenizer.from_meta(meta)
+    assert tok.decode(tok.encode("def f(x):\n")) == "def f(x):\n"
     more = train.train_and_evaluate(helpers.tiny_run_config(corpus, train__steps=6,
                                                             checkpoint__every=2), workdir)
     assert int(more["state"].step) == 6
