@@ -2,7 +2,12 @@
 
 Dimension letters used in shapes and einsums throughout jaxgpt:
   B batch, T query positions, S key positions (cache slots), D n_embd, H heads,
-  K head_dim, F mlp width (4·D), V vocab, L layers.
+  G key/value heads (= H unless grouped-query attention), R = H / G query heads per group,
+  K head_dim, F mlp width (4·D, or the SwiGLU width), V vocab, L layers.
+
+Newer components (rotary positions, RMSNorm, SwiGLU, no biases, untied head, grouped-query
+attention, QK-norm, parallel block) are GPTConfig switches whose defaults are GPT-2's;
+`modern_config(size)` combines them at GPT-2's parameter budget.
 
 Parameter names and layout follow HuggingFace GPT-2 (`wte wpe h.N.ln_1 attn.c_attn ...`)
 so `convert/hf.py` is a table; heads are their own axis (`c_attn` is [D, 3, H, K]).
@@ -45,6 +50,22 @@ class GPTConfig:
     attn_pdrop: float = 0.0           # dropout on attention probabilities
     resid_pdrop: float = 0.0          # dropout on each residual branch
     dtype: str = "float32"            # compute dtype (float32 | bfloat16); params stay fp32
+    # Newer components, each independent; the defaults are GPT-2 (HF import/export exact).
+    rotary: bool = False              # rotary position embeddings on q and k; no wpe param
+    rope_theta: float = 10000.0       # RoPE base: pair i of a head turns at theta^(-2i/K)
+    rms_norm: bool = False            # RMSNorm (no centring, no bias) instead of LayerNorm
+    swiglu: bool = False              # SwiGLU MLP (silu(x W_gate) * x W_fc) instead of GELU
+    # SwiGLU width F = ffn_multiple_of * ceil(int(ffn_dim_multiplier * int(8D/3)) / multiple),
+    # LLaMA's rule: 2/3 of 4D keeps the three matrices at the GELU MLP's parameter count.
+    ffn_dim_multiplier: float = 1.0
+    ffn_multiple_of: int = 256
+    bias: bool = True                 # biases in linear layers and LayerNorms
+    tie_embeddings: bool = True       # LM head = wte^T; False adds an lm_head [D, V] param
+    # 0 = GPT-2's fused qkv projection (c_attn); > 0 = grouped-query attention with separate
+    # c_q and c_kv projections and n_kv_head key/value heads (a divisor of n_head).
+    n_kv_head: int = 0
+    qk_norm: bool = False             # RMSNorm over head_dim on q and k (before RoPE)
+    parallel_block: bool = False      # x + attn(ln_1(x)) + mlp(ln_1(x)) (GPT-J, PaLM); no ln_2
 
     def __post_init__(self):
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
@@ -58,10 +79,43 @@ class GPTConfig:
                 raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"model.dtype must be one of {'|'.join(DTYPES)}, got {self.dtype!r}")
+        self._check_options()
+
+    def _check_options(self):
+        for name in _SWITCHES:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"model.{name} must be True or False, "
+                                 f"got {getattr(self, name)!r}")
+        if self.rope_theta <= 0:
+            raise ValueError(f"model.rope_theta must be > 0, got {self.rope_theta}")
+        if self.rotary and self.head_dim % 2:
+            raise ValueError(f"model.rotary needs an even head_dim, got {self.head_dim} "
+                             f"(n_embd {self.n_embd} / n_head {self.n_head})")
+        if self.ffn_dim_multiplier <= 0:
+            raise ValueError(f"model.ffn_dim_multiplier must be > 0, "
+                             f"got {self.ffn_dim_multiplier}")
+        if self.ffn_multiple_of < 1:
+            raise ValueError(f"model.ffn_multiple_of must be >= 1, got {self.ffn_multiple_of}")
+        if self.n_kv_head < 0 or (self.n_kv_head and self.n_head % self.n_kv_head):
+            raise ValueError(f"model.n_kv_head ({self.n_kv_head}) must be 0 or divide "
+                             f"model.n_head ({self.n_head})")
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """G: key/value heads (n_head unless grouped-query attention)."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def mlp_width(self) -> int:
+        """F: 4D for GPT-2's MLP; LLaMA's rounded 2/3 of that for SwiGLU."""
+        if not self.swiglu:
+            return 4 * self.n_embd
+        width = int(self.ffn_dim_multiplier * int(8 * self.n_embd / 3))
+        return self.ffn_multiple_of * math.ceil(width / self.ffn_multiple_of)
 
     @property
     def compute_dtype(self):
@@ -73,6 +127,18 @@ class GPTConfig:
         return 0.02 / math.sqrt(2 * self.n_layer)
 
 
+# Options without a GPT-2 (HF) equivalent, with their GPT-2 values.
+_SWITCHES = ("rotary", "rms_norm", "swiglu", "bias", "tie_embeddings", "qk_norm",
+             "parallel_block")
+
+
+def non_gpt2_options(cfg: GPTConfig) -> list[str]:
+    """`name=value` for every option that HF GPT-2 cannot express (empty for GPT-2)."""
+    gpt2 = GPTConfig()
+    return [f"{name}={getattr(cfg, name)}" for name in _SWITCHES + ("n_kv_head",)
+            if getattr(cfg, name) != getattr(gpt2, name)]
+
+
 def gpt2_config(size: str = "small", **overrides) -> GPTConfig:
     """A GPTConfig by size name (`tiny mini small medium large xl` or an HF name like `gpt2`)."""
     size = HF_NAMES.get(size, size)
@@ -80,6 +146,31 @@ def gpt2_config(size: str = "small", **overrides) -> GPTConfig:
         raise ValueError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)}")
     n_layer, n_head, n_embd = SIZES[size]
     return GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, **overrides)
+
+
+# Key/value heads of the modern presets: a third to a quarter of the query heads, as
+# LLaMA-2 70B / Mistral group them (a divisor of n_head).
+MODERN_KV_HEADS = {"tiny": 2, "mini": 2, "small": 4, "medium": 4, "large": 5, "xl": 5}
+
+
+def modern_config(size: str = "small", **overrides) -> GPTConfig:
+    """GPT-2's sizes with the newer components, at GPT-2's parameter budget.
+
+    Rotary positions, RMSNorm, SwiGLU, no biases, grouped-query attention and QK-norm; the
+    embedding stays tied (an untied head would cost 30% of the 124M budget). Grouped-query
+    attention saves 2D^2(1 - G/H) per layer; the SwiGLU width spends it again, so the
+    per-layer count matches GPT-2's 12D^2 (`small` is "modern-124M").
+    """
+    if size not in MODERN_KV_HEADS:
+        raise ValueError(f"unknown model size {size!r}; choose one of "
+                         f"{', '.join(MODERN_KV_HEADS)}")
+    n_layer, n_head, n_embd = SIZES[size]
+    kv_heads = MODERN_KV_HEADS[size]
+    # Per layer: attention (2 + 2G/H)D^2, SwiGLU 3DF; 12D^2 in all gives F = (10 - 2G/H)D/3.
+    multiplier = (10 - 2 * kv_heads / n_head) / 8
+    options = dict(rotary=True, rms_norm=True, swiglu=True, ffn_dim_multiplier=round(
+        multiplier, 4), ffn_multiple_of=64, bias=False, n_kv_head=kv_heads, qk_norm=True)
+    return GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, **(options | overrides))
 
 
 def _init(std: float, *names: str | None):
@@ -91,12 +182,35 @@ def _const(init, *names: str | None):
     return nnx.with_partitioning(init, names, eager_sharding=False)
 
 
-def _layer_norm(cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+def _norm(cfg: GPTConfig, rngs: nnx.Rngs, features: int | None = None,
+          name: str = "embed") -> nnx.LayerNorm | nnx.RMSNorm:
+    """The block's normalization over the last axis: GPT-2's LayerNorm or RMSNorm."""
+    features = features or cfg.n_embd
+    scale_init = _const(nnx.initializers.ones, name)
+    if cfg.rms_norm:
+        # x / sqrt(mean(x^2) + eps) * scale; flax computes the statistics in float32.
+        return nnx.RMSNorm(features, epsilon=cfg.layer_norm_epsilon, dtype=cfg.compute_dtype,
+                           use_fast_variance=False, scale_init=scale_init, rngs=rngs)
     return nnx.LayerNorm(
-        cfg.n_embd, epsilon=cfg.layer_norm_epsilon, dtype=cfg.compute_dtype,
+        features, epsilon=cfg.layer_norm_epsilon, dtype=cfg.compute_dtype,
         use_fast_variance=False,  # E[(x-mean)^2], as PyTorch computes it
-        scale_init=_const(nnx.initializers.ones, "embed"),
-        bias_init=_const(nnx.initializers.zeros, "embed"), rngs=rngs)
+        use_bias=cfg.bias, scale_init=scale_init,
+        bias_init=_const(nnx.initializers.zeros, name), rngs=rngs)
+
+
+def rope_tables(positions_BT, head_dim: int, theta: float):
+    """cos, sin [B, T, K/2] of the rotary angles positions * theta^(-2i/K) (float32)."""
+    inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = positions_BT.astype(jnp.float32)[..., None] * inv_freq[None, None]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x_BTHK, cos_sin):
+    """Rotate pairs (x_i, x_{i+K/2}) of every head by its position's angles (GPT-NeoX/LLaMA
+    half-split layout), so q·k depends on positions only through their difference."""
+    cos, sin = (c[:, :, None].astype(x_BTHK.dtype) for c in cos_sin)   # [B, T, 1, K/2]
+    x1, x2 = jnp.split(x_BTHK, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 @struct.dataclass
@@ -106,10 +220,11 @@ class KVCache:
     Slots are shared by all rows: a call with T tokens writes slots [index, index + T).
     `valid` marks slots that hold real tokens (False for padding), so left-padded prompts
     of different lengths decode together; each row's positions are passed separately.
+    Keys are stored after RoPE, so cached slots never need re-rotating.
     """
 
-    k: jax.Array       # [L, B, S, H, K]
-    v: jax.Array       # [L, B, S, H, K]
+    k: jax.Array       # [L, B, S, G, K]
+    v: jax.Array       # [L, B, S, G, K]
     valid: jax.Array   # [B, S] bool
     index: jax.Array   # int32 scalar: the next slot to write
 
@@ -117,7 +232,7 @@ class KVCache:
     def create(cls, cfg: GPTConfig, batch: int, length: int, dtype=None) -> "KVCache":
         if length > cfg.n_positions:
             raise ValueError(f"cache length {length} exceeds n_positions {cfg.n_positions}")
-        shape = (cfg.n_layer, batch, length, cfg.n_head, cfg.head_dim)
+        shape = (cfg.n_layer, batch, length, cfg.kv_heads, cfg.head_dim)
         dtype = dtype or cfg.compute_dtype
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    valid=jnp.zeros((batch, length), bool), index=jnp.zeros((), jnp.int32))
@@ -128,37 +243,84 @@ class KVCache:
 
 
 class Dense(nnx.Module):
-    """A weight of any shape plus a bias over its last `bias_rank` dims (HF's Conv1D split
-    into head axes); the caller does the einsum."""
+    """A weight of any shape plus (with bias=True) a bias over its last `bias_rank` dims (HF's
+    Conv1D split into head axes); `project` does the caller's einsum."""
 
-    def __init__(self, shape, names, std, *, bias_rank, rngs: nnx.Rngs):
+    def __init__(self, shape, names, std, *, bias_rank, bias: bool, rngs: nnx.Rngs):
         self.kernel = nnx.Param(_init(std, *names)(rngs.params(), shape))
-        self.bias = nnx.Param(_const(nnx.initializers.zeros, *names[-bias_rank:])(
-            rngs.params(), shape[-bias_rank:]))
+        if bias:
+            self.bias = nnx.Param(_const(nnx.initializers.zeros, *names[-bias_rank:])(
+                rngs.params(), shape[-bias_rank:]))
+        self.use_bias = bias
+
+    def project(self, spec: str, x, dtype):
+        out = jnp.einsum(spec, x, self.kernel[...].astype(dtype))
+        if not self.use_bias:
+            return out
+        b = self.bias[...].astype(dtype)
+        return out + b.reshape((1,) * (out.ndim - b.ndim) + b.shape)
+
+
+def _attend(q_BTHK, k_BSGK, v_BSGK, mask_BTS, dropout, rngs):
+    """Softmax attention where each of the G key/value heads serves R = H/G query heads
+    (R = 1 is plain multi-head attention). Returns [B, T, H, K]."""
+    B, T, H, K = q_BTHK.shape
+    G = k_BSGK.shape[2]
+    dtype = q_BTHK.dtype
+    q = q_BTHK.reshape(B, T, G, H // G, K)   # query head h uses key/value head h // R
+    scores = jnp.einsum("BTGRK,BSGK->BGRTS", q, k_BSGK) / jnp.sqrt(K).astype(dtype)
+    # Softmax in float32; masked scores get the most negative float, not -inf, so a fully
+    # masked (padding) query row stays finite.
+    scores = scores.astype(jnp.float32)
+    scores = jnp.where(mask_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    probs = dropout(probs, deterministic=rngs is None, rngs=rngs)
+    return jnp.einsum("BGRTS,BSGK->BTGRK", probs, v_BSGK).reshape(B, T, H, K)
 
 
 class Attention(nnx.Module):
-    """Causal multi-head self-attention with GPT-2's fused qkv projection."""
+    """Causal self-attention: GPT-2's fused qkv projection, or grouped-query attention."""
 
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
-        d, h, k = cfg.n_embd, cfg.n_head, cfg.head_dim
+        d, h, g, k = cfg.n_embd, cfg.n_head, cfg.kv_heads, cfg.head_dim
         self.cfg = cfg
-        self.c_attn = Dense((d, 3, h, k), ("embed", None, "heads", "head_dim"), 0.02,
-                            bias_rank=3, rngs=rngs)
+        if cfg.n_kv_head:
+            self.c_q = Dense((d, h, k), ("embed", "heads", "head_dim"), 0.02, bias_rank=2,
+                             bias=cfg.bias, rngs=rngs)
+            self.c_kv = Dense((d, 2, g, k), ("embed", None, "kv_heads", "head_dim"), 0.02,
+                              bias_rank=3, bias=cfg.bias, rngs=rngs)
+        else:
+            self.c_attn = Dense((d, 3, h, k), ("embed", None, "heads", "head_dim"), 0.02,
+                                bias_rank=3, bias=cfg.bias, rngs=rngs)
+        if cfg.qk_norm:
+            self.q_norm = _norm(dataclasses.replace(cfg, rms_norm=True), rngs, k, "head_dim")
+            self.k_norm = _norm(dataclasses.replace(cfg, rms_norm=True), rngs, k, "head_dim")
         self.c_proj = Dense((h, k, d), ("heads", "head_dim", "embed"), cfg.proj_std,
-                            bias_rank=1, rngs=rngs)
+                            bias_rank=1, bias=cfg.bias, rngs=rngs)
         self.attn_dropout = nnx.Dropout(cfg.attn_pdrop)
         self.resid_dropout = nnx.Dropout(cfg.resid_pdrop)
 
-    def __call__(self, x, mask_BTS, kv=None, *, rngs=None):
-        """x [B, T, D]; mask_BTS bool [B, T, S]; kv: (k, v, index) cache slices or None.
+    def _qkv(self, x):
+        """x [B, T, D] -> q [B, T, H, K], k and v [B, T, G, K]."""
+        dtype = self.cfg.compute_dtype
+        if self.cfg.n_kv_head:
+            kv = self.c_kv.project("BTD,DCGK->BTCGK", x, dtype)
+            return self.c_q.project("BTD,DHK->BTHK", x, dtype), kv[:, :, 0], kv[:, :, 1]
+        qkv = self.c_attn.project("BTD,DCHK->BTCHK", x, dtype)
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
-        Returns the output [B, T, D] and the updated (k, v) [B, S, H, K] (or None).
+    def __call__(self, x, mask_BTS, kv=None, *, rope=None, rngs=None):
+        """x [B, T, D]; mask_BTS bool [B, T, S]; kv: (k, v, index) cache slices or None;
+        rope: rope_tables(...) of the tokens' positions when cfg.rotary.
+
+        Returns the output [B, T, D] and the updated (k, v) [B, S, G, K] (or None).
         """
         dtype = self.cfg.compute_dtype
-        w, b = self.c_attn.kernel[...].astype(dtype), self.c_attn.bias[...].astype(dtype)
-        qkv = jnp.einsum("BTD,DCHK->BTCHK", x, w) + b[None, None]
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]     # [B, T, H, K]
+        q, k, v = self._qkv(x)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.cfg.rotary:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         new_kv = None
         if kv is not None:
             cache_k, cache_v, index = kv
@@ -166,62 +328,81 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
             new_kv = (k, v)
             k, v = k.astype(dtype), v.astype(dtype)
-        scores_BHTS = jnp.einsum("BTHK,BSHK->BHTS", q, k) / jnp.sqrt(q.shape[-1]).astype(dtype)
-        # Softmax in float32; masked scores get the most negative float, not -inf, so a fully
-        # masked (padding) query row stays finite.
-        scores_BHTS = scores_BHTS.astype(jnp.float32)
-        scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores_BHTS, axis=-1).astype(dtype)
-        probs = self.attn_dropout(probs, deterministic=rngs is None, rngs=rngs)
-        out = jnp.einsum("BHTS,BSHK->BTHK", probs, v)
-        w_o, b_o = self.c_proj.kernel[...].astype(dtype), self.c_proj.bias[...].astype(dtype)
-        out = jnp.einsum("BTHK,HKD->BTD", out, w_o) + b_o[None, None]
+        out = _attend(q, k, v, mask_BTS, self.attn_dropout, rngs)
+        out = self.c_proj.project("BTHK,HKD->BTD", out, dtype)
         return self.resid_dropout(out, deterministic=rngs is None, rngs=rngs), new_kv
 
 
 class Mlp(nnx.Module):
+    """GPT-2's GELU MLP, or SwiGLU: c_proj(silu(c_gate(x)) * c_fc(x)) (Shazeer 2020)."""
+
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
-        d, f = cfg.n_embd, 4 * cfg.n_embd
-        self.c_fc = nnx.Linear(d, f, dtype=cfg.compute_dtype,
-                               kernel_init=_init(0.02, "embed", "mlp"),
-                               bias_init=_const(nnx.initializers.zeros, "mlp"), rngs=rngs)
-        self.c_proj = nnx.Linear(f, d, dtype=cfg.compute_dtype,
-                                 kernel_init=_init(cfg.proj_std, "mlp", "embed"),
-                                 bias_init=_const(nnx.initializers.zeros, "embed"), rngs=rngs)
+        d, f = cfg.n_embd, cfg.mlp_width
+        self.swiglu = cfg.swiglu
+
+        def linear(n_in, n_out, std, names):
+            return nnx.Linear(n_in, n_out, use_bias=cfg.bias, dtype=cfg.compute_dtype,
+                              kernel_init=_init(std, *names),
+                              bias_init=_const(nnx.initializers.zeros, names[-1]), rngs=rngs)
+
+        self.c_fc = linear(d, f, 0.02, ("embed", "mlp"))
+        if cfg.swiglu:
+            self.c_gate = linear(d, f, 0.02, ("embed", "mlp"))
+        self.c_proj = linear(f, d, cfg.proj_std, ("mlp", "embed"))
         self.dropout = nnx.Dropout(cfg.resid_pdrop)
 
     def __call__(self, x, *, rngs=None):  # [B, T, D] -> [B, T, D]
-        h = jax.nn.gelu(self.c_fc(x), approximate=True)  # GPT-2's tanh GELU
+        if self.swiglu:
+            h = jax.nn.silu(self.c_gate(x)) * self.c_fc(x)
+        else:
+            h = jax.nn.gelu(self.c_fc(x), approximate=True)  # GPT-2's tanh GELU
         return self.dropout(self.c_proj(h), deterministic=rngs is None, rngs=rngs)
 
 
 class Block(nnx.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+    """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)); with
+    cfg.parallel_block both branches read ln_1(x) of the same x."""
 
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
-        self.ln_1 = _layer_norm(cfg, rngs)
+        self.parallel = cfg.parallel_block
+        self.ln_1 = _norm(cfg, rngs)
         self.attn = Attention(cfg, rngs=rngs)
-        self.ln_2 = _layer_norm(cfg, rngs)
+        if not cfg.parallel_block:
+            self.ln_2 = _norm(cfg, rngs)
         self.mlp = Mlp(cfg, rngs=rngs)
 
-    def __call__(self, x, mask_BTS, kv=None, *, rngs=None):
-        a, new_kv = self.attn(self.ln_1(x), mask_BTS, kv, rngs=rngs)
+    def __call__(self, x, mask_BTS, kv=None, *, rope=None, rngs=None):
+        h = self.ln_1(x)
+        a, new_kv = self.attn(h, mask_BTS, kv, rope=rope, rngs=rngs)
+        if self.parallel:
+            return x + a + self.mlp(h, rngs=rngs), new_kv
         x = x + a
         return x + self.mlp(self.ln_2(x), rngs=rngs), new_kv
 
 
 class GPT(nnx.Module):
-    """GPT-2 language model; the LM head is tied to `wte`."""
+    """GPT-2 language model; the LM head is tied to `wte` unless cfg.tie_embeddings is off."""
 
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.wte = nnx.Embed(cfg.vocab_size, cfg.n_embd, dtype=cfg.compute_dtype,
                              embedding_init=_init(0.02, "vocab", "embed"), rngs=rngs)
-        self.wpe = nnx.Embed(cfg.n_positions, cfg.n_embd, dtype=cfg.compute_dtype,
-                             embedding_init=_init(0.02, "positions", "embed"), rngs=rngs)
+        if not cfg.rotary:
+            self.wpe = nnx.Embed(cfg.n_positions, cfg.n_embd, dtype=cfg.compute_dtype,
+                                 embedding_init=_init(0.02, "positions", "embed"), rngs=rngs)
         self.drop = nnx.Dropout(cfg.embd_pdrop)
         self.h = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
-        self.ln_f = _layer_norm(cfg, rngs)
+        self.ln_f = _norm(cfg, rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = nnx.Param(_init(0.02, "embed", "vocab")(
+                rngs.params(), (cfg.n_embd, cfg.vocab_size)))
+
+    def _logits(self, x):
+        """Final hidden [B, T, D] -> logits float32 [B, T, V] (the loss is in float32)."""
+        if self.cfg.tie_embeddings:
+            return self.wte.attend(x).astype(jnp.float32)
+        w = self.lm_head[...].astype(self.cfg.compute_dtype)
+        return jnp.einsum("BTD,DV->BTV", x, w).astype(jnp.float32)
 
     def __call__(self, tokens, *, positions=None, attention_mask=None, cache=None,
                  rngs=None, return_hidden=False):
@@ -233,6 +414,7 @@ class GPT(nnx.Module):
         With return_hidden, also returns the residual stream after the embeddings and after
         every block (the last one after ln_f, as HF's `hidden_states`).
         """
+        cfg = self.cfg
         B, T = tokens.shape
         valid_BT = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
         start = 0 if cache is None else cache.index
@@ -246,20 +428,25 @@ class GPT(nnx.Module):
             slots_S = jnp.arange(cache.length)
             causal = slots_S[None, :] <= (start + jnp.arange(T))[:, None]   # [T, S]
             mask_BTS = causal[None] & valid_BS[:, None, :]
-        x = self.wte(tokens) + self.wpe(positions)
+        x = self.wte(tokens)
+        rope = None
+        if cfg.rotary:
+            rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+        else:
+            x = x + self.wpe(positions)
         x = self.drop(x, deterministic=rngs is None, rngs=rngs)
         hidden = [x]
         new_k, new_v = [], []
         for i, block in enumerate(self.h):
             kv = None if cache is None else (cache.k[i], cache.v[i], start)
-            x, layer_kv = block(x, mask_BTS, kv, rngs=rngs)
+            x, layer_kv = block(x, mask_BTS, kv, rope=rope, rngs=rngs)
             if cache is not None:
                 new_k.append(layer_kv[0])
                 new_v.append(layer_kv[1])
             hidden.append(x)
         x = self.ln_f(x)
         hidden[-1] = x
-        logits = self.wte.attend(x).astype(jnp.float32)   # tied LM head; loss in float32
+        logits = self._logits(x)
         if cache is not None:
             cache = KVCache(k=jnp.stack(new_k), v=jnp.stack(new_v), valid=valid_BS,
                             index=start + T)

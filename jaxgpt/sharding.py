@@ -12,13 +12,15 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
-LOGICAL_AXES = ("batch", "seq", "embed", "heads", "head_dim", "mlp", "vocab", "positions")
+LOGICAL_AXES = ("batch", "seq", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab",
+                "positions")
 _REPLICATED = {name: None for name in LOGICAL_AXES}
 RULES = {  # logical axis -> mesh axis or tuple; exactly one entry per name
     "dp": _REPLICATED | {"batch": ("data", "fsdp")},
     "fsdp": _REPLICATED | {"batch": ("data", "fsdp"), "embed": "fsdp"},
     "fsdp_tp": _REPLICATED | {"batch": ("data", "fsdp"), "embed": "fsdp",
-                              "heads": "tensor", "mlp": "tensor", "vocab": "tensor"},
+                              "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor",
+                              "vocab": "tensor"},
 }
 
 
