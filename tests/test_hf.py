@@ -44,16 +44,29 @@ def _torch_forward(m, tokens, mask):
 
 
 def _jax_forward(cfg, params, tokens, mask):
-    gpt = nnx.merge(sample_graphdef(cfg), params)
-    with jax.default_matmul_precision("highest"):
-        logits, _, hidden = gpt(jnp.asarray(tokens), attention_mask=jnp.asarray(mask),
-                                positions=jnp.asarray(compare.positions_of(mask)),
+    def forward(params, tokens, mask, positions):
+        gpt = nnx.merge(_graphdef(cfg), params)
+        logits, _, hidden = gpt(tokens, attention_mask=mask, positions=positions,
                                 return_hidden=True)
+        return logits, hidden
+
+    with jax.default_matmul_precision("highest"):
+        logits, hidden = jax.jit(forward)(params, tokens, mask, compare.positions_of(mask))
     return np.asarray(logits), [np.asarray(h) for h in hidden]
 
 
-def sample_graphdef(cfg):
+def _graphdef(cfg):
     return nnx.graphdef(nnx.eval_shape(lambda: model.GPT(cfg, rngs=nnx.Rngs(0))))
+
+
+def _random_params(cfg, seed):
+    """Random jaxgpt params drawn with numpy (jax's init takes seconds to compile)."""
+    state = nnx.state(nnx.eval_shape(lambda: model.GPT(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    rng = np.random.default_rng(seed)
+    nnx.replace_by_pure_dict(state, jax.tree.map(
+        lambda x: jnp.asarray(rng.normal(0.0, 0.1, x.shape), jnp.float32),
+        nnx.to_pure_dict(state)))
+    return state
 
 
 def _batches(vocab, T):
@@ -109,8 +122,9 @@ def test_loss_and_gradients_match_pytorch():
     ref_grads = hf.params_from_hf({name: p.grad.numpy() for name, p in m.named_parameters()},
                                   cfg)
     with jax.default_matmul_precision("highest"):
-        loss, grads = jax.value_and_grad(train.loss_fn)(params, sample_graphdef(cfg),
-                                                        jnp.asarray(windows))
+        graphdef = _graphdef(cfg)
+        loss_fn = jax.jit(jax.value_and_grad(lambda p, w: train.loss_fn(p, graphdef, w)))
+        loss, grads = loss_fn(params, jnp.asarray(windows))
     np.testing.assert_allclose(float(loss), ref_loss.item(), rtol=1e-5)
     for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads),
                             jax.tree.leaves(ref_grads)):
@@ -133,7 +147,7 @@ def test_import_export_from_pretrained_gives_identical_logits(tmp_path):
 
 
 def test_export_then_import_gives_identical_params(tmp_path, tiny_cfg):
-    _, params = nnx.split(model.GPT(tiny_cfg, rngs=nnx.Rngs(7)), nnx.Param)
+    params = _random_params(tiny_cfg, 7)
     hf.save(str(tmp_path / "out"), tiny_cfg, params)
     cfg, back = hf.load("hf:" + str(tmp_path / "out"))   # the hf: prefix also takes a dir
     assert cfg == tiny_cfg
@@ -144,7 +158,7 @@ def test_export_then_import_gives_identical_params(tmp_path, tiny_cfg):
 
 def test_padded_vocab_exports_the_real_rows(tmp_path):
     cfg = model.GPTConfig(**(TINY | {"vocab_size": 128}))
-    _, params = nnx.split(model.GPT(cfg, rngs=nnx.Rngs(1)), nnx.Param)
+    params = _random_params(cfg, 1)
     hf.save(str(tmp_path / "out"), cfg, params, vocab_size=97)
     m = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "out")).eval()
     assert m.config.vocab_size == 97
@@ -246,8 +260,9 @@ def test_pytorch_bin_imports_and_code_payload_is_refused(tmp_path):
 def _make_run(workdir, cfg, params, tok_spec):
     """A jaxgpt run directory holding one checkpoint with `params` (as training writes it)."""
     tx = train.make_optimizer(train.OptimConfig(), 10)
-    state = train.init_state(cfg, tx, 0)
-    state = state.replace(params=params)
+    state = train.TrainState(step=jnp.array(1, jnp.int32), params=params,
+                             opt_state=tx.init(params),
+                             rng=jax.random.key_data(jax.random.key(0)))
     manager = checkpoint.make_manager(str(workdir), keep=1)
     checkpoint.save(manager, state, {}, {"config": {"model": dataclasses.asdict(cfg)},
                                          "tokenizer": tok_spec})
@@ -257,7 +272,7 @@ def _make_run(workdir, cfg, params, tok_spec):
 def test_export_cli_of_a_gpt2_bpe_run_and_compare_cli(tmp_path, shared_data, capsys):
     bpe = tokenizer.load("gpt2", os.path.join(shared_data, "gpt2-bpe"))
     cfg = model.GPTConfig(**(TINY | {"vocab_size": 50304}))     # padded GPT-2 vocabulary
-    _, params = nnx.split(model.GPT(cfg, rngs=nnx.Rngs(3)), nnx.Param)
+    params = _random_params(cfg, 3)
     run = tmp_path / "run"
     _make_run(run, cfg, params, {"kind": "gpt2", "path": bpe.path,
                                  "fingerprint": bpe.fingerprint})
@@ -287,7 +302,7 @@ def test_export_cli_of_a_gpt2_bpe_run_and_compare_cli(tmp_path, shared_data, cap
 
 
 def test_export_without_a_known_vocab_size_is_refused(tmp_path, tiny_cfg):
-    _, params = nnx.split(model.GPT(tiny_cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    params = _random_params(tiny_cfg, 0)
     _make_run(tmp_path / "run", tiny_cfg, params,
               {"kind": "sentencepiece", "path": str(tmp_path / "gone.model"),
                "fingerprint": "spm:0"})
@@ -302,7 +317,7 @@ def test_init_from_checks_architecture_and_pads_vocab(tmp_path):
     m = _hf_model(**TINY)
     m.save_pretrained(str(tmp_path / "hf"))
     cfg = model.GPTConfig(**(TINY | {"vocab_size": 128}))
-    _, fresh = nnx.split(model.GPT(cfg, rngs=nnx.Rngs(5)), nnx.Param)
+    fresh = _random_params(cfg, 5)
     params = nnx.to_pure_dict(hf.init_params(str(tmp_path / "hf"), cfg, fresh))
     _, imported = hf.load(m)
     imported, fresh = nnx.to_pure_dict(imported), nnx.to_pure_dict(fresh)
