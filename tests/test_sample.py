@@ -87,19 +87,29 @@ def _hf_generate(hf, prompt, n, **kw):
 
 def test_prefill_and_cached_decode_match_full_forward(hf_pair):
     cfg, params, _ = hf_pair
-    gpt = nnx.merge(sample.graphdef_of(cfg), params)
+    graphdef = sample.graphdef_of(cfg)
     tokens, mask = sample.pad_prompts(cfg, PROMPTS, 8)
     cont = np.array([[11, 12, 13, 14, 15, 16, 17, 18]] * len(PROMPTS), np.int32)
-    logits, cache, _, pos = sample._prefill(params, jnp.asarray(tokens), jnp.asarray(mask),
-                                            graphdef=sample.graphdef_of(cfg), cache_len=24)
+    logits, cache, _, pos = sample._prefill_jit(params, jnp.asarray(tokens), jnp.asarray(mask),
+                                                graphdef=graphdef, cache_len=24)
+
+    @jax.jit
+    def step(params, token_B1, pos_B1, cache):
+        out, cache = nnx.merge(graphdef, params)(token_B1, positions=pos_B1, cache=cache)
+        return out[:, -1], cache
+
+    @jax.jit
+    def full(params, tokens_BT):
+        return nnx.merge(graphdef, params)(tokens_BT)[0]
+
     got = [logits]
     for t in range(cont.shape[1]):
-        out, cache = gpt(jnp.asarray(cont[:, t:t + 1]), positions=(pos + t)[:, None], cache=cache)
-        got.append(out[:, -1])
+        out, cache = step(params, jnp.asarray(cont[:, t:t + 1]), (pos + t)[:, None], cache)
+        got.append(out)
     got = np.stack(got, 1)    # [B, 9, V]: after the prompt, then after each fed token
     for i, p in enumerate(PROMPTS):
-        full, _ = gpt(jnp.asarray([p + cont[i].tolist()]))
-        np.testing.assert_allclose(got[i], np.asarray(full[0, len(p) - 1:]), atol=1e-5, rtol=0)
+        want = full(params, jnp.asarray([p + cont[i].tolist()]))
+        np.testing.assert_allclose(got[i], np.asarray(want[0, len(p) - 1:]), atol=1e-5, rtol=0)
 
 
 def _fake_forward(vocab):
