@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from jaxgpt import model, sample, sharding, train
+from jaxgpt.convert import hf
 from tests import helpers
 
 ALL = dict(rotary=True, rope_theta=500.0, rms_norm=True, swiglu=True, ffn_multiple_of=16,
@@ -313,6 +314,33 @@ def test_generate_with_every_option_equals_greedy_full_forward(key):
         seq = jnp.asarray([prompt + got])
         logits, _ = _forward(params, seq, graphdef=graphdef)
         assert np.argmax(logits[0, len(prompt) - 1:-1], axis=-1).tolist() == got
+
+
+def test_beam_search_with_every_option_equals_a_numpy_two_step_beam(key):
+    """Two steps of 4-beam search: the best of the 4 most likely first tokens times every
+    second token, scored by cache-free forwards."""
+    cfg = _cfg(**ALL)
+    graphdef, params = _split(cfg)
+    prompt = [3, 14, 15, 92]
+    out = sample.generate(cfg, params, [prompt], max_new_tokens=2,
+                          method=sample.Beam(num_beams=4))
+    logp = lambda seqs: np.asarray(jax.nn.log_softmax(
+        _forward(params, jnp.asarray(seqs), graphdef=graphdef)[0][:, -1], axis=-1))
+    first = logp([prompt])[0]
+    firsts = np.argsort(-first)[:4]
+    second = logp([prompt + [int(t)] for t in firsts])            # [4, V]
+    total = first[firsts][:, None] + second
+    b, u = np.unravel_index(np.argmax(total), total.shape)
+    assert out == [[int(firsts[b]), int(u)]]
+
+
+def test_hf_export_and_import_refuse_non_gpt2_options():
+    cfg = _cfg(rotary=True, n_kv_head=2)
+    params = _init(cfg, 0)
+    with pytest.raises(ValueError, match="no mapping for rotary=True, n_kv_head=2"):
+        hf.hf_tensors(cfg, params)
+    with pytest.raises(ValueError, match="do not fit config.model with rotary=True"):
+        hf.init_params("hf:gpt2", cfg, params)
 
 
 @pytest.mark.slow

@@ -266,6 +266,9 @@ def init_params(source: str, cfg: model.GPTConfig, fresh: nnx.State) -> nnx.Stat
     The HF architecture must equal cfg's, except that cfg.vocab_size may be larger (a
     padded vocabulary): the extra wte rows keep their fresh initialization.
     """
+    if model.non_gpt2_options(cfg):
+        raise ValueError(f"init_from {source}: HF GPT-2 weights do not fit config.model with "
+                         f"{', '.join(model.non_gpt2_options(cfg))}")
     hf_cfg, params = load(source)
     diff = architecture_diff(hf_cfg, cfg, [f for f in ARCH_FIELDS if f != "vocab_size"])
     if hf_cfg.vocab_size > cfg.vocab_size:
@@ -292,6 +295,9 @@ def _pure(params) -> dict:
 
 def hf_tensors(cfg: model.GPTConfig, params, vocab_size: int | None = None) -> dict:
     """{HF name: float32 array} (GPT2LMHeadModel names) of the first `vocab_size` tokens."""
+    if model.non_gpt2_options(cfg):
+        raise ValueError(f"HF GPT-2 has no mapping for {', '.join(model.non_gpt2_options(cfg))}"
+                         f"; only a GPT-2-architecture model can be exported")
     vocab_size = cfg.vocab_size if vocab_size is None else vocab_size
     if not 1 <= vocab_size <= cfg.vocab_size:
         raise ValueError(f"vocab_size {vocab_size} must be in [1, model vocab_size "
