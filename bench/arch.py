@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jaxgpt import data, model, sharding, tokenizer, train  # noqa: E402
+from jaxgpt import data, model, sharding, tokenizer, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "wikitext-2", "valid.txt")
@@ -48,7 +48,8 @@ def load_windows(args, workdir):
     if not os.path.isfile(args.data):
         sys.exit(f"error: data file {args.data} does not exist (expected the shared "
                  f"WikiText-2 copy beside the repository)")
-    text = open(args.data, encoding="utf-8").read()
+    with open(args.data, encoding="utf-8") as f:
+        text = f.read()
     tok = tokenizer.load_or_train_sentencepiece(
         os.path.join(workdir, f"wikitext2-{args.vocab}.model"), [text], args.vocab)
     tokens = data.tokenize_documents([text], tok)
@@ -93,7 +94,7 @@ def main():
           f"({args.vocab}-piece SentencePiece), {len(train_w)} train windows of {args.block}")
     mesh = sharding.make_mesh((-1, 1, 1), jax.devices()[:1])
     rules = sharding.RULES["dp"]
-    shape = dict(vocab_size=args.vocab, n_positions=args.block)
+    shape = {"vocab_size": args.vocab, "n_positions": args.block}
     cfgs = {"gpt2": model.gpt2_config(args.size, **shape),
             "modern": model.modern_config(args.size, **shape)}
     runs = {name: make_run(cfg, args, mesh, rules) for name, cfg in cfgs.items()}

@@ -84,7 +84,7 @@ class GPTConfig:
     def _check_options(self):
         for name in _SWITCHES:
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"model.{name} must be True or False, "
+                raise TypeError(f"model.{name} must be True or False, "
                                  f"got {getattr(self, name)!r}")
         if self.rope_theta <= 0:
             raise ValueError(f"model.rope_theta must be > 0, got {self.rope_theta}")
@@ -168,8 +168,9 @@ def modern_config(size: str = "small", **overrides) -> GPTConfig:
     kv_heads = MODERN_KV_HEADS[size]
     # Per layer: attention (2 + 2G/H)D^2, SwiGLU 3DF; 12D^2 in all gives F = (10 - 2G/H)D/3.
     multiplier = (10 - 2 * kv_heads / n_head) / 8
-    options = dict(rotary=True, rms_norm=True, swiglu=True, ffn_dim_multiplier=round(
-        multiplier, 4), ffn_multiple_of=64, bias=False, n_kv_head=kv_heads, qk_norm=True)
+    options = {"rotary": True, "rms_norm": True, "swiglu": True,
+               "ffn_dim_multiplier": round(multiplier, 4), "ffn_multiple_of": 64,
+               "bias": False, "n_kv_head": kv_heads, "qk_norm": True}
     return GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, **(options | overrides))
 
 
