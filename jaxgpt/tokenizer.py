@@ -32,6 +32,7 @@ class SentencePiece:
 
     def __init__(self, model_proto: bytes, path: str = "<memory>"):
         self.path = path
+        self.proto = model_proto
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self.vocab_size = self.sp.get_piece_size()
         self.eot_id = self.sp.eos_id()
@@ -43,6 +44,13 @@ class SentencePiece:
     def load(cls, path: str) -> "SentencePiece":
         with open(path, "rb") as f:
             return cls(f.read(), path)
+
+    def save(self, path: str) -> None:
+        """Write the model to `path` atomically (a crash never leaves half a file)."""
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path + ".tmp", "wb") as f:
+            f.write(self.proto)
+        os.replace(path + ".tmp", path)
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
@@ -94,13 +102,9 @@ def load_or_train_sentencepiece(path: str, texts: Iterable[str], vocab_size: int
         return tok
     logging.info("training a %d-piece SentencePiece %s tokenizer -> %s", vocab_size,
                  model_type, path)
-    proto = train_sentencepiece(texts, vocab_size, model_type=model_type)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(proto)
-    os.replace(tmp, path)
-    return SentencePiece(proto, path)
+    tok = SentencePiece(train_sentencepiece(texts, vocab_size, model_type=model_type), path)
+    tok.save(path)
+    return tok
 
 
 KINDS = ("sentencepiece", "gpt2")
