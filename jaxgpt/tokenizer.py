@@ -131,3 +131,38 @@ def from_meta(meta: dict) -> Tokenizer:
         raise ValueError(f"tokenizer {spec['path']} has fingerprint {tok.fingerprint}, but "
                          f"the checkpoint was trained with {spec['fingerprint']}")
     return tok
+
+
+def _train_main(argv: list[str] | None = None) -> None:
+    """`python -m jaxgpt.tokenizer train --input=PATH --vocab_size=N --out=FILE.model`."""
+    import argparse
+
+    from jaxgpt import sources
+    parser = argparse.ArgumentParser(prog="python -m jaxgpt.tokenizer")
+    parser.add_argument("command", choices=["train"])
+    parser.add_argument("--input", required=True, help="file, directory or glob")
+    parser.add_argument("--source", default="text", choices=sources.SOURCES,
+                        help="how to read --input into documents")
+    parser.add_argument("--vocab_size", type=int, required=True)
+    parser.add_argument("--model_type", default="bpe", choices=["bpe", "unigram"])
+    parser.add_argument("--max_sentences", type=int, default=300_000,
+                        help="lines sampled for training")
+    parser.add_argument("--out", required=True, help="where to write the .model file")
+    args = parser.parse_args(argv)
+    if os.path.exists(args.out):
+        parser.error(f"--out {args.out} exists; remove it or choose another path")
+    try:
+        files = sources.find_splits(args.source, args.input)["train"]
+        texts = [d.text for d in sources.iter_documents(args.source, files,
+                                                        sources.BadRecords("error"))]
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    tok = SentencePiece(train_sentencepiece(texts, args.vocab_size,
+                                            model_type=args.model_type,
+                                            max_sentences=args.max_sentences), args.out)
+    tok.save(args.out)
+    print(f"wrote {args.out}: {tok.vocab_size} pieces ({args.model_type}), {tok.fingerprint}")
+
+
+if __name__ == "__main__":
+    _train_main()
