@@ -487,7 +487,7 @@ def _prepare_main(argv):
     dcfg = DataConfig.from_config(config.data)
     out = flags.FLAGS.out
     if dcfg.tokenizer == "gpt2" or dcfg.tokenizer_path:
-        tok = tokenizer.load(dcfg.tokenizer, dcfg.tokenizer_path)
+        tok = tokenizer.load(dcfg.tokenizer, dcfg.tokenizer_path or "gpt2")
     else:
         tok = tokenizer.load_or_train_sentencepiece(
             out.rstrip("/") + ".tokenizer.model", tokenizer_training_texts(dcfg),

@@ -211,7 +211,8 @@ def _make_tokenizer(dcfg: data.DataConfig, workdir: str, cfg: model.GPTConfig):
     """The run's tokenizer; a SentencePiece model trained here is saved by the caller only
     once the corpus has been read without error, so bad input leaves the workdir as it was."""
     if dcfg.tokenizer == "gpt2":
-        tok, path = tokenizer.load("gpt2", dcfg.tokenizer_path), dcfg.tokenizer_path
+        path = dcfg.tokenizer_path or "gpt2"   # files, or the HF hub's copy
+        tok = tokenizer.load("gpt2", path)
     else:
         path = dcfg.tokenizer_path or os.path.join(workdir, "tokenizer.model")
         if os.path.exists(path):
@@ -290,7 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         train_iter.set_state(data_state)
         logging.info("resumed from step %d in %s", int(state.step), workdir)
     else:
-        state = trainer.init()
+        state = _init_from(config.init_from, trainer, trainer.init())
     # Tokens and documents per source and split, and bad records skipped while preparing.
     MetricsWriter(workdir).write({"step": int(state.step), "data": corpus.stats})
     n_params = model.count_params(state.params)
@@ -299,6 +300,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  dict(mesh.shape))
     return _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, manager,
                        meta, schedule=make_schedule(optim, total))
+
+
+def _init_from(source: str | None, trainer: Trainer, state: TrainState) -> TrainState:
+    """Fresh params replaced by HF GPT-2 weights when `config.init_from` names some."""
+    if source is None:
+        return state
+    from jaxgpt.convert import hf   # needs torch/transformers (jaxgpt[hf])
+    params = hf.init_params(source, trainer.cfg, state.params)
+    logging.info("initialized params from %s", source)
+    # Adam moments are zeros whatever the params are, so only the params change.
+    return state.replace(params=jax.device_put(params, trainer.state_shardings.params))
 
 
 def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, manager, meta,
