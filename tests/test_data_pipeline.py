@@ -176,3 +176,22 @@ def test_prepare_and_tokenizer_command_lines(shared_data, tmp_path):
         stream += tok.encode(d.text) + [tok.eot_id]
     shard = np.fromfile(out / manifest["splits"]["train"]["shards"][0]["path"], np.uint16)
     np.testing.assert_array_equal(shard, stream)
+
+
+def test_gpt2_bpe_shards_decode_to_the_articles(shared_data, tmp_path):
+    pytest.importorskip("transformers")
+    path = os.path.join(shared_data, "wikitext-2", "valid.txt")
+    tok = tokenizer.load("gpt2", os.path.join(shared_data, "gpt2-bpe"))
+    dcfg = data.DataConfig(source="wikitext", path=path, tokenizer="gpt2", block_size=64)
+    manifest = data.prepare(dcfg, tok, str(tmp_path / "out"))
+    assert manifest["dtype"] == "uint16" and manifest["tokenizer"]["eot_id"] == 50256
+    shard = np.fromfile(tmp_path / "out" / manifest["splits"]["train"]["shards"][0]["path"],
+                        np.uint16)
+    assert shard[-1] == 50256 and int((shard == 50256).sum()) == 60      # one per article
+    pieces = np.split(shard, np.flatnonzero(shard == 50256) + 1)[:-1]
+    assert "".join(tok.decode(p[:-1]) for p in pieces) == open(path, encoding="utf-8").read()
+    corpus = data.load_prepared(str(tmp_path / "out"), dcfg, tok.fingerprint)
+    assert corpus.n_train_tokens + corpus.n_val_tokens == len(shard)
+    np.testing.assert_array_equal(corpus.val[len(corpus.val) - 1][1:],
+                                  shard[len(shard) - corpus.n_val_tokens:][
+                                      (len(corpus.val) - 1) * 64 + 1:len(corpus.val) * 64 + 1])

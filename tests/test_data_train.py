@@ -27,18 +27,20 @@ def compilation_cache(tmp_path_factory):
     cc.reset_cache()
 
 
-def _config(name: str, path: str, steps: int):
+def _config(name: str, path: str, steps: int, gpt2_files: str | None = None):
     spec = importlib.util.spec_from_file_location(name, os.path.join(helpers.REPO, "configs",
                                                                      f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
     config.model.n_layer, config.model.n_head, config.model.n_embd = 2, 4, 48
-    config.model.vocab_size, config.model.n_positions = 512, 64
-    # GPT-2 BPE needs a 50k vocabulary; a 512-piece SentencePiece keeps the model tiny.
-    config.data.tokenizer = "sentencepiece"
+    config.model.n_positions = 64
+    if gpt2_files:     # the config's own GPT-2 BPE and 50304-row embedding
+        config.data.tokenizer_path = gpt2_files
+    else:              # a 512-piece SentencePiece keeps the model tiny
+        config.data.tokenizer, config.model.vocab_size = "sentencepiece", 512
     config.data.path, config.data.block_size = path, 32
-    config.train.steps, config.train.batch_size, config.train.grad_accum = steps, 16, 1
+    config.train.steps, config.train.batch_size, config.train.grad_accum = steps, 8, 1
     config.train.log_every = 1
     config.optim.warmup_steps, config.optim.decay_steps = 1, 4   # one schedule for all runs
     config.eval.every, config.eval.batch_size, config.eval.batches = 4, 8, 1
@@ -47,11 +49,11 @@ def _config(name: str, path: str, steps: int):
     return config
 
 
-def _straight_and_resumed(tmp_path, name, path, **changes):
+def _straight_and_resumed(tmp_path, name, path, gpt2_files=None, **changes):
     runs = {}
     for run, steps in (("a", [4]), ("b", [2, 4])):
         for n in steps:
-            config = _config(name, path, n)
+            config = _config(name, path, n, gpt2_files)
             for key, value in changes.items():
                 config.data[key] = value
             runs[run] = train.train_and_evaluate(config, str(tmp_path / run))
@@ -85,9 +87,11 @@ def test_slimpajama_config_trains_skips_bad_records_and_resumes_exactly(shared_d
 
 
 @pytest.mark.slow
-def test_wikitext_config_trains_and_resumes_exactly(shared_data, tmp_path):
-    runs = _straight_and_resumed(tmp_path, "wikitext", os.path.join(shared_data, "wikitext-2"))
+def test_wikitext_config_trains_with_gpt2_bpe_and_resumes_exactly(shared_data, tmp_path):
+    runs = _straight_and_resumed(tmp_path, "wikitext", os.path.join(shared_data, "wikitext-2"),
+                                 gpt2_files=os.path.join(shared_data, "gpt2-bpe"))
     assert runs["b"]["train"]["step"] == 4
+    assert runs["a"]["eval"]["val_loss"] < 10.83             # below uniform over 50257 ids
     records = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
     stats = [r["data"] for r in records if "data" in r]
     assert len(stats) == 2 and stats[0]["documents"]["train"] == {"wikitext": 60}
