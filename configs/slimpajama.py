@@ -21,9 +21,9 @@ def get_config(size: str = "small") -> ml_collections.ConfigDict:
     # Sampling weights per redpajama_set_name: SlimPajama-627B's own token shares (%), so
     # the default mix is the natural one; raise one to upweight it (e.g.
     # --config.data.mixture.RedPajamaGithub=10). Sources absent from the data are ignored.
-    config.data.mixture = dict(RedPajamaCommonCrawl=52.2, RedPajamaC4=26.7,
-                               RedPajamaGithub=5.2, RedPajamaBook=4.2, RedPajamaArXiv=4.6,
-                               RedPajamaWikipedia=3.8, RedPajamaStackExchange=3.3)
+    config.data.mixture = {"RedPajamaCommonCrawl": 52.2, "RedPajamaC4": 26.7,
+                           "RedPajamaGithub": 5.2, "RedPajamaBook": 4.2, "RedPajamaArXiv": 4.6,
+                           "RedPajamaWikipedia": 3.8, "RedPajamaStackExchange": 3.3}
     config.data.read_threads = 4
     config.train.steps = 100_000
     config.train.batch_size = 512            # 0.5M tokens per step, as in GPT-3 small

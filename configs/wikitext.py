@@ -2,7 +2,8 @@
 
 Point `--config.data.path` at local WikiText files (a folder with wiki.{train,valid}.tokens
 or {train,valid}.txt, raw or tokenized; a lone file is all training text with the tail held
-out), or leave it unset to stream `wikitext-103-raw-v1` through HF datasets. `--config.init_from=hf:gpt2` fine-tunes GPT-2.
+out), or leave it unset to stream `wikitext-103-raw-v1` through HF datasets.
+`--config.init_from=hf:gpt2` fine-tunes GPT-2.
 """
 
 import ml_collections

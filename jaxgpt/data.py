@@ -16,6 +16,7 @@ shards itself into WORKDIR/data/<fingerprint>/ (once).
 """
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -178,7 +179,8 @@ def prepare(dcfg: DataConfig, tok, out_dir: str) -> dict:
     tmp = out_dir.rstrip("/") + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    manifest = {"format": 1, "source": dcfg.source, "dtype": np.dtype(_token_dtype(tok.vocab_size)).name,
+    dtype = np.dtype(_token_dtype(tok.vocab_size)).name
+    manifest = {"format": 1, "source": dcfg.source, "dtype": dtype,
                 "tokenizer": {"kind": dcfg.tokenizer, "fingerprint": tok.fingerprint,
                               "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
                 "inputs": splits or {"hf": [dcfg.source]}, "splits": {}, "bad_records": {}}
@@ -264,12 +266,25 @@ class Windows:
         return {**self.__dict__, "_maps": None}
 
     def __getitem__(self, i: int) -> np.ndarray:  # [block_size + 1] int32
+        return self.gather(np.asarray([i]))[0]
+
+    def gather(self, idx: np.ndarray) -> np.ndarray:
+        """Windows `idx` [N] -> [N, block_size + 1] int32, one vectorized read per shard
+        (per-window Python work would cap the loader at a few M tokens/s)."""
         if self._maps is None:
             self._maps = [np.memmap(p, dtype=self.dtype, mode="r") for p, _, _ in self.segments]
-        k = int(np.searchsorted(self.ends, i, side="right"))
-        j = i - (int(self.ends[k - 1]) if k else 0)
-        lo = self.segments[k][1] + j * self.block_size
-        return np.asarray(self._maps[k][lo:lo + self.block_size + 1], np.int32)
+        idx = np.asarray(idx, np.int64)
+        if idx.size and not 0 <= idx.min() <= idx.max() < len(self):
+            raise IndexError(f"window index out of range [0, {len(self)})")
+        seg = np.searchsorted(self.ends, idx, side="right")
+        starts = np.concatenate([[0], self.ends[:-1]])
+        out = np.empty((len(idx), self.block_size + 1), np.int32)
+        offsets = np.arange(self.block_size + 1)
+        for k in np.unique(seg):
+            rows = seg == k
+            lo = self.segments[k][1] + (idx[rows] - starts[k]) * self.block_size
+            out[rows] = self._maps[k][lo[:, None] + offsets[None, :]]
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,7 +404,15 @@ def tokenizer_training_texts(dcfg: DataConfig) -> list[str]:
 # ---- batches ---------------------------------------------------------------------------
 
 
+def _gather(windows, idx) -> np.ndarray:
+    if isinstance(windows, Windows):
+        return windows.gather(idx)
+    return np.stack([np.asarray(windows[int(i)], np.int32) for i in idx])
+
+
 def _mixture(corpus: Corpus, weights: dict, seed: int) -> grain.MapDataset:
+    """Endless (source number, window index) pairs drawn by weight; each source is
+    reshuffled on its own epochs."""
     missing = sorted(set(corpus.train_by_source) - set(weights))
     if missing:
         raise ValueError(f"data.mixture has no weight for source(s) {missing} in the data "
@@ -398,10 +421,11 @@ def _mixture(corpus: Corpus, weights: dict, seed: int) -> grain.MapDataset:
     if not names:
         raise ValueError(f"data.mixture gives no positive weight to the sources present, "
                          f"{sorted(corpus.train_by_source)}")
-    parts = [grain.MapDataset.source(corpus.train_by_source[n]).shuffle(seed=seed + i)
-             .repeat(None) for i, n in enumerate(names)]
+    parts = [grain.MapDataset.range(len(corpus.train_by_source[n])).shuffle(seed=seed + k)
+             .repeat(None).map(functools.partial(lambda k, i: (k, i), k))
+             for k, n in enumerate(names)]
     logging.info("mixture: %s", {n: weights[n] for n in names})
-    return grain.MapDataset.mix(parts, [float(weights[n]) for n in names])
+    return grain.MapDataset.mix(parts, [float(weights[n]) for n in names]), names
 
 
 def make_train_dataset(windows, *, global_batch: int, seed: int, process_index: int = 0,
@@ -415,23 +439,31 @@ def make_train_dataset(windows, *, global_batch: int, seed: int, process_index: 
     if global_batch % process_count:
         raise ValueError(f"global batch {global_batch} not divisible by {process_count} "
                          f"processes")
-    if isinstance(windows, Corpus):
-        if mixture:
-            ds = _mixture(windows, mixture, seed)
-            windows = windows.train
-        else:
-            windows = windows.train
-            ds = grain.MapDataset.source(windows).shuffle(seed=seed).repeat(None)
-    else:
-        ds = grain.MapDataset.source(windows).shuffle(seed=seed).repeat(None)
+    corpus = windows if isinstance(windows, Corpus) else None
+    if corpus is not None:
+        windows = corpus.train
     if len(windows) < global_batch:
         raise ValueError(f"{len(windows)} training windows are fewer than one batch of "
                          f"{global_batch}")
     local = global_batch // process_count
+    # Shuffle, batch and slice window *indices*; windows are read once per local batch.
     # Local batch b holds elements [b * local, (b + 1) * local); global batch s is local
     # batches s * n .. s * n + n - 1, of which process p takes the p-th.
+    if corpus is not None and mixture:
+        ds, names = _mixture(corpus, mixture, seed)
+        parts = [corpus.train_by_source[n] for n in names]
+
+        def read(batch):
+            source, idx = batch
+            out = np.empty((len(idx), windows.block_size + 1), np.int32)
+            for k in np.unique(source):
+                out[source == k] = parts[k].gather(idx[source == k])
+            return out
+    else:
+        ds = grain.MapDataset.range(len(windows)).shuffle(seed=seed).repeat(None)
+        read = functools.partial(_gather, windows)
     ds = ds.batch(local, drop_remainder=True).slice(slice(process_index, None, process_count))
-    return ds.map(lambda b: np.asarray(b, np.int32))
+    return ds.map(read)
 
 
 def make_iterator(ds: grain.MapDataset, dcfg: DataConfig):
@@ -450,8 +482,7 @@ def iter_val_batches(windows, batch: int, max_batches: int | None = None):
     if max_batches is not None and max_batches > 0:
         n = min(n, max_batches)
     for i in range(n):
-        yield np.stack([np.asarray(windows[j], np.int32)
-                        for j in range(i * batch, (i + 1) * batch)])
+        yield _gather(windows, np.arange(i * batch, (i + 1) * batch))
 
 
 def pack_windows(tokens: np.ndarray, block_size: int) -> np.ndarray:

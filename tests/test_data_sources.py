@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -53,10 +54,11 @@ def test_every_document_exactly_once_per_epoch_across_processes(shared_data, n_p
 def test_wikitext_articles_split_at_level_one_titles(shared_data):
     path = os.path.join(shared_data, "wikitext-2", "valid.txt")
     docs = list(sources.read_wikitext(path, sources.BadRecords("error")))
-    titles = [line for line in open(path, encoding="utf-8")
+    text = pathlib.Path(path).read_text(encoding="utf-8")
+    titles = [line for line in text.splitlines(keepends=True)
               if line.startswith(" = ") and not line.startswith(" = = ")]
     assert len(docs) == len(titles) == 60       # the README's 60 articles
-    assert "".join(d.text for d in docs) == open(path, encoding="utf-8").read()
+    assert "".join(d.text for d in docs) == text
     assert docs[0].text.lstrip().startswith("= Homarus gammarus =")
     assert sources.find_splits("wikitext", os.path.dirname(path)) == {"train": [path]}
 
@@ -101,7 +103,7 @@ def test_truncated_zst_names_the_file_and_keeps_complete_lines_on_skip(tmp_path)
     lines = [json.dumps({"text": rng.bytes(300).hex()}).encode() for _ in range(2000)]
     full = _zst(tmp_path / "full.jsonl.zst", lines)
     cut = tmp_path / "cut.jsonl.zst"
-    cut.write_bytes(open(full, "rb").read()[:os.path.getsize(full) // 2])
+    cut.write_bytes(pathlib.Path(full).read_bytes()[:os.path.getsize(full) // 2])
     with pytest.raises(ValueError, match=r"cut.jsonl.zst: truncated zstd stream after line"):
         list(sources.read_jsonl(str(cut), sources.BadRecords("error")))
     bad = sources.BadRecords("skip")

@@ -7,6 +7,7 @@ import os
 
 import jax
 import pytest
+import zstandard
 
 from jaxgpt import tokenizer, train
 from tests import helpers
@@ -16,7 +17,7 @@ from tests import helpers
 def compilation_cache(tmp_path_factory):
     """Runs here compile the same steps again and again; a persistent cache makes the
     repeats ~10x cheaper. Reset afterwards so later tests see JAX as it was."""
-    from jax._src import compilation_cache as cc   # reset_cache is documented, not exported
+    from jax._src import compilation_cache as cc  # reset_cache is documented, not exported
     before = (jax.config.jax_compilation_cache_dir,
               jax.config.jax_persistent_cache_min_compile_time_secs)
     jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jit")))
@@ -73,13 +74,13 @@ def test_slimpajama_config_trains_skips_bad_records_and_resumes_exactly(shared_d
         (root / split / "chunk1").mkdir(parents=True)
         for f in os.listdir(src):
             os.symlink(os.path.join(src, f), root / split / "chunk1" / f)
-    import zstandard
+    good = b'{"text": "ok", "meta": {"redpajama_set_name": "RedPajamaBook"}}\n'
     (root / "train" / "chunk1" / "example_train_9.jsonl.zst").write_bytes(
-        zstandard.ZstdCompressor().compress(b'{"text": "ok", "meta": {"redpajama_set_name": "RedPajamaBook"}}\n{"text": 3}\n'))
+        zstandard.ZstdCompressor().compress(good + b'{"text": 3}\n'))
     runs = _straight_and_resumed(tmp_path, "slimpajama", str(root), on_bad_record="skip")
     assert runs["a"]["eval"]["val_loss"] < 6.3               # below uniform over 512 pieces
-    records = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
-    stats = [r["data"] for r in records if "data" in r][0]
+    records = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    stats = next(r["data"] for r in records if "data" in r)
     assert stats["bad_records"] == {"no_text": 1}
     assert set(stats["tokens"]["train"]) == {"RedPajamaBook", "RedPajamaWikipedia"}
     assert any("epoch" in r and r["epoch"] > 0 for r in records)
@@ -92,6 +93,6 @@ def test_wikitext_config_trains_with_gpt2_bpe_and_resumes_exactly(shared_data, t
                                  gpt2_files=os.path.join(shared_data, "gpt2-bpe"))
     assert runs["b"]["train"]["step"] == 4
     assert runs["a"]["eval"]["val_loss"] < 10.83             # below uniform over 50257 ids
-    records = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
+    records = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     stats = [r["data"] for r in records if "data" in r]
     assert len(stats) == 2 and stats[0]["documents"]["train"] == {"wikitext": 60}
