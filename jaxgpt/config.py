@@ -37,7 +37,9 @@ def base_config(size: str = "small", **model_overrides) -> ml_collections.Config
     config.data.max_documents = 0          # per split, when preparing; 0 = all (bounds streams)
     config.data.read_threads = 2           # grain threads reading/tokenizing and serving windows
     config.data.prefetch = 4               # batches buffered ahead of the trainer
-    config.data.worker_count = 0           # grain worker processes; 0 = in the trainer process
+    # grain worker processes (0 = read in the trainer process); the iterator state saved in
+    # checkpoints depends on it, so keep it fixed across a resume.
+    config.data.worker_count = 0
 
     # Start a fresh run from HF GPT-2 weights: `hf:gpt2` (hub name) or a save_pretrained
     # directory; None = random init. Its architecture must equal config.model's (vocab_size

@@ -177,6 +177,13 @@ def test_prepare_and_tokenizer_command_lines(shared_data, tmp_path):
         stream += tok.encode(d.text) + [tok.eot_id]
     shard = np.fromfile(out / manifest["splits"]["train"]["shards"][0]["path"], np.uint16)
     np.testing.assert_array_equal(shard, stream)
+    # Training reads the shards through data.prepared, never touching its cache folder.
+    dcfg = data.DataConfig(source="wikitext", prepared=str(out), block_size=BLOCK)
+    corpus = data.load_corpus(dcfg, tok, cache_dir=str(tmp_path / "unused"))
+    assert corpus.n_train_tokens + corpus.n_val_tokens == len(stream)
+    assert not os.path.exists(tmp_path / "unused")
+    with pytest.raises(FileNotFoundError, match="has no manifest.json"):
+        data.DataConfig(prepared=str(tmp_path))
 
 
 def test_gpt2_bpe_shards_decode_to_the_articles(shared_data, tmp_path):
