@@ -34,7 +34,9 @@ def base_config(size: str = "small", **model_overrides) -> ml_collections.Config
     # Sampling weight per SlimPajama redpajama_set_name (relative); empty = every window
     # equally likely (the data's natural proportions). A source present needs a weight.
     config.data.mixture = ml_collections.ConfigDict()
-    config.data.max_documents = 0          # per split, when preparing; 0 = all (bounds streams)
+    # Documents per split to prepare, 0 = all: exact for HF streams; files are read whole
+    # until the count is reached (a quick run on part of a local corpus).
+    config.data.max_documents = 0
     config.data.read_threads = 2           # grain threads reading/tokenizing and serving windows
     config.data.prefetch = 4               # batches buffered ahead of the trainer
     # grain worker processes (0 = read in the trainer process); the iterator state saved in

@@ -131,7 +131,8 @@ def _tokenized_files(files, dcfg: DataConfig, tok):
 
 def _tokenized_stream(split: str, dcfg: DataConfig, tok):
     """An HF stream in chunks of documents (bad records there are the hub's to fix)."""
-    docs = sources.hf_documents(dcfg.source, split)
+    docs = itertools.islice(sources.hf_documents(dcfg.source, split),
+                            dcfg.max_documents or None)
     while chunk := list(itertools.islice(docs, _HF_CHUNK_DOCS)):
         yield _tokenize_by_source(chunk, tok), {}
 
@@ -372,6 +373,10 @@ def load_corpus(dcfg: DataConfig, tok, cache_dir: str) -> Corpus:
     """`data.prepared`, or the inputs prepared once into cache_dir/<fingerprint>/."""
     if dcfg.prepared is not None:
         return load_prepared(dcfg.prepared, dcfg, tok.fingerprint)
+    if not find_inputs(dcfg) and dcfg.source == "slimpajama" and not dcfg.max_documents:
+        raise ValueError("data.path is unset, so SlimPajama would stream from the HF hub into "
+                         "WORKDIR/data in full (~1.3 TB of tokens); set data.max_documents, or "
+                         "prepare shards once and set data.prepared")
     root = os.path.join(cache_dir, inputs_fingerprint(dcfg, tok.fingerprint))
     if not os.path.exists(os.path.join(root, MANIFEST)):
         prepare(dcfg, tok, root)

@@ -3,6 +3,8 @@
 import json
 import os
 import pathlib
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -179,3 +181,28 @@ class _ByteTokenizer:
 
     def decode(self, ids):
         return bytes(i for i in ids if i < 256).decode("utf-8", "replace")
+
+
+def test_hf_streams_through_a_stand_in_datasets_module(tmp_path, monkeypatch):
+    """The hub path offline: a stand-in `datasets.load_dataset` records what it was asked."""
+    calls = []
+
+    def load_dataset(name, config=None, *, split, streaming):
+        calls.append((name, config, split, streaming))
+        if name == "cerebras/SlimPajama-627B":
+            return [{"text": f"doc {i}", "meta": {"redpajama_set_name": "RedPajamaC4"}}
+                    for i in range(5)]
+        return [{"text": t} for t in (" = A = \n", " a\n", " = = s = = \n", " = B = \n", " b\n")]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    docs = list(sources.hf_documents("slimpajama", "val"))
+    assert [d.text for d in docs] == [f"doc {i}" for i in range(5)]
+    assert {d.source for d in docs} == {"RedPajamaC4"}
+    arts = list(sources.hf_documents("wikitext", "train"))
+    assert [a.text for a in arts] == [" = A = \n a\n = = s = = \n", " = B = \n b\n"]
+    assert calls == [("cerebras/SlimPajama-627B", None, "validation", True),
+                     ("wikitext", "wikitext-103-raw-v1", "train", True)]
+    dcfg = data.DataConfig(source="slimpajama", max_documents=3)
+    manifest = data.prepare(dcfg, _ByteTokenizer(), str(tmp_path / "out"))
+    assert manifest["splits"]["train"]["documents"] == {"RedPajamaC4": 3}
+    assert manifest["inputs"] == {"hf": ["slimpajama"]}
