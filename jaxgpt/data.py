@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 
 import grain
 import numpy as np
@@ -171,13 +172,14 @@ class _ShardWriter:
 def prepare(dcfg: DataConfig, tok, out_dir: str) -> dict:
     """Read, tokenize and write every split's token shards and a manifest into `out_dir`.
 
-    Written into `out_dir.partial` and renamed at the end, so `out_dir` is either complete
-    or absent. Returns the manifest.
+    Written into a folder private to this process and renamed at the end, so `out_dir` is
+    complete or absent, also when several hosts prepare the same shared folder at once.
+    Returns the manifest.
     """
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise FileExistsError(f"{out_dir} exists and is not empty; choose another --out")
     splits = find_inputs(dcfg)
-    tmp = out_dir.rstrip("/") + ".partial"
+    tmp = f"{out_dir.rstrip('/')}.partial-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     dtype = np.dtype(_token_dtype(tok.vocab_size)).name
@@ -192,9 +194,16 @@ def prepare(dcfg: DataConfig, tok, out_dir: str) -> dict:
         raise
     with open(os.path.join(tmp, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
-    if os.path.isdir(out_dir):
-        os.rmdir(out_dir)   # an empty folder only: anything in it is not ours to delete
-    os.replace(tmp, out_dir)
+    try:
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)   # an empty folder only: anything in it is not ours to delete
+        os.replace(tmp, out_dir)
+    except OSError:
+        if not os.path.exists(os.path.join(out_dir, MANIFEST)):
+            raise
+        shutil.rmtree(tmp)      # another process finished the same preparation first
+        with open(os.path.join(out_dir, MANIFEST)) as f:
+            manifest = json.load(f)
     return manifest
 
 
