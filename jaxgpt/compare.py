@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                                          args.seed, args.pad)
         stats = differences(hf_forward(hf_model, tokens, mask),
                             jax_forward(cfg, params, tokens, mask), mask)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_report(stats))

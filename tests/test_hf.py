@@ -346,3 +346,31 @@ def test_training_starts_from_init_from(tmp_path):
     _, expected = hf.load(m)
     helpers.assert_trees_close(nnx.to_pure_dict(out["state"].params),
                                nnx.to_pure_dict(expected), rtol=0, atol=0)
+
+
+def test_hub_names_go_through_transformers_cache(tmp_path, monkeypatch):
+    """Offline stand-in for the hub: transformers' cached_file resolves into a local dir."""
+    m = _hf_model(**TINY)
+    m.save_pretrained(str(tmp_path / "snapshot"))
+    asked = []
+
+    def cached_file(repo, filename, **kwargs):
+        asked.append((repo, filename))
+        return str(tmp_path / "snapshot" / filename)
+
+    monkeypatch.setattr(transformers.utils, "cached_file", cached_file)
+    cfg, params = hf.load("hf:gpt2")
+    assert ("gpt2", "model.safetensors") in asked and ("gpt2", "config.json") in asked
+    _, expected = hf.load(m)
+    helpers.assert_trees_close(nnx.to_pure_dict(params), nnx.to_pure_dict(expected),
+                               rtol=0, atol=0)
+
+
+def test_jaxgpt_imports_without_torch_or_transformers():
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules.update(torch=None, transformers=None, safetensors=None, "
+            "tokenizers=None); import jaxgpt.convert.hf, jaxgpt.compare, jaxgpt.train")
+    out = subprocess.run([sys.executable, "-c", code], cwd=helpers.REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
