@@ -82,9 +82,9 @@ def format_report(stats: dict) -> str:
     names = ["embeddings"] + [f"h.{i}" for i in range(n - 1)] + [f"h.{n - 1} + ln_f"]
     lines = [f"{'residual stream after':<22} max |Δ|"]
     lines += [f"  {name:<20} {d:.3e}" for name, d in zip(names, stats["hidden_max"])]
-    lines += [f"logits over {stats['tokens']} tokens: max |Δ| {stats['max_abs']:.3e}, "
-              f"mean |Δ| {stats['mean_abs']:.3e}, top-1 agreement {stats['top1']:.2%}, "
-              f"KL(HF || jaxgpt) {stats['kl']:.3e} nats"]
+    lines.append(f"logits over {stats['tokens']} tokens: max |Δ| {stats['max_abs']:.3e}, "
+                 f"mean |Δ| {stats['mean_abs']:.3e}, top-1 agreement {stats['top1']:.2%}, "
+                 f"KL(HF || jaxgpt) {stats['kl']:.3e} nats")
     return "\n".join(lines)
 
 

@@ -14,12 +14,12 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jaxgpt import checkpoint, compare, model, tokenizer, train  # noqa: E402
-from jaxgpt.convert import hf  # noqa: E402
-from tests import helpers  # noqa: E402
+from jaxgpt import checkpoint, compare, model, tokenizer, train
+from jaxgpt.convert import hf
+from tests import helpers
 
 torch.set_default_dtype(torch.float32)
-TINY = dict(vocab_size=97, n_positions=32, n_embd=48, n_layer=2, n_head=4)
+TINY = {"vocab_size": 97, "n_positions": 32, "n_embd": 48, "n_layer": 2, "n_head": 4}
 
 
 def _hf_model(seed=0, **fields):
@@ -79,20 +79,19 @@ def _batches(vocab, T):
     return tokens, {"full": full, "padded": padded}
 
 
-SHAPES = {   # name -> GPT2Config fields; T is kept short so each case takes seconds
-    "tiny": TINY,
-    "odd_heads_3": dict(vocab_size=101, n_positions=40, n_embd=48, n_layer=2, n_head=3),
-    "odd_heads_5_head_dim_13": dict(vocab_size=89, n_positions=24, n_embd=65, n_layer=2,
-                                    n_head=5),
-    "gpt2_width": dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=2, n_head=12),
-    "gpt2_medium_width": dict(vocab_size=50257, n_positions=1024, n_embd=1024, n_layer=1,
-                              n_head=16),
+SHAPE_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+SHAPES = {   # name -> SHAPE_FIELDS; the sequence is kept short so each case takes seconds
+    "tiny": (97, 32, 48, 2, 4),
+    "odd_heads_3": (101, 40, 48, 2, 3),
+    "odd_heads_5_head_dim_13": (89, 24, 65, 2, 5),
+    "gpt2_width": (50257, 1024, 768, 2, 12),            # gpt2's real widths, 2 of 12 layers
+    "gpt2_medium_width": (50257, 1024, 1024, 1, 16),    # gpt2-medium's, 1 of 24 layers
 }
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_logits_and_hidden_states_match_pytorch(shape):
-    m = _hf_model(**SHAPES[shape])
+    m = _hf_model(**dict(zip(SHAPE_FIELDS, SHAPES[shape], strict=True)))
     cfg, params = hf.load(m)
     assert (cfg.n_embd, cfg.n_head, cfg.vocab_size) == (m.config.n_embd, m.config.n_head,
                                                         m.config.vocab_size)
@@ -142,7 +141,7 @@ def test_import_export_from_pretrained_gives_identical_logits(tmp_path):
     tokens = torch.as_tensor(np.random.default_rng(3).integers(0, 97, (2, 16)))
     with torch.no_grad():
         np.testing.assert_array_equal(reloaded(tokens).logits.numpy(), m(tokens).logits.numpy())
-    config = json.load(open(tmp_path / "out" / "config.json"))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["vocab_size"] == 97 and config["n_layer"] == 2
 
 
@@ -335,10 +334,7 @@ def test_training_starts_from_init_from(tmp_path):
     corpus = helpers.small_corpus(tmp_path)
     config = helpers.tiny_run_config(corpus, train__steps=1, eval__every=0,
                                      sample__max_new_tokens=0)
-    hf_fields = dict(vocab_size=config.model.vocab_size, n_positions=config.model.n_positions,
-                     n_embd=config.model.n_embd, n_layer=config.model.n_layer,
-                     n_head=config.model.n_head)
-    m = _hf_model(**hf_fields)
+    m = _hf_model(**{f: config.model[f] for f in hf.ARCH_FIELDS})
     m.save_pretrained(str(tmp_path / "hf"))
     config.init_from = str(tmp_path / "hf")
     # Step 1 runs at the warm-up's learning rate of 0, so the params stay the imported ones.
@@ -359,7 +355,7 @@ def test_hub_names_go_through_transformers_cache(tmp_path, monkeypatch):
         return str(tmp_path / "snapshot" / filename)
 
     monkeypatch.setattr(transformers.utils, "cached_file", cached_file)
-    cfg, params = hf.load("hf:gpt2")
+    _, params = hf.load("hf:gpt2")
     assert ("gpt2", "model.safetensors") in asked and ("gpt2", "config.json") in asked
     _, expected = hf.load(m)
     helpers.assert_trees_close(nnx.to_pure_dict(params), nnx.to_pure_dict(expected),
@@ -372,5 +368,5 @@ def test_jaxgpt_imports_without_torch_or_transformers():
     code = ("import sys; sys.modules.update(torch=None, transformers=None, safetensors=None, "
             "tokenizers=None); import jaxgpt.convert.hf, jaxgpt.compare, jaxgpt.train")
     out = subprocess.run([sys.executable, "-c", code], cwd=helpers.REPO, capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr

@@ -130,7 +130,7 @@ def _to_numpy(t) -> np.ndarray:
 def _read_safetensors(path: str) -> dict:
     from safetensors import safe_open
     with safe_open(path, framework="pt") as f:
-        return {name: _to_numpy(f.get_tensor(name)) for name in f.keys()}
+        return {name: _to_numpy(f.get_tensor(name)) for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
 
 
 def _read_torch_bin(path: str) -> dict:
@@ -142,7 +142,7 @@ def _read_torch_bin(path: str) -> dict:
         raise ValueError(f"{path}: refused; its pickle holds more than tensors "
                          f"(weights_only load failed: {str(e).splitlines()[0]})") from None
     if not isinstance(state, Mapping):
-        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+        raise TypeError(f"{path}: expected a state dict, got {type(state).__name__}")
     return {name: _to_numpy(t) for name, t in state.items()}
 
 
