@@ -97,7 +97,7 @@ def _load_hf_model(source: str):
 def _load_jaxgpt(args, hf_model):
     from jaxgpt.convert import hf
     if args.checkpoint is None:
-        return hf.load(args.hf)
+        return hf.import_gpt2(args.hf)
     from jaxgpt import checkpoint
     cfg, params, _, _ = checkpoint.load_params(args.checkpoint)
     hf_cfg = hf.config_from_hf(hf_model.config.to_dict(), args.hf)

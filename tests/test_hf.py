@@ -92,7 +92,7 @@ SHAPES = {   # name -> SHAPE_FIELDS; the sequence is kept short so each case tak
 @pytest.mark.parametrize("shape", SHAPES)
 def test_logits_and_hidden_states_match_pytorch(shape):
     m = _hf_model(**dict(zip(SHAPE_FIELDS, SHAPES[shape], strict=True)))
-    cfg, params = hf.load(m)
+    cfg, params = hf.import_gpt2(m)
     assert (cfg.n_embd, cfg.n_head, cfg.vocab_size) == (m.config.n_embd, m.config.n_head,
                                                         m.config.vocab_size)
     tokens, masks = _batches(cfg.vocab_size, 12)
@@ -111,7 +111,7 @@ def test_logits_and_hidden_states_match_pytorch(shape):
 
 def test_loss_and_gradients_match_pytorch():
     m = _hf_model(**TINY)
-    cfg, params = hf.load(m)
+    cfg, params = hf.import_gpt2(m)
     windows = np.random.default_rng(2).integers(0, cfg.vocab_size, (4, 17))
     logits = m(input_ids=torch.as_tensor(windows[:, :-1])).logits
     ref_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size),
@@ -135,8 +135,8 @@ def test_loss_and_gradients_match_pytorch():
 
 def test_import_export_from_pretrained_gives_identical_logits(tmp_path):
     m = _hf_model(**TINY)
-    cfg, params = hf.load(m)
-    hf.save(str(tmp_path / "out"), cfg, params)
+    cfg, params = hf.import_gpt2(m)
+    hf.export_gpt2(str(tmp_path / "out"), cfg, params)
     reloaded = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "out")).eval()
     tokens = torch.as_tensor(np.random.default_rng(3).integers(0, 97, (2, 16)))
     with torch.no_grad():
@@ -147,18 +147,18 @@ def test_import_export_from_pretrained_gives_identical_logits(tmp_path):
 
 def test_export_then_import_gives_identical_params(tmp_path, tiny_cfg):
     params = _random_params(tiny_cfg, 7)
-    hf.save(str(tmp_path / "out"), tiny_cfg, params)
-    cfg, back = hf.load("hf:" + str(tmp_path / "out"))   # the hf: prefix also takes a dir
+    hf.export_gpt2(str(tmp_path / "out"), tiny_cfg, params)
+    cfg, back = hf.import_gpt2("hf:" + str(tmp_path / "out"))   # the hf: prefix also takes a dir
     assert cfg == tiny_cfg
     helpers.assert_trees_close(nnx.to_pure_dict(back), nnx.to_pure_dict(params), rtol=0, atol=0)
     with pytest.raises(FileExistsError, match="not empty"):
-        hf.save(str(tmp_path / "out"), tiny_cfg, params)
+        hf.export_gpt2(str(tmp_path / "out"), tiny_cfg, params)
 
 
 def test_padded_vocab_exports_the_real_rows(tmp_path):
     cfg = model.GPTConfig(**(TINY | {"vocab_size": 128}))
     params = _random_params(cfg, 1)
-    hf.save(str(tmp_path / "out"), cfg, params, vocab_size=97)
+    hf.export_gpt2(str(tmp_path / "out"), cfg, params, vocab_size=97)
     m = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "out")).eval()
     assert m.config.vocab_size == 97
     tokens, masks = _batches(97, 10)
@@ -166,7 +166,7 @@ def test_padded_vocab_exports_the_real_rows(tmp_path):
     ours, _ = _jax_forward(cfg, params, tokens, masks["full"])
     np.testing.assert_allclose(ours[..., :97], ref, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="vocab_size 200"):
-        hf.save(str(tmp_path / "bad"), cfg, params, vocab_size=200)
+        hf.export_gpt2(str(tmp_path / "bad"), cfg, params, vocab_size=200)
     assert not os.path.exists(tmp_path / "bad")
 
 
@@ -183,11 +183,11 @@ def test_missing_or_misshaped_tensor_is_named(tmp_path):
     bias = tensors.pop("transformer.h.1.mlp.c_fc.bias")
     save_file(tensors, path)
     with pytest.raises(ValueError, match=r"missing \['h.1.mlp.c_fc.bias'\]"):
-        hf.load(str(tmp_path))
+        hf.import_gpt2(str(tmp_path))
     tensors["transformer.h.1.mlp.c_fc.bias"] = bias[:-1]
     save_file(tensors, path)
     with pytest.raises(ValueError) as err:
-        hf.load(str(tmp_path))
+        hf.import_gpt2(str(tmp_path))
     for part in (path, "transformer.h.1.mlp.c_fc.bias", "['h'][1]['mlp']['c_fc']['bias']",
                  "(191,)", "(192,)"):
         assert part in str(err.value)
@@ -195,7 +195,7 @@ def test_missing_or_misshaped_tensor_is_named(tmp_path):
     tensors["transformer.h.1.mlp.extra"] = bias
     save_file(tensors, path)
     with pytest.raises(ValueError, match=r"unexpected \['h.1.mlp.extra'\]"):
-        hf.load(str(tmp_path))
+        hf.import_gpt2(str(tmp_path))
 
 
 def test_unsupported_configs_and_untied_heads_are_refused(tmp_path):
@@ -204,14 +204,14 @@ def test_unsupported_configs_and_untied_heads_are_refused(tmp_path):
                          ("scale_attn_by_inverse_layer_idx", True), ("n_inner", 100)]:
         config = m.config.to_dict() | {field: value}
         with pytest.raises(ValueError, match=field):
-            hf.load(m.state_dict(), config=config)
+            hf.import_gpt2(m.state_dict(), config=config)
     state = {k: v.clone() for k, v in m.state_dict().items()}
     state["lm_head.weight"] += 1
     with pytest.raises(ValueError, match="lm_head.weight differs from wte.weight"):
-        hf.load(state, config=m.config.to_dict())
+        hf.import_gpt2(state, config=m.config.to_dict())
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="model_type='llama'"):
-        hf.load(str(tmp_path))
+        hf.import_gpt2(str(tmp_path))
 
 
 def test_old_checkpoint_layout_with_mask_buffers(tmp_path):
@@ -223,8 +223,8 @@ def test_old_checkpoint_layout_with_mask_buffers(tmp_path):
         tensors[f"h.{i}.attn.bias"] = np.tril(np.ones((1, 1, 32, 32), np.float32))
         tensors[f"h.{i}.attn.masked_bias"] = np.array(-1e4, np.float32)
     save_file(tensors, str(tmp_path / "model.safetensors"))
-    _, params = hf.load(str(tmp_path))
-    _, expected = hf.load(m)
+    _, params = hf.import_gpt2(str(tmp_path))
+    _, expected = hf.import_gpt2(m)
     helpers.assert_trees_close(nnx.to_pure_dict(params), nnx.to_pure_dict(expected),
                                rtol=0, atol=0)
 
@@ -243,14 +243,14 @@ def test_pytorch_bin_imports_and_code_payload_is_refused(tmp_path):
     m = _hf_model(**TINY)
     m.config.to_json_file(str(tmp_path / "config.json"))
     torch.save(m.state_dict(), tmp_path / "pytorch_model.bin")
-    _, params = hf.load(str(tmp_path))
-    _, expected = hf.load(m)
+    _, params = hf.import_gpt2(str(tmp_path))
+    _, expected = hf.import_gpt2(m)
     helpers.assert_trees_close(nnx.to_pure_dict(params), nnx.to_pure_dict(expected),
                                rtol=0, atol=0)
     marker = tmp_path / "payload_ran"
     torch.save(dict(m.state_dict(), payload=_Payload(marker)), tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match="pytorch_model.bin: refused"):
-        hf.load(str(tmp_path))
+        hf.import_gpt2(str(tmp_path))
     assert not marker.exists()
     torch.load(tmp_path / "pytorch_model.bin", weights_only=False)   # the payload is live
     assert marker.exists()
@@ -290,7 +290,7 @@ def test_export_cli_of_a_gpt2_bpe_run_and_compare_cli(tmp_path, shared_data, cap
     # A model whose second block's attention differs: compare fails and points at h.1.
     broken = nnx.to_pure_dict(params)
     broken["h"][1]["attn"]["c_attn"]["kernel"] *= 1.5
-    hf.save(str(tmp_path / "broken"), cfg, broken, vocab_size=50257)
+    hf.export_gpt2(str(tmp_path / "broken"), cfg, broken, vocab_size=50257)
     assert compare.main([f"--hf={tmp_path / 'broken'}", f"--checkpoint={run}",
                          "--tolerance=1e-4", "--seq_len=16"]) == 1
     report = capsys.readouterr().out
@@ -318,7 +318,7 @@ def test_init_from_checks_architecture_and_pads_vocab(tmp_path):
     cfg = model.GPTConfig(**(TINY | {"vocab_size": 128}))
     fresh = _random_params(cfg, 5)
     params = nnx.to_pure_dict(hf.init_params(str(tmp_path / "hf"), cfg, fresh))
-    _, imported = hf.load(m)
+    _, imported = hf.import_gpt2(m)
     imported, fresh = nnx.to_pure_dict(imported), nnx.to_pure_dict(fresh)
     np.testing.assert_array_equal(params["wte"]["embedding"][:97], imported["wte"]["embedding"])
     np.testing.assert_array_equal(params["wte"]["embedding"][97:], fresh["wte"]["embedding"][97:])
@@ -339,7 +339,7 @@ def test_training_starts_from_init_from(tmp_path):
     config.init_from = str(tmp_path / "hf")
     # Step 1 runs at the warm-up's learning rate of 0, so the params stay the imported ones.
     out = train.train_and_evaluate(config, str(tmp_path / "run"))
-    _, expected = hf.load(m)
+    _, expected = hf.import_gpt2(m)
     helpers.assert_trees_close(nnx.to_pure_dict(out["state"].params),
                                nnx.to_pure_dict(expected), rtol=0, atol=0)
 
@@ -355,9 +355,9 @@ def test_hub_names_go_through_transformers_cache(tmp_path, monkeypatch):
         return str(tmp_path / "snapshot" / filename)
 
     monkeypatch.setattr(transformers.utils, "cached_file", cached_file)
-    _, params = hf.load("hf:gpt2")
+    _, params = hf.import_gpt2("hf:gpt2")
     assert ("gpt2", "model.safetensors") in asked and ("gpt2", "config.json") in asked
-    _, expected = hf.load(m)
+    _, expected = hf.import_gpt2(m)
     helpers.assert_trees_close(nnx.to_pure_dict(params), nnx.to_pure_dict(expected),
                                rtol=0, atol=0)
 
