@@ -129,8 +129,8 @@ def _to_numpy(t) -> np.ndarray:
 
 def _read_safetensors(path: str) -> dict:
     from safetensors import safe_open
-    with safe_open(path, framework="pt") as f:
-        return {name: _to_numpy(f.get_tensor(name)) for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    with safe_open(path, framework="pt") as f:   # not a dict: `in f` does not iterate names
+        return {name: _to_numpy(f.get_tensor(name)) for name in f.keys()}  # noqa: SIM118
 
 
 def _read_torch_bin(path: str) -> dict:
