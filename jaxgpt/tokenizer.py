@@ -73,7 +73,7 @@ class Gpt2Bpe:
     """GPT-2 byte-level BPE through transformers' fast tokenizer; `<|endoftext|>` separates
     documents.
 
-    `path` is a hub name (`gpt2`), a directory holding one of GPT2_FILE_PAIRS or a
+    `path` is a hub name (`gpt2` or `hf:gpt2`), a directory holding one of GPT2_FILE_PAIRS or a
     `tokenizer.json`, or a vocabulary file whose merges file sits beside it. Text is
     encoded as ordinary text: a literal `<|endoftext|>` inside a document becomes its
     bytes' tokens, so only the data pipeline inserts document separators.
@@ -92,8 +92,8 @@ class Gpt2Bpe:
         elif os.path.exists(path):
             raise ValueError(f"{path}: not a GPT-2 BPE tokenizer; expected a directory with "
                              f"vocab.json+merges.txt, encoder.json+vocab.bpe or tokenizer.json")
-        else:   # a hub name, through transformers' own download and cache
-            self.hf = GPT2TokenizerFast.from_pretrained(path)
+        else:   # a hub name (`gpt2`, `hf:gpt2`), through transformers' download and cache
+            self.hf = GPT2TokenizerFast.from_pretrained(path.removeprefix("hf:"))
         model = json.loads(self.hf.backend_tokenizer.to_str())["model"]
         self.vocab, self.merges = model["vocab"], model["merges"]
         # The old vocab_file=/merges_file= keywords are ignored silently and leave an empty

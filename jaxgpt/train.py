@@ -306,7 +306,8 @@ def _init_from(source: str | None, trainer: Trainer, state: TrainState) -> Train
     """Fresh params replaced by HF GPT-2 weights when `config.init_from` names some."""
     if source is None:
         return state
-    from jaxgpt.convert import hf   # needs torch/transformers (jaxgpt[hf])
+    from jaxgpt.convert import hf  # needs torch/transformers (jaxgpt[hf])
+
     params = hf.init_params(source, trainer.cfg, state.params)
     logging.info("initialized params from %s", source)
     # Adam moments are zeros whatever the params are, so only the params change.
