@@ -207,6 +207,11 @@ def _check_batch_divisible(micro_batch: int, config, mesh, rules):
                          f"the {ways} devices the batch is split over")
 
 
+def _tokenizer_location(path: str) -> str:
+    """Absolute path for local tokenizer files; hub names (`gpt2`, `hf:gpt2`) stay as given."""
+    return os.path.abspath(path) if os.path.exists(path) else path
+
+
 def _make_tokenizer(dcfg: data.DataConfig, workdir: str, cfg: model.GPTConfig):
     """The run's tokenizer; a SentencePiece model trained here is saved by the caller only
     once the corpus has been read without error, so bad input leaves the workdir as it was."""
@@ -282,7 +287,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_iter = data.make_iterator(train_ds, dcfg)
     manager = checkpoint.make_manager(workdir, keep=config.checkpoint.keep)
     meta = {"config": config.to_dict(), "data": corpus.fingerprint,
-            "tokenizer": {"kind": config.data.tokenizer, "path": os.path.abspath(tok.path),
+            "tokenizer": {"kind": config.data.tokenizer, "path": _tokenizer_location(tok.path),
                           "fingerprint": tok.fingerprint}}
     if checkpoint.latest_step(manager) is not None:
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
