@@ -2,8 +2,9 @@
 
 Rotary positions, RMSNorm, SwiGLU, no biases, grouped-query attention and QK-norm at GPT-2's
 parameter budget (see `model.modern_config`); data, optimizer and schedule are those of
-configs/slimpajama.py, so the two runs compare the architecture alone. Each option can be
-switched back, e.g. `--config.model.qk_norm=False`.
+configs/slimpajama.py (keep them in step), so the two runs compare the architecture alone.
+Each option can be switched back, e.g. `--config.model.qk_norm=False`. HF export refuses
+these models (GPT-2 has no names for their weights).
 """
 
 import dataclasses
@@ -22,6 +23,11 @@ def get_config(size: str = "small") -> ml_collections.ConfigDict:
     config.data.source = "slimpajama"
     config.data.tokenizer = "gpt2"
     config.data.block_size = 1024
+    # SlimPajama-627B's own token shares (%) per redpajama_set_name, as in slimpajama.py.
+    config.data.mixture = {"RedPajamaCommonCrawl": 52.2, "RedPajamaC4": 26.7,
+                           "RedPajamaGithub": 5.2, "RedPajamaBook": 4.2, "RedPajamaArXiv": 4.6,
+                           "RedPajamaWikipedia": 3.8, "RedPajamaStackExchange": 3.3}
+    config.data.read_threads = 4
     config.train.steps = 100_000
     config.train.batch_size = 512            # 0.5M tokens per step, as in GPT-3 small
     config.train.grad_accum = 16
