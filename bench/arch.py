@@ -2,8 +2,9 @@
 
 Both models see the same tokens in the same order (WikiText-2 valid split into train/val),
 with the same optimizer, schedule and step budget; only the architecture differs
-(`model.gpt2_config` vs `model.modern_config` of one size). Runs in ~5 minutes on 2 CPU
-cores with the defaults:
+(`model.gpt2_config` vs `model.modern_config` of one size). The defaults train 2 x 300
+steps of 2,048 tokens (~1.2M tokens through ~1M-parameter models); the steps of the two
+models interleave, so both see the same machine load and the tok/s columns compare:
 
     python bench/arch.py                      # mini: 4 layers x 128, 300 steps
     python bench/arch.py --steps 600 --size tiny
