@@ -84,21 +84,47 @@ class Penalties:
 
 # --- Warpers and sampling methods -----------------------------------------------------------
 
+# XLA's CPU sort and top_k cost ~100 ms over a 50k vocabulary, so thresholds are found by
+# bisection over the float bits instead: 32 masked reductions, exact, ~1 ms.
+
+def _order_key(logits_BV):
+    """uint32 keys ordered like the float32 logits (negative floats have their bits flipped)."""
+    bits = jax.lax.bitcast_convert_type(logits_BV.astype(jnp.float32), jnp.int32)
+    bits = jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return jax.lax.bitcast_convert_type(bits, jnp.uint32) ^ jnp.uint32(0x80000000)
+
+
+def _bisect(key_BV, above):
+    """The largest key t with above(t) True [B], given above(0) True and above monotone
+    (True for small t, False past some point)."""
+    def body(_, lo_hi):
+        lo, hi = lo_hi
+        mid = lo + (hi - lo) // 2
+        ok = above(mid)
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+    B = key_BV.shape[0]
+    hi = jnp.full((B,), 0xFFFFFFFF, jnp.uint32)
+    lo, _ = jax.lax.fori_loop(0, 32, body, (jnp.zeros((B,), jnp.uint32), hi))
+    return lo[:, None]
+
+
 def top_k_filter(logits_BV, k: int):
     """Keep the k largest logits (ties with the k-th kept), as HF's TopKLogitsWarper."""
-    kth_B1 = jax.lax.top_k(logits_BV, min(k, logits_BV.shape[-1]))[0][:, -1:]
-    return jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+    key = _order_key(logits_BV)
+    kth = _bisect(key, lambda t: (key >= t[:, None]).sum(-1) >= min(k, key.shape[-1]))
+    return jnp.where(key < kth, -jnp.inf, logits_BV)
 
 
 def top_p_filter(logits_BV, p: float):
-    """HF's TopPLogitsWarper: sort ascending, drop tokens whose cumulative probability is
-    <= 1 - p, always keep the most likely one. The kept set is a suffix of the sorted order,
-    so it is expressed as a threshold logit (no scatter back)."""
-    sorted_BV = jnp.sort(logits_BV, axis=-1)
-    cum_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
-    n_drop_B = jnp.minimum((cum_BV <= 1 - p).sum(-1), logits_BV.shape[-1] - 1)
-    threshold_B1 = jnp.take_along_axis(sorted_BV, n_drop_B[:, None], axis=-1)
-    return jnp.where(logits_BV < threshold_B1, -jnp.inf, logits_BV)
+    """HF's TopPLogitsWarper: in ascending order, drop tokens whose cumulative probability
+    is <= 1 - p; the most likely token always stays. The kept tokens are those at or above
+    the smallest logit x with P(logit <= x) > 1 - p."""
+    key = _order_key(logits_BV)
+    probs = jax.nn.softmax(logits_BV, axis=-1)
+    # Largest t whose mass strictly below it is <= 1 - p: that is the smallest kept key.
+    below = _bisect(key, lambda t: jnp.where(key < t[:, None], probs, 0).sum(-1) <= 1 - p)
+    keep_from = jnp.minimum(below, key.max(-1, keepdims=True))
+    return jnp.where(key < keep_from, -jnp.inf, logits_BV)
 
 
 def min_p_filter(logits_BV, p: float):
@@ -116,6 +142,15 @@ def temperature_at(step, n_steps: int, t0: float, t1: float, schedule: str):
     if schedule == "linear":
         return t0 + (t1 - t0) * frac
     return t0 * (t1 / t0) ** frac       # exponential (validated: t0, t1 > 0)
+
+
+def draw(key, logits_BV):
+    """One token per row from softmax(logits): inverse CDF with one uniform per row (a
+    Gumbel draw needs V random numbers per row and costs ~10x more on CPU)."""
+    cdf_BV = jnp.cumsum(jax.nn.softmax(logits_BV, axis=-1), axis=-1)
+    u_B1 = jax.random.uniform(key, (logits_BV.shape[0], 1)) * cdf_BV[:, -1:]
+    # Zero-probability tokens repeat the previous cdf value, so they are never chosen.
+    return jnp.minimum((cdf_BV <= u_B1).sum(-1), logits_BV.shape[-1] - 1).astype(jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,8 +211,7 @@ class Sampling:
     def __call__(self, logits_BV, key, step=0, n_steps=1):
         if self.temperature == 0:
             return Greedy()(logits_BV, key)
-        return jax.random.categorical(key, self.warp(logits_BV, step, n_steps),
-                                      axis=-1).astype(jnp.int32)
+        return draw(key, self.warp(logits_BV, step, n_steps))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -296,9 +296,14 @@ def test_annealed_temperature_is_closed_form_inside_the_scan(tiny_cfg, schedule)
     out = sample.decode_loop(forward, fixed, cache, jnp.zeros((4, n + 1), jnp.int32),
                              jnp.zeros(4, jnp.int32), key, jnp.zeros(V, bool), method=method,
                              penalties=sample.Penalties(), n_steps=n, eot_id=None)
-    want = [jax.random.categorical(jax.random.fold_in(key, t), fixed / closed(t), axis=-1)
-            for t in range(n)]
-    np.testing.assert_array_equal(np.asarray(out), np.stack(want, 1))
+    # Inverse-CDF draw in numpy at the closed-form temperature, from the step's uniform.
+    want = []
+    for t in range(n):
+        u = np.asarray(jax.random.uniform(jax.random.fold_in(key, t), (4, 1)))
+        cdf = np.cumsum(_np_softmax(np.asarray(fixed, np.float64) / closed(t)), -1)
+        want.append([np.searchsorted(cdf[r], u[r, 0] * cdf[r, -1], side="right")
+                     for r in range(4)])
+    np.testing.assert_array_equal(np.asarray(out), np.array(want).T)
 
 
 def test_compiles_once_per_bucket():
