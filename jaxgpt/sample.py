@@ -258,11 +258,12 @@ def _process(logits_BV, hist_BS, cache, penalties, never_V):
 
 
 def decode_loop(forward, logits_BV, cache, hist_BS, pos_B, key, never_V, *, method, penalties,
-                n_steps: int, eot_id: int | None, stream=None):
+                n_steps: int, eot_id: int | None, stream: bool = False):
     """lax.scan over new tokens with carry (logits, cache, history, positions, done).
 
     forward(token_B, pos_B, cache) -> (logits [B, V], cache) is the model (or a fake in
-    tests); never_V marks ids that are never produced (banned ids, padded vocab rows).
+    tests); never_V marks ids that are never produced (banned ids, padded vocab rows);
+    with `stream`, each step's tokens go to the current sink as they are produced.
     Returns the new tokens [B, n_steps]; rows that produced `eot_id` pad with it after.
     """
     def step(carry, t):
@@ -272,8 +273,8 @@ def decode_loop(forward, logits_BV, cache, hist_BS, pos_B, key, never_V, *, meth
         if eot_id is not None:
             token_B = jnp.where(done_B, eot_id, token_B)   # finished rows pad with EOS, as HF
             done_B = done_B | (token_B == eot_id)
-        if stream is not None:
-            jax.debug.callback(stream, token_B, ordered=True)
+        if stream:
+            jax.debug.callback(_emit, token_B, ordered=True)
         hist_BS = jax.lax.dynamic_update_slice(hist_BS, token_B[:, None], (0, cache.index))
         logits_BV, cache = forward(token_B, pos_B, cache)
         return (logits_BV, cache, hist_BS, pos_B + 1, done_B), token_B
@@ -282,6 +283,16 @@ def decode_loop(forward, logits_BV, cache, hist_BS, pos_B, key, never_V, *, meth
     _, out_NB = jax.lax.scan(step, (logits_BV, cache, hist_BS, pos_B, done_B),
                              jnp.arange(n_steps))
     return out_NB.T
+
+
+# The streaming sink of the running `generate` call. The compiled loop calls the fixed
+# function `_emit`, so a new sink per call does not recompile.
+_SINK: list = [None]
+
+
+def _emit(tokens_B):
+    if _SINK[0] is not None:
+        _SINK[0](tokens_B)
 
 
 def _model_forward(graphdef, params):
@@ -499,11 +510,16 @@ def generate(cfg: model.GPTConfig, params, prompts: list[list[int]], *, max_new_
                                     valid=jnp.repeat(cache.valid, n, axis=0))
     compile_before = stats.get("compile_s", 0.0)
     t1 = time.perf_counter()
-    out = _run(decode, (params, logits, cache, hist, pos, jax.random.key(seed), jnp.asarray(never),
-                       jnp.asarray(pad)),
-               dict(graphdef=graphdef, method=method, penalties=penalties,
-                    n_steps=max_new_tokens, eot_id=eot_id, stream=stream), stats)
-    out = np.asarray(out)
+    _SINK[0] = stream
+    try:
+        out = _run(decode, (params, logits, cache, hist, pos, jax.random.key(seed),
+                            jnp.asarray(never), jnp.asarray(pad)),
+                   dict(graphdef=graphdef, method=method, penalties=penalties,
+                        n_steps=max_new_tokens, eot_id=eot_id, stream=stream is not None), stats)
+        out = np.asarray(out)
+        jax.effects_barrier()    # every streamed step has reached the sink
+    finally:
+        _SINK[0] = None
     stats["decode_s"] = time.perf_counter() - t1 - (stats.get("compile_s", 0.0) - compile_before)
     rows = out.tolist()
     if eot_id is not None:

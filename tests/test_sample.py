@@ -332,6 +332,18 @@ def test_mixed_batch_rows_equal_single_prompt_runs(hf_pair):
     assert a == sample.generate(cfg, params, PROMPTS, max_new_tokens=6, method=method, seed=4)
 
 
+def test_stream_gets_every_step_in_order_and_never_recompiles(hf_pair):
+    cfg, params, _ = hf_pair
+    run = dict(max_new_tokens=6, method=sample.Sampling(temperature=0.8, top_k=20), seed=2)
+    first, second = [], []
+    out = sample.generate(cfg, params, [[5, 6], [7]], stream=first.append, **run)
+    count = sample.COMPILES["count"]
+    assert np.stack([np.asarray(t) for t in first], 1).tolist() == out
+    sample.generate(cfg, params, [[5, 6], [7]], stream=second.append, **run)
+    assert sample.COMPILES["count"] == count    # a new sink is not a new program
+    assert [np.asarray(t).tolist() for t in second] == [np.asarray(t).tolist() for t in first]
+
+
 def test_padded_vocab_rows_are_never_sampled(hf_pair):
     cfg, params, _ = hf_pair
     out = sample.generate(cfg, params, PROMPTS * 4, max_new_tokens=10, n_valid_vocab=40,
