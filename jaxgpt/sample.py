@@ -406,6 +406,8 @@ def _run(jitted, args: tuple, statics: dict, stats: dict | None):
     sig = tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in jax.tree.leaves(args))
     key = (id(jitted), sig, jax.tree.structure(args), tuple(sorted(statics.items())))
     if key not in _EXECUTABLES:
+        if len(_EXECUTABLES) >= 32:     # bound memory in long-lived processes: drop the oldest
+            _EXECUTABLES.pop(next(iter(_EXECUTABLES)))
         t0 = time.perf_counter()
         _EXECUTABLES[key] = jitted.lower(*args, **statics).compile()
         COMPILES["count"] += 1
@@ -454,7 +456,7 @@ def pad_prompts(cfg: model.GPTConfig, prompts: list[list[int]], max_new_tokens: 
                 raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens "
                                  f"{max_new_tokens} the context n_positions={cfg.n_positions} "
                                  f"allows {room} (ask for left truncation to keep the end)")
-            logging.warning("prompt %d: %d tokens, keeping the last %d", i, len(p), room)
+            logging.getLogger(__name__).warning("prompt %d: %d tokens, keeping the last %d", i, len(p), room)
             p = p[-room:]
         rows.append(p)
     longest = max(len(p) for p in rows)
@@ -483,7 +485,7 @@ def generate(cfg: model.GPTConfig, params, prompts: list[list[int]], *, max_new_
     if isinstance(method, Beam) and stream is not None:
         raise ValueError("beam search cannot stream: its best sequence is known only at the end")
     if not isinstance(method, (Greedy, Sampling, Beam)):
-        raise ValueError(f"unsupported sampling method {method!r}")
+        raise TypeError(f"unsupported sampling method {method!r}")
     tokens, mask = pad_prompts(cfg, prompts, max_new_tokens, eot_id=eot_id, truncate=truncate)
     n_valid = n_valid_vocab or cfg.vocab_size
     pad = np.arange(cfg.vocab_size) >= n_valid
@@ -493,11 +495,11 @@ def generate(cfg: model.GPTConfig, params, prompts: list[list[int]], *, max_new_
             raise ValueError(f"banned token id {i} outside [0, {cfg.vocab_size})")
         never[i] = True
     graphdef = graphdef_of(cfg)
-    B, T = tokens.shape
+    _B, T = tokens.shape
     stats = {} if stats is None else stats
     t0 = time.perf_counter()
     logits, cache, hist, pos = _run(_prefill_jit, (params, jnp.asarray(tokens), jnp.asarray(mask)),
-                                    dict(graphdef=graphdef, cache_len=T + max_new_tokens), stats)
+                                    {"graphdef": graphdef, "cache_len": T + max_new_tokens}, stats)
     jax.block_until_ready(logits)
     stats["prefill_s"] = time.perf_counter() - t0 - stats.get("compile_s", 0.0)
     decode = _decode_jit
@@ -514,8 +516,8 @@ def generate(cfg: model.GPTConfig, params, prompts: list[list[int]], *, max_new_
     try:
         out = _run(decode, (params, logits, cache, hist, pos, jax.random.key(seed),
                             jnp.asarray(never), jnp.asarray(pad)),
-                   dict(graphdef=graphdef, method=method, penalties=penalties,
-                        n_steps=max_new_tokens, eot_id=eot_id, stream=stream is not None), stats)
+                   {"graphdef": graphdef, "method": method, "penalties": penalties,
+                        "n_steps": max_new_tokens, "eot_id": eot_id, "stream": stream is not None}, stats)
         out = np.asarray(out)
         jax.effects_barrier()    # every streamed step has reached the sink
     finally:
@@ -611,7 +613,7 @@ def load_model(args):
             raise ValueError(f"--checkpoint {args.checkpoint} is not a directory")
         cfg, params, _, meta = checkpoint.load_params(args.checkpoint, args.step)
         return cfg, params, tokenizer.from_meta(meta)
-    from jaxgpt.convert import hf   # the HF mapper (import_gpt2)
+    from jaxgpt.convert import hf  # the HF mapper (import_gpt2)
     cfg, params = hf.import_gpt2(args.hf)
     return cfg, params, tokenizer.load("gpt2", args.hf)
 
