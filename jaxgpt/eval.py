@@ -80,21 +80,23 @@ def _target_logprobs(params, tokens_BT, *, graphdef):
 
 def target_logprobs(cfg: model.GPTConfig, params, rows: Sequence[Sequence[int]], *,
                     batch_size: int = 16) -> list[np.ndarray]:
-    """log p(row[t] | row[:t]) for t >= 1 of every row (each 2..n_positions ids long).
+    """log p(row[t] | row[:t]) for t >= 1 of every row of 2..n_positions + 1 ids (the model
+    reads all but the last id, as a training window of block_size + 1).
 
     Rows are right-padded to a power-of-two bucket; causal attention makes padding after a
     row invisible to its real positions, so the result equals an unpadded forward pass.
     """
     for i, row in enumerate(rows):
-        if not 2 <= len(row) <= cfg.n_positions:
-            raise ValueError(f"row {i} has {len(row)} tokens; scoring needs 2..n_positions="
-                             f"{cfg.n_positions}")
+        if not 2 <= len(row) <= cfg.n_positions + 1:
+            raise ValueError(f"row {i} has {len(row)} tokens; scoring needs 2..n_positions + 1"
+                             f" = {cfg.n_positions + 1}")
     graphdef = sample.graphdef_of(cfg)
     out: list[np.ndarray] = [np.empty(0)] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))   # similar lengths together
     for lo in range(0, len(order), batch_size):
         idx = order[lo:lo + batch_size]
-        T = min(max(16, 1 << (max(len(rows[i]) for i in idx) - 1).bit_length()), cfg.n_positions)
+        n_in = max(len(rows[i]) for i in idx) - 1
+        T = min(max(16, 1 << (n_in - 1).bit_length()), cfg.n_positions) + 1
         tokens = np.zeros((batch_size, T), np.int32)
         for j, i in enumerate(idx):
             tokens[j, :len(rows[i])] = rows[i]
@@ -111,20 +113,20 @@ def target_logprobs(cfg: model.GPTConfig, params, rows: Sequence[Sequence[int]],
 def sliding_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, n_scored) windows over a stream of `n_tokens` ids.
 
-    The model reads ids[begin:end] (at most `context`) and the last `n_scored` of its
-    predictions count, so every id after the first is scored exactly once, and every
-    window after the first gives each scored id at least `context - stride` ids of context.
-    This is the HuggingFace perplexity guide's protocol (stride = context: disjoint chunks;
-    smaller strides: more context per token, more compute).
+    The model reads ids[begin:end] (at most `context` ids) and predicts ids[begin + 1:end + 1];
+    the last `n_scored` predictions count. Windows start every `stride` ids, so each id after
+    the first is scored exactly once, and in every window after the first it sees at least
+    `context - stride + 1` ids of context. This is the HuggingFace perplexity guide's
+    protocol: stride = context gives disjoint chunks; smaller strides give more context per
+    token for more compute.
     """
     if not 1 <= stride <= context:
         raise ValueError(f"stride must be in [1, context={context}], got {stride}")
     if n_tokens < 2:
         raise ValueError(f"a stream of {n_tokens} token(s) has nothing to predict")
-    windows, scored_to = [], 1   # position 0 has no prediction
-    begin = 0
-    while scored_to < n_tokens:
-        end = min(begin + context, n_tokens)
+    windows, scored_to, begin = [], 0, 0   # ids[1..scored_to] are scored
+    while scored_to < n_tokens - 1:
+        end = min(begin + context, n_tokens - 1)
         windows.append((begin, end, end - scored_to))
         scored_to = end
         begin += stride
@@ -135,7 +137,7 @@ def stream_nll(logprob_fn: LogprobFn, ids: Sequence[int], *, context: int,
                stride: int) -> np.ndarray:
     """Per-token NLL [N - 1] of ids[1:], each under the sliding-window protocol."""
     windows = sliding_windows(len(ids), context, stride)
-    lps = logprob_fn([ids[b:e] for b, e, _ in windows])
+    lps = logprob_fn([ids[b:e + 1] for b, e, _ in windows])
     return -np.concatenate([lp[len(lp) - n:] for lp, (_, _, n) in zip(lps, windows)])
 
 
