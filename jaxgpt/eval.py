@@ -59,7 +59,7 @@ def load_lm(spec: str) -> LM:
     if spec.startswith("hf:"):
         from jaxgpt.convert import hf   # torch + transformers load only when asked for
         name = spec[3:]
-        cfg, params = hf.import_gpt2(name)
+        cfg, params = hf.load(name)
         return LM(spec, cfg, params, tokenizer.load("gpt2", name))
     if not os.path.isdir(spec):
         raise FileNotFoundError(f"model {spec!r}: no such run directory (HF models are "

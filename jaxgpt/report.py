@@ -222,7 +222,7 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
 def render_markdown(r: Report) -> str:
     out = [f"# jaxgpt report: {r.run}", "",
            f"Generated {r.generated} from `metrics.jsonl` ({r.n_records} records).", "",
-           "## Status", ""] + _md_table(["", ""], [list(x) for x in r.status])
+           "## Status", ""] + _md_table(["", "value"], [list(x) for x in r.status])
     out += ["", "## Training curves", ""]
     out += [f"![{name}](plots/{name}.png)" for name in r.plots]
     out += ["", "## Models", ""]
@@ -267,7 +267,7 @@ def render_html(r: Report) -> str:
              f"{e(r.run)}</title><style>{_CSS}</style></head><body>",
              f"<h1>jaxgpt report: {e(r.run)}</h1><p>Generated {e(r.generated)} from "
              f"<code>metrics.jsonl</code> ({r.n_records} records).</p><h2>Status</h2>",
-             _html_table(["", ""], [list(x) for x in r.status]), "<h2>Training curves</h2>"]
+             _html_table(["", "value"], [list(x) for x in r.status]), "<h2>Training curves</h2>"]
     parts += [f"<img alt='{name}' src='data:image/png;base64,"
               f"{base64.b64encode(png).decode()}'>" for name, png in r.plots.items()]
     parts.append("<h2>Models</h2>")
