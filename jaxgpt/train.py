@@ -324,13 +324,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         train_iter.set_state(data_state)
         logging.info("resumed from step %d in %s", int(state.step), workdir)
     else:
-        state = trainer.init()
+        state = _init_from(config.init_from, trainer, trainer.init())
     n_params = model.count_params(state.params)
     logging.info("model: %s parameters; %d train windows of %d tokens; mesh %s",
                  f"{n_params:,}", len(corpus.train), config.data.block_size,
                  dict(mesh.shape))
     return _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, manager,
                        meta, schedule=make_schedule(optim, total))
+
+
+def _init_from(source: str | None, trainer: Trainer, state: TrainState) -> TrainState:
+    """Fresh params replaced by HF GPT-2 weights when `config.init_from` names some."""
+    if source is None:
+        return state
+    from jaxgpt.convert import hf   # needs torch/transformers (jaxgpt[hf])
+    params = hf.init_params(source, trainer.cfg, state.params)
+    logging.info("initialized params from %s", source)
+    # Adam moments are zeros whatever the params are, so only the params change.
+    return state.replace(params=jax.device_put(params, trainer.state_shardings.params))
 
 
 def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, manager, meta,
