@@ -55,19 +55,27 @@ class LM:
 
 
 def load_lm(spec: str) -> LM:
-    """A run directory (its latest checkpoint) or `hf:NAME|DIR` (HF GPT-2 via convert.hf)."""
+    """A run directory (its latest checkpoint; `RUN@STEP` for another one) or `hf:NAME|DIR`
+    (an HF GPT-2 through convert.hf, with its GPT-2 BPE tokenizer)."""
     if spec.startswith("hf:"):
         from jaxgpt.convert import hf   # torch + transformers load only when asked for
         name = spec[3:]
         cfg, params = hf.load(name)
         return LM(spec, cfg, params, tokenizer.load("gpt2", name))
-    if not os.path.isdir(spec):
+    workdir, _, step = spec.rpartition("@") if "@" in spec else (spec, "", "")
+    if step and not step.isdigit():
+        raise ValueError(f"model {spec!r}: the part after @ must be a step number")
+    if not os.path.isdir(workdir):
         raise FileNotFoundError(f"model {spec!r}: no such run directory (HF models are "
                                 f"written hf:NAME or hf:DIR)")
-    if not os.path.isdir(os.path.join(spec, "checkpoints")):
+    ckpts = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpts):
         raise FileNotFoundError(f"model {spec!r}: no checkpoints/ folder, so it has no saved "
                                 f"model yet")
-    cfg, params, step, meta = checkpoint.load_params(spec)
+    if step and not os.path.isdir(os.path.join(ckpts, step)):
+        raise FileNotFoundError(f"model {spec!r}: no checkpoint {step} in {ckpts} (there are "
+                                f"{', '.join(sorted(os.listdir(ckpts))) or 'none'})")
+    cfg, params, step, meta = checkpoint.load_params(workdir, int(step) if step else None)
     return LM(spec, cfg, params, tokenizer.from_meta(meta), step)
 
 
@@ -324,7 +332,7 @@ def generate_suite(lm: LM, prompts: Sequence[str], settings: GenSettings) -> dic
     ids = [(lm.tok.encode(p) or [lm.tok.eot_id])[-(lm.cfg.n_positions - 1):] for p in prompts]
     new = min(new, lm.cfg.n_positions - max(len(i) for i in ids))
     methods = {"sampled": sample.Sampling(settings.temperature, settings.top_k),
-               "greedy": sample.Sampling(temperature=0.0)}
+               "greedy": sample.Greedy()}
     out = {}
     for name, method in methods.items():
         rows = sample.generate(lm.cfg, lm.params, ids, max_new_tokens=new, method=method,

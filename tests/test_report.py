@@ -228,3 +228,11 @@ def test_html_renders_in_headless_chromium(made, tmp_path):
     img = matplotlib.image.imread(str(shot))
     assert img.shape[:2] == (1600, 1200)
     assert img[..., :3].std() > 0.05   # text, tables and plots, not a blank page
+
+
+@pytest.mark.slow
+def test_a_model_spec_can_name_an_earlier_checkpoint(runs):
+    assert evaluation.load_lm(runs["a"] + "@3").step == 3
+    assert evaluation.load_lm(runs["a"]).step == 6
+    with pytest.raises(FileNotFoundError, match="no checkpoint 9 in .* \\(there are 3, 6\\)"):
+        evaluation.load_lm(runs["a"] + "@9")
