@@ -211,7 +211,7 @@ class Report:
 
 
 def _md_cell(text: str) -> str:
-    return html.escape(text).replace("|", "\\|").replace("\n", "<br>") or " "
+    return html.escape(text, quote=False).replace("|", "\\|").replace("\n", "<br>") or " "
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
