@@ -101,7 +101,8 @@ def read_metrics(workdir: str) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
-def status_rows(train: list[dict], evals: list[dict]) -> list[tuple[str, str]]:
+def status_rows(train: list[dict], evals: list[dict],
+                now: float | None = None) -> list[tuple[str, str]]:
     """(label, value) rows of the status block, from the newest records."""
     t = train[-1]
     finished = t["step"] >= t["total_steps"]
@@ -122,6 +123,8 @@ def status_rows(train: list[dict], evals: list[dict]) -> list[tuple[str, str]]:
         rows.append(("MFU", f"{100 * t['mfu']:.1f}%"))
     if "time" in t and "time" in train[0]:
         rows.append(("wall time logged", format_duration(t["time"] - train[0]["time"])))
+        age = (time.time() if now is None else now) - t["time"]
+        rows.append(("last record", f"{format_duration(age)} ago"))   # a stalled run shows
     return rows
 
 

@@ -5,6 +5,7 @@ import base64
 import json
 import math
 import os
+import pathlib
 import re
 import shutil
 import struct
@@ -25,8 +26,9 @@ def _hf_random_dir(path) -> str | None:
     """A random-init HF GPT-2 saved with save_pretrained plus GPT-2 BPE files, or None when
     the HF interop, transformers or the shared BPE files are missing."""
     try:
-        from jaxgpt.convert import hf  # noqa: F401
         import transformers
+
+        from jaxgpt.convert import hf  # noqa: F401
     except ImportError:
         return None
     bpe = os.path.join(SHARED_DATA, "gpt2-bpe")
@@ -57,14 +59,16 @@ def made(runs, tmp_path_factory):
     rc = report.main(["--workdir", runs["a"], "--compare", ",".join(compare), "--out", out,
                       "--max_new_tokens", "8"])
     assert rc == 0
-    return {"out": out, "md": open(os.path.join(out, "report.md")).read(),
-            "html": open(os.path.join(out, "report.html")).read(),
-            "json": json.load(open(os.path.join(out, "report.json"))),
+    out_dir = pathlib.Path(out)
+    return {"out": out, "md": (out_dir / "report.md").read_text(),
+            "html": (out_dir / "report.html").read_text(),
+            "json": json.loads((out_dir / "report.json").read_text()),
             "models": [runs["a"]] + compare}
 
 
 def _records(workdir):
-    recs = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    text = pathlib.Path(workdir, "metrics.jsonl").read_text()
+    recs = [json.loads(line) for line in text.splitlines()]
     return [r for r in recs if "loss" in r], [r for r in recs if "val_loss" in r]
 
 
@@ -106,7 +110,7 @@ def test_plots_are_valid_pngs_and_the_html_embeds_them(made):
     assert len(embedded) == len(names)
     for name, b64 in zip(names, embedded):
         path = os.path.join(made["out"], "plots", f"{name}.png")
-        png = open(path, "rb").read()
+        png = pathlib.Path(path).read_bytes()
         assert png.startswith(PNG_MAGIC) and base64.b64decode(b64) == png
         img = matplotlib.image.imread(path)
         assert img.shape[0] > 100 and img.shape[1] > 100 and np.ptp(img) > 0
@@ -121,7 +125,7 @@ def _events(workdir):
     for name in sorted(os.listdir(workdir)):
         if not name.startswith("events.out.tfevents"):
             continue
-        raw = open(os.path.join(workdir, name), "rb").read()
+        raw = pathlib.Path(workdir, name).read_bytes()
         pos = 0
         while pos < len(raw):   # TFRecord: u64 length, u32 crc, data, u32 crc
             (n,) = struct.unpack("<Q", raw[pos:pos + 8])
@@ -151,7 +155,7 @@ def test_tensorboard_events_mirror_the_metrics(runs):
 def test_report_on_a_run_still_training_reads_what_exists(runs, tmp_path):
     run = tmp_path / "live"
     run.mkdir()
-    lines = open(os.path.join(runs["a"], "metrics.jsonl")).read().splitlines()
+    lines = pathlib.Path(runs["a"], "metrics.jsonl").read_text().splitlines()
     # Two complete records, then one caught half-written; no checkpoint yet.
     (run / "metrics.jsonl").write_text(lines[0] + "\n" + lines[1] + "\n" + lines[2][:25])
     out = tmp_path / "out"
@@ -190,7 +194,8 @@ def test_bad_run_directories_give_a_clear_message_and_keep_an_old_report(tmp_pat
 
 @pytest.mark.slow
 def test_eval_command_per_source_perplexity(runs, tmp_path, capsys):
-    records = [{"text": open(runs["corpus"]).read()[i * 3000:(i + 1) * 3000],
+    text = pathlib.Path(runs["corpus"]).read_text()
+    records = [{"text": text[i * 3000:(i + 1) * 3000],
                 "meta": {"redpajama_set_name": name}}
                for i, name in enumerate(["RedPajamaBook", "RedPajamaGithub", "RedPajamaBook"])]
     path = tmp_path / "val.jsonl"
@@ -198,7 +203,7 @@ def test_eval_command_per_source_perplexity(runs, tmp_path, capsys):
     out = tmp_path / "ppl.json"
     assert evaluation.main(["--checkpoint", runs["a"], "--data", str(path), "--context", "32",
                             "--stride", "16", "--out", str(out)]) == 0
-    got = json.load(open(out))
+    got = json.loads(out.read_text())
     names = ("RedPajamaBook", "RedPajamaGithub")
     tokens = sum(got[f"tokens/{n}"] for n in names)
     assert got["tokens"] == tokens
@@ -221,7 +226,7 @@ def test_html_renders_in_headless_chromium(made, tmp_path):
     proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
                            "--hide-scrollbars", "--window-size=1200,1600",
                            "--enable-logging=stderr", "--v=0", f"--screenshot={shot}", url],
-                          capture_output=True, text=True, timeout=120)
+                          check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "CONSOLE" not in proc.stderr and "Uncaught" not in proc.stderr
     import matplotlib.image
