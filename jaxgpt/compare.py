@@ -82,9 +82,9 @@ def format_report(stats: dict) -> str:
     names = ["embeddings"] + [f"h.{i}" for i in range(n - 1)] + [f"h.{n - 1} + ln_f"]
     lines = [f"{'residual stream after':<22} max |Δ|"]
     lines += [f"  {name:<20} {d:.3e}" for name, d in zip(names, stats["hidden_max"])]
-    lines += [f"logits over {stats['tokens']} tokens: max |Δ| {stats['max_abs']:.3e}, "
-              f"mean |Δ| {stats['mean_abs']:.3e}, top-1 agreement {stats['top1']:.2%}, "
-              f"KL(HF || jaxgpt) {stats['kl']:.3e} nats"]
+    lines.append(f"logits over {stats['tokens']} tokens: max |Δ| {stats['max_abs']:.3e}, "
+                 f"mean |Δ| {stats['mean_abs']:.3e}, top-1 agreement {stats['top1']:.2%}, "
+                 f"KL(HF || jaxgpt) {stats['kl']:.3e} nats")
     return "\n".join(lines)
 
 
@@ -97,7 +97,7 @@ def _load_hf_model(source: str):
 def _load_jaxgpt(args, hf_model):
     from jaxgpt.convert import hf
     if args.checkpoint is None:
-        return hf.load(args.hf)
+        return hf.import_gpt2(args.hf)
     from jaxgpt import checkpoint
     cfg, params, _, _ = checkpoint.load_params(args.checkpoint)
     hf_cfg = hf.config_from_hf(hf_model.config.to_dict(), args.hf)
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                                          args.seed, args.pad)
         stats = differences(hf_forward(hf_model, tokens, mask),
                             jax_forward(cfg, params, tokens, mask), mask)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_report(stats))

@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from jaxgpt import tokenizer  # noqa: E402
+from jaxgpt import tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_shakespeare_matches_transformers(tok, reference, shared_data):
     "  leading spaces and ending with a space ",
     "<|endoftext|> inside a document is plain text <|endoftext|>",
     "".join(chr(c) for c in range(1, 3000, 7)),
-])
+], ids=["empty", "latin", "cjk_emoji", "controls", "spaces", "eot_literal", "code_points"])
 def test_round_trip_is_exact(tok, text):
     ids = tok.encode(text)
     assert tok.decode(ids) == text

@@ -14,12 +14,12 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jaxgpt import checkpoint, compare, model, tokenizer, train  # noqa: E402
-from jaxgpt.convert import hf  # noqa: E402
-from tests import helpers  # noqa: E402
+from jaxgpt import checkpoint, compare, model, tokenizer, train
+from jaxgpt.convert import hf
+from tests import helpers
 
 torch.set_default_dtype(torch.float32)
-TINY = dict(vocab_size=97, n_positions=32, n_embd=48, n_layer=2, n_head=4)
+TINY = {"vocab_size": 97, "n_positions": 32, "n_embd": 48, "n_layer": 2, "n_head": 4}
 
 
 def _hf_model(seed=0, **fields):
@@ -79,21 +79,20 @@ def _batches(vocab, T):
     return tokens, {"full": full, "padded": padded}
 
 
-SHAPES = {   # name -> GPT2Config fields; T is kept short so each case takes seconds
-    "tiny": TINY,
-    "odd_heads_3": dict(vocab_size=101, n_positions=40, n_embd=48, n_layer=2, n_head=3),
-    "odd_heads_5_head_dim_13": dict(vocab_size=89, n_positions=24, n_embd=65, n_layer=2,
-                                    n_head=5),
-    "gpt2_width": dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=2, n_head=12),
-    "gpt2_medium_width": dict(vocab_size=50257, n_positions=1024, n_embd=1024, n_layer=1,
-                              n_head=16),
+SHAPE_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+SHAPES = {   # name -> SHAPE_FIELDS; the sequence is kept short so each case takes seconds
+    "tiny": (97, 32, 48, 2, 4),
+    "odd_heads_3": (101, 40, 48, 2, 3),
+    "odd_heads_5_head_dim_13": (89, 24, 65, 2, 5),
+    "gpt2_width": (50257, 1024, 768, 2, 12),            # gpt2's real widths, 2 of 12 layers
+    "gpt2_medium_width": (50257, 1024, 1024, 1, 16),    # gpt2-medium's, 1 of 24 layers
 }
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_logits_and_hidden_states_match_pytorch(shape):
-    m = _hf_model(**SHAPES[shape])
-    cfg, params = hf.load(m)
+    m = _hf_model(**dict(zip(SHAPE_FIELDS, SHAPES[shape], strict=True)))
+    cfg, params = hf.import_gpt2(m)
     assert (cfg.n_embd, cfg.n_head, cfg.vocab_size) == (m.config.n_embd, m.config.n_head,
                                                         m.config.vocab_size)
     tokens, masks = _batches(cfg.vocab_size, 12)
@@ -112,7 +111,7 @@ def test_logits_and_hidden_states_match_pytorch(shape):
 
 def test_loss_and_gradients_match_pytorch():
     m = _hf_model(**TINY)
-    cfg, params = hf.load(m)
+    cfg, params = hf.import_gpt2(m)
     windows = np.random.default_rng(2).integers(0, cfg.vocab_size, (4, 17))
     logits = m(input_ids=torch.as_tensor(windows[:, :-1])).logits
     ref_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size),
@@ -136,30 +135,30 @@ def test_loss_and_gradients_match_pytorch():
 
 def test_import_export_from_pretrained_gives_identical_logits(tmp_path):
     m = _hf_model(**TINY)
-    cfg, params = hf.load(m)
-    hf.save(str(tmp_path / "out"), cfg, params)
+    cfg, params = hf.import_gpt2(m)
+    hf.export_gpt2(str(tmp_path / "out"), cfg, params)
     reloaded = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "out")).eval()
     tokens = torch.as_tensor(np.random.default_rng(3).integers(0, 97, (2, 16)))
     with torch.no_grad():
         np.testing.assert_array_equal(reloaded(tokens).logits.numpy(), m(tokens).logits.numpy())
-    config = json.load(open(tmp_path / "out" / "config.json"))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["vocab_size"] == 97 and config["n_layer"] == 2
 
 
 def test_export_then_import_gives_identical_params(tmp_path, tiny_cfg):
     params = _random_params(tiny_cfg, 7)
-    hf.save(str(tmp_path / "out"), tiny_cfg, params)
-    cfg, back = hf.load("hf:" + str(tmp_path / "out"))   # the hf: prefix also takes a dir
+    hf.export_gpt2(str(tmp_path / "out"), tiny_cfg, params)
+    cfg, back = hf.import_gpt2("hf:" + str(tmp_path / "out"))   # the hf: prefix also takes a dir
     assert cfg == tiny_cfg
     helpers.assert_trees_close(nnx.to_pure_dict(back), nnx.to_pure_dict(params), rtol=0, atol=0)
     with pytest.raises(FileExistsError, match="not empty"):
-        hf.save(str(tmp_path / "out"), tiny_cfg, params)
+        hf.export_gpt2(str(tmp_path / "out"), tiny_cfg, params)
 
 
 def test_padded_vocab_exports_the_real_rows(tmp_path):
     cfg = model.GPTConfig(**(TINY | {"vocab_size": 128}))
     params = _random_params(cfg, 1)
-    hf.save(str(tmp_path / "out"), cfg, params, vocab_size=97)
+    hf.export_gpt2(str(tmp_path / "out"), cfg, params, vocab_size=97)
     m = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "out")).eval()
     assert m.config.vocab_size == 97
     tokens, masks = _batches(97, 10)
@@ -167,7 +166,7 @@ def test_padded_vocab_exports_the_real_rows(tmp_path):
     ours, _ = _jax_forward(cfg, params, tokens, masks["full"])
     np.testing.assert_allclose(ours[..., :97], ref, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="vocab_size 200"):
-        hf.save(str(tmp_path / "bad"), cfg, params, vocab_size=200)
+        hf.export_gpt2(str(tmp_path / "bad"), cfg, params, vocab_size=200)
     assert not os.path.exists(tmp_path / "bad")
 
 
@@ -184,11 +183,11 @@ def test_missing_or_misshaped_tensor_is_named(tmp_path):
     bias = tensors.pop("transformer.h.1.mlp.c_fc.bias")
     save_file(tensors, path)
     with pytest.raises(ValueError, match=r"missing \['h.1.mlp.c_fc.bias'\]"):
-        hf.load(str(tmp_path))
+        hf.import_gpt2(str(tmp_path))
     tensors["transformer.h.1.mlp.c_fc.bias"] = bias[:-1]
     save_file(tensors, path)
     with pytest.raises(ValueError) as err:
-        hf.load(str(tmp_path))
+        hf.import_gpt2(str(tmp_path))
     for part in (path, "transformer.h.1.mlp.c_fc.bias", "['h'][1]['mlp']['c_fc']['bias']",
                  "(191,)", "(192,)"):
         assert part in str(err.value)
@@ -196,7 +195,7 @@ def test_missing_or_misshaped_tensor_is_named(tmp_path):
     tensors["transformer.h.1.mlp.extra"] = bias
     save_file(tensors, path)
     with pytest.raises(ValueError, match=r"unexpected \['h.1.mlp.extra'\]"):
-        hf.load(str(tmp_path))
+        hf.import_gpt2(str(tmp_path))
 
 
 def test_unsupported_configs_and_untied_heads_are_refused(tmp_path):
@@ -205,14 +204,14 @@ def test_unsupported_configs_and_untied_heads_are_refused(tmp_path):
                          ("scale_attn_by_inverse_layer_idx", True), ("n_inner", 100)]:
         config = m.config.to_dict() | {field: value}
         with pytest.raises(ValueError, match=field):
-            hf.load(m.state_dict(), config=config)
+            hf.import_gpt2(m.state_dict(), config=config)
     state = {k: v.clone() for k, v in m.state_dict().items()}
     state["lm_head.weight"] += 1
     with pytest.raises(ValueError, match="lm_head.weight differs from wte.weight"):
-        hf.load(state, config=m.config.to_dict())
+        hf.import_gpt2(state, config=m.config.to_dict())
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="model_type='llama'"):
-        hf.load(str(tmp_path))
+        hf.import_gpt2(str(tmp_path))
 
 
 def test_old_checkpoint_layout_with_mask_buffers(tmp_path):
@@ -224,8 +223,8 @@ def test_old_checkpoint_layout_with_mask_buffers(tmp_path):
         tensors[f"h.{i}.attn.bias"] = np.tril(np.ones((1, 1, 32, 32), np.float32))
         tensors[f"h.{i}.attn.masked_bias"] = np.array(-1e4, np.float32)
     save_file(tensors, str(tmp_path / "model.safetensors"))
-    _, params = hf.load(str(tmp_path))
-    _, expected = hf.load(m)
+    _, params = hf.import_gpt2(str(tmp_path))
+    _, expected = hf.import_gpt2(m)
     helpers.assert_trees_close(nnx.to_pure_dict(params), nnx.to_pure_dict(expected),
                                rtol=0, atol=0)
 
@@ -244,14 +243,14 @@ def test_pytorch_bin_imports_and_code_payload_is_refused(tmp_path):
     m = _hf_model(**TINY)
     m.config.to_json_file(str(tmp_path / "config.json"))
     torch.save(m.state_dict(), tmp_path / "pytorch_model.bin")
-    _, params = hf.load(str(tmp_path))
-    _, expected = hf.load(m)
+    _, params = hf.import_gpt2(str(tmp_path))
+    _, expected = hf.import_gpt2(m)
     helpers.assert_trees_close(nnx.to_pure_dict(params), nnx.to_pure_dict(expected),
                                rtol=0, atol=0)
     marker = tmp_path / "payload_ran"
     torch.save(dict(m.state_dict(), payload=_Payload(marker)), tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match="pytorch_model.bin: refused"):
-        hf.load(str(tmp_path))
+        hf.import_gpt2(str(tmp_path))
     assert not marker.exists()
     torch.load(tmp_path / "pytorch_model.bin", weights_only=False)   # the payload is live
     assert marker.exists()
@@ -291,7 +290,7 @@ def test_export_cli_of_a_gpt2_bpe_run_and_compare_cli(tmp_path, shared_data, cap
     # A model whose second block's attention differs: compare fails and points at h.1.
     broken = nnx.to_pure_dict(params)
     broken["h"][1]["attn"]["c_attn"]["kernel"] *= 1.5
-    hf.save(str(tmp_path / "broken"), cfg, broken, vocab_size=50257)
+    hf.export_gpt2(str(tmp_path / "broken"), cfg, broken, vocab_size=50257)
     assert compare.main([f"--hf={tmp_path / 'broken'}", f"--checkpoint={run}",
                          "--tolerance=1e-4", "--seq_len=16"]) == 1
     report = capsys.readouterr().out
@@ -319,7 +318,7 @@ def test_init_from_checks_architecture_and_pads_vocab(tmp_path):
     cfg = model.GPTConfig(**(TINY | {"vocab_size": 128}))
     fresh = _random_params(cfg, 5)
     params = nnx.to_pure_dict(hf.init_params(str(tmp_path / "hf"), cfg, fresh))
-    _, imported = hf.load(m)
+    _, imported = hf.import_gpt2(m)
     imported, fresh = nnx.to_pure_dict(imported), nnx.to_pure_dict(fresh)
     np.testing.assert_array_equal(params["wte"]["embedding"][:97], imported["wte"]["embedding"])
     np.testing.assert_array_equal(params["wte"]["embedding"][97:], fresh["wte"]["embedding"][97:])
@@ -335,14 +334,39 @@ def test_training_starts_from_init_from(tmp_path):
     corpus = helpers.small_corpus(tmp_path)
     config = helpers.tiny_run_config(corpus, train__steps=1, eval__every=0,
                                      sample__max_new_tokens=0)
-    hf_fields = dict(vocab_size=config.model.vocab_size, n_positions=config.model.n_positions,
-                     n_embd=config.model.n_embd, n_layer=config.model.n_layer,
-                     n_head=config.model.n_head)
-    m = _hf_model(**hf_fields)
+    m = _hf_model(**{f: config.model[f] for f in hf.ARCH_FIELDS})
     m.save_pretrained(str(tmp_path / "hf"))
     config.init_from = str(tmp_path / "hf")
     # Step 1 runs at the warm-up's learning rate of 0, so the params stay the imported ones.
     out = train.train_and_evaluate(config, str(tmp_path / "run"))
-    _, expected = hf.load(m)
+    _, expected = hf.import_gpt2(m)
     helpers.assert_trees_close(nnx.to_pure_dict(out["state"].params),
                                nnx.to_pure_dict(expected), rtol=0, atol=0)
+
+
+def test_hub_names_go_through_transformers_cache(tmp_path, monkeypatch):
+    """Offline stand-in for the hub: transformers' cached_file resolves into a local dir."""
+    m = _hf_model(**TINY)
+    m.save_pretrained(str(tmp_path / "snapshot"))
+    asked = []
+
+    def cached_file(repo, filename, **kwargs):
+        asked.append((repo, filename))
+        return str(tmp_path / "snapshot" / filename)
+
+    monkeypatch.setattr(transformers.utils, "cached_file", cached_file)
+    _, params = hf.import_gpt2("hf:gpt2")
+    assert ("gpt2", "model.safetensors") in asked and ("gpt2", "config.json") in asked
+    _, expected = hf.import_gpt2(m)
+    helpers.assert_trees_close(nnx.to_pure_dict(params), nnx.to_pure_dict(expected),
+                               rtol=0, atol=0)
+
+
+def test_jaxgpt_imports_without_torch_or_transformers():
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules.update(torch=None, transformers=None, safetensors=None, "
+            "tokenizers=None); import jaxgpt.convert.hf, jaxgpt.compare, jaxgpt.train")
+    out = subprocess.run([sys.executable, "-c", code], cwd=helpers.REPO, capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr

@@ -129,8 +129,8 @@ def _to_numpy(t) -> np.ndarray:
 
 def _read_safetensors(path: str) -> dict:
     from safetensors import safe_open
-    with safe_open(path, framework="pt") as f:
-        return {name: _to_numpy(f.get_tensor(name)) for name in f.keys()}
+    with safe_open(path, framework="pt") as f:   # not a dict: `in f` does not iterate names
+        return {name: _to_numpy(f.get_tensor(name)) for name in f.keys()}  # noqa: SIM118
 
 
 def _read_torch_bin(path: str) -> dict:
@@ -142,7 +142,7 @@ def _read_torch_bin(path: str) -> dict:
         raise ValueError(f"{path}: refused; its pickle holds more than tensors "
                          f"(weights_only load failed: {str(e).splitlines()[0]})") from None
     if not isinstance(state, Mapping):
-        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+        raise TypeError(f"{path}: expected a state dict, got {type(state).__name__}")
     return {name: _to_numpy(t) for name, t in state.items()}
 
 
@@ -236,7 +236,8 @@ def _state(cfg: model.GPTConfig, pure: dict) -> nnx.State:
     return state
 
 
-def load(source, *, config: Mapping | None = None) -> tuple[model.GPTConfig, nnx.State]:
+def import_gpt2(source, *, config: Mapping | None = None
+                ) -> tuple[model.GPTConfig, nnx.State]:
     """(GPTConfig, params) from an HF GPT-2.
 
     `source` is a hub name (`gpt2`, `hf:gpt2-medium`, `distilgpt2`), a directory written
@@ -266,7 +267,7 @@ def init_params(source: str, cfg: model.GPTConfig, fresh: nnx.State) -> nnx.Stat
     The HF architecture must equal cfg's, except that cfg.vocab_size may be larger (a
     padded vocabulary): the extra wte rows keep their fresh initialization.
     """
-    hf_cfg, params = load(source)
+    hf_cfg, params = import_gpt2(source)
     diff = architecture_diff(hf_cfg, cfg, [f for f in ARCH_FIELDS if f != "vocab_size"])
     if hf_cfg.vocab_size > cfg.vocab_size:
         diff.append(f"vocab_size: {hf_cfg.vocab_size} vs {cfg.vocab_size} (the model's may "
@@ -313,8 +314,8 @@ def hf_tensors(cfg: model.GPTConfig, params, vocab_size: int | None = None) -> d
     return out
 
 
-def save(out_dir: str, cfg: model.GPTConfig, params, *, vocab_size: int | None = None,
-         tokenizer=None) -> str:
+def export_gpt2(out_dir: str, cfg: model.GPTConfig, params, *,
+                vocab_size: int | None = None, tokenizer=None) -> str:
     """Write config.json + model.safetensors (+ the GPT-2 BPE files) into a new `out_dir`.
 
     The directory is assembled beside `out_dir` and renamed into place, so a failure never
@@ -372,7 +373,7 @@ def export_checkpoint(workdir: str, out_dir: str, *, vocab_size: int | None = No
         logging.warning("the run used a %s tokenizer; transformers can't load it, so the "
                         "export has no tokenizer files", type(tok).__name__)
     logging.info("exporting %s step %d", workdir, step)
-    return save(out_dir, cfg, params, vocab_size=vocab_size or tok.vocab_size,
+    return export_gpt2(out_dir, cfg, params, vocab_size=vocab_size or tok.vocab_size,
                 tokenizer=tok if isinstance(tok, tokenizer.Gpt2Bpe) else None)
 
 
@@ -390,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         export_checkpoint(args.workdir, args.out, vocab_size=args.vocab_size, step=args.step)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
