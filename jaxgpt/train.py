@@ -384,7 +384,9 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, manage
             logging.info(report.progress_line(last_log))
             t_last, step_last = now, done
         if config.eval.every and (done % config.eval.every == 0 or done == total):
-            last_eval = {"step": done, **evaluate(trainer, state.params, corpus.val,
+            # Several sources (a SlimPajama mixture): also a loss and perplexity per source.
+            val = corpus.val_by_source if len(corpus.val_by_source) > 1 else corpus.val
+            last_eval = {"step": done, **evaluate(trainer, state.params, val,
                                                   config.eval.batch_size, config.eval.batches)}
             writer.write(last_eval)
             logging.info(report.eval_line(last_eval))

@@ -241,3 +241,25 @@ def test_a_model_spec_can_name_an_earlier_checkpoint(runs):
     assert evaluation.load_lm(runs["a"]).step == 6
     with pytest.raises(FileNotFoundError, match="no checkpoint 9 in .* \\(there are 3, 6\\)"):
         evaluation.load_lm(runs["a"] + "@9")
+
+
+@pytest.mark.slow
+def test_training_on_a_mixture_logs_validation_per_source(shared_data, tmp_path):
+    from configs import slimpajama
+    config = slimpajama.get_config()
+    config.model.n_layer, config.model.n_head, config.model.n_embd = 2, 4, 48
+    config.model.n_positions, config.model.vocab_size = 64, 512
+    config.data.tokenizer = "sentencepiece"
+    config.data.path, config.data.block_size = f"{shared_data}/slimpajama-sample", 32
+    config.train.steps, config.train.batch_size, config.train.log_every = 2, 8, 1
+    config.train.grad_accum = 1
+    config.eval.every, config.eval.batch_size, config.eval.batches = 2, 8, 2
+    config.checkpoint.every, config.sample.max_new_tokens = 2, 0
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    (ev,) = _records(str(tmp_path / "run"))[1]
+    names = [k.split("/", 1)[1] for k in ev if k.startswith("val_tokens/")]
+    assert set(names) == {"RedPajamaBook", "RedPajamaWikipedia"}
+    tokens = sum(ev[f"val_tokens/{n}"] for n in names)
+    assert ev["val_tokens"] == tokens == 2 * 2 * 8 * 32   # eval.batches per source
+    nll = sum(ev[f"val_loss/{n}"] * ev[f"val_tokens/{n}"] for n in names)
+    np.testing.assert_allclose(ev["val_loss"], nll / tokens, rtol=1e-9)
