@@ -60,7 +60,7 @@ def load_lm(spec: str) -> LM:
     if spec.startswith("hf:"):
         from jaxgpt.convert import hf   # torch + transformers load only when asked for
         name = spec[3:]
-        cfg, params = hf.load(name)
+        cfg, params = hf.import_gpt2(name)
         return LM(spec, cfg, params, tokenizer.load("gpt2", name))
     workdir, _, step = spec.rpartition("@") if "@" in spec else (spec, "", "")
     if step and not step.isdigit():
