@@ -79,6 +79,11 @@ def base_config(size: str = "small", **model_overrides) -> ml_collections.Config
     config.mesh.shape = (-1, 1, 1)         # (data, fsdp, tensor); one -1 = the rest
     config.mesh.rules = "dp"               # a key of sharding.RULES
 
+    config.report = ml_collections.ConfigDict()
+    config.report.tensorboard = True       # event files beside metrics.jsonl (tensorboard --logdir)
+    # Weights & Biases project to log to (needs `pip install wandb`); None = off.
+    config.report.wandb_project = ml_collections.config_dict.placeholder(str)
+
     config.sample = ml_collections.ConfigDict()
     config.sample.prompts = ("def ", "import os\n", "class Parser:\n    ")
     config.sample.max_new_tokens = 64

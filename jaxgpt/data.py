@@ -308,6 +308,7 @@ class Corpus:
     n_val_tokens: int
     fingerprint: str                 # the prepared data's: changes when the tokens would
     stats: dict                      # tokens/documents per source and split, bad records
+    val_by_source: dict[str, Windows] = dataclasses.field(default_factory=dict)
 
 
 def _segments(root: str, manifest: dict, split: str) -> list[tuple[str, str, int, int]]:
@@ -359,7 +360,10 @@ def load_prepared(root: str, dcfg: DataConfig, tokenizer_fingerprint: str) -> Co
     by_source = {}
     for name in dict.fromkeys(s[0] for s in train):
         by_source[name] = windows([s for s in train if s[0] == name])
+    val_by_source = {name: windows([s for s in val if s[0] == name])
+                     for name in dict.fromkeys(s[0] for s in val)}
     corpus = Corpus(train=windows(train), val=windows(val), train_by_source=by_source,
+                    val_by_source=val_by_source,
                     n_train_tokens=sum(s[3] - s[2] for s in train),
                     n_val_tokens=sum(s[3] - s[2] for s in val),
                     fingerprint=hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()

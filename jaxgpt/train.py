@@ -6,6 +6,7 @@ ConfigDict stops at `train_and_evaluate`, which validates it and passes typed va
 
 import dataclasses
 import functools
+import importlib.util
 import json
 import logging
 import math
@@ -20,6 +21,7 @@ import optax
 from flax import nnx, struct
 
 from jaxgpt import checkpoint, data, model, report, sample, sharding, tokenizer
+from jaxgpt import eval as evaluation
 
 Batch = jax.Array  # int32 [A, B, T + 1]: A micro-batches of B windows of T + 1 tokens
 
@@ -163,19 +165,12 @@ def to_global(x: np.ndarray, mesh, spec_names, rules) -> jax.Array:
     return jax.make_array_from_process_local_data(sh, x)
 
 
-def evaluate(trainer: Trainer, params, windows: np.ndarray, batch: int, max_batches: int):
-    """Token-weighted validation loss over up to `max_batches` batches (0 = all)."""
-    nll, tokens = 0.0, 0.0
-    for b in data.iter_val_batches(windows, batch, max_batches):
-        out = trainer.eval_step(params, to_global(b, trainer.mesh, ("batch", None),
-                                                  trainer.rules))
-        nll += float(out["nll_sum"])
-        tokens += float(out["tokens"])
-    if not tokens:
-        raise ValueError(f"{len(windows)} validation windows are fewer than one eval batch "
-                         f"of {batch}")
-    loss = nll / tokens
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": tokens}
+def evaluate(trainer: Trainer, params, windows, batch: int, max_batches: int):
+    """Token-weighted validation loss over up to `max_batches` batches per source (0 = all);
+    `windows` is one [W, T + 1] array or {source name: windows} (see eval.evaluate_windows)."""
+    step_fn = lambda b: trainer.eval_step(params, to_global(b, trainer.mesh, ("batch", None),
+                                                            trainer.rules))
+    return evaluation.evaluate_windows(step_fn, windows, batch=batch, max_batches=max_batches)
 
 
 def _validate(config: ml_collections.ConfigDict, cfg: model.GPTConfig, n_devices: int):
@@ -193,6 +188,9 @@ def _validate(config: ml_collections.ConfigDict, cfg: model.GPTConfig, n_devices
         raise ValueError(f"mesh.rules must be one of {'|'.join(sharding.RULES)}, "
                          f"got {config.mesh.rules!r}")
     sharding.resolve_mesh_shape(config.mesh.shape, n_devices)
+    if config.report.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ValueError(f"report.wandb_project is {config.report.wandb_project!r} but wandb "
+                         f"is not installed (pip install wandb)")
 
 
 def _check_batch_divisible(micro_batch: int, config, mesh, rules):
@@ -234,16 +232,50 @@ def _make_tokenizer(dcfg: data.DataConfig, workdir: str, cfg: model.GPTConfig):
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to WORKDIR/metrics.jsonl (process 0 only)."""
+    """Appends one JSON object per line to WORKDIR/metrics.jsonl and mirrors the numbers
+    (and sample text) to TensorBoard event files in WORKDIR and, if asked, to Weights &
+    Biases (process 0 only)."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, *, tensorboard: bool = False,
+                 wandb_project: str | None = None, config: dict | None = None):
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.enabled = jax.process_index() == 0
+        self.tb = self.wandb = None
+        if self.enabled and tensorboard:
+            import tensorboardX
+            self.tb = tensorboardX.SummaryWriter(logdir=workdir, flush_secs=30)
+        if self.enabled and wandb_project:
+            import wandb   # train._validate checked that it is installed
+            self.wandb = wandb.init(project=wandb_project, dir=workdir, config=config,
+                                    name=os.path.basename(os.path.abspath(workdir)))
 
     def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        group = "eval" if "val_loss" in record else "train"
+        scalars = {f"{group}/{k}": v for k, v in record.items()
+                   if k not in ("step", "time", "total_steps") and isinstance(v, (int, float))}
+        if self.tb is not None:
+            for tag, v in scalars.items():
+                self.tb.add_scalar(tag, v, record["step"])
+            self.tb.flush()   # a run still training shows up in TensorBoard at once
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
+
+    def write_text(self, tag: str, text: str, step: int) -> None:
+        if self.tb is not None:
+            self.tb.add_text(tag, text.replace("\n", "  \n"), step)   # markdown line breaks
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({tag: text}, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def _sample_text(config, trainer: Trainer, params, tok, step: int) -> list[str]:
@@ -321,7 +353,8 @@ def _init_from(source: str | None, trainer: Trainer, state: TrainState) -> Train
 
 def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, manager, meta,
                 *, schedule) -> dict:
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, tensorboard=config.report.tensorboard,
+                           wandb_project=config.report.wandb_project, config=config.to_dict())
     total, accum = config.train.steps, config.train.grad_accum
     start = int(state.step)
     tokens_per_step = config.train.batch_size * config.data.block_size
@@ -351,7 +384,9 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, manage
             logging.info(report.progress_line(last_log))
             t_last, step_last = now, done
         if config.eval.every and (done % config.eval.every == 0 or done == total):
-            last_eval = {"step": done, **evaluate(trainer, state.params, corpus.val,
+            # Several sources (a SlimPajama mixture): also a loss and perplexity per source.
+            val = corpus.val_by_source if len(corpus.val_by_source) > 1 else corpus.val
+            last_eval = {"step": done, **evaluate(trainer, state.params, val,
                                                   config.eval.batch_size, config.eval.batches)}
             writer.write(last_eval)
             logging.info(report.eval_line(last_eval))
@@ -359,9 +394,11 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, manage
             checkpoint.save(manager, state, train_iter.get_state(), meta)
     if config.sample.prompts and config.sample.max_new_tokens:
         completions = _sample_text(config, trainer, state.params, tok, int(state.step))
+        block = report.samples_block(int(state.step), list(config.sample.prompts),
+                                     completions)
         with open(os.path.join(workdir, "samples.txt"), "a") as f:
-            f.write(report.samples_block(int(state.step), list(config.sample.prompts),
-                                         completions) + "\n")
-        logging.info(report.samples_block(int(state.step), list(config.sample.prompts),
-                                          completions))
+            f.write(block + "\n")
+        logging.info(block)
+        writer.write_text("samples", block, int(state.step))
+    writer.close()
     return {"train": last_log, "eval": last_eval, "state": state}
