@@ -261,7 +261,11 @@ def _run_blocks(blocks: nnx.List, x, mask_BTS, cfg: GPTConfig, rngs):
     """
     splits = [nnx.split(block) for block in blocks]   # the blocks share one graphdef
     graphdef, states = splits[0][0], [state for _, state in splits]
-    keys = None if rngs is None else jax.random.split(rngs.dropout(), len(states))
+    # Dropout keys are drawn only when some dropout is on: drawing mutates `rngs`, which is
+    # an error when the caller built it outside the trace we run in (value_and_grad).
+    dropout = cfg.embd_pdrop or cfg.attn_pdrop or cfg.resid_pdrop
+    keys = None if rngs is None or not dropout else jax.random.split(rngs.dropout(),
+                                                                     len(states))
     policy = REMAT_POLICIES[cfg.remat]
 
     def block_fn(state, x, key):
