@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx, struct
+from jax.experimental import multihost_utils
 
 from jaxgpt import checkpoint, data, model, report, sample, sharding, tokenizer
 
@@ -166,7 +167,9 @@ def to_global(x: np.ndarray, mesh, spec_names, rules) -> jax.Array:
 def evaluate(trainer: Trainer, params, windows: np.ndarray, batch: int, max_batches: int):
     """Token-weighted validation loss over up to `max_batches` batches (0 = all)."""
     nll, tokens = 0.0, 0.0
+    rows = batch // jax.process_count()   # this process's contiguous share of each batch
     for b in data.iter_val_batches(windows, batch, max_batches):
+        b = b[jax.process_index() * rows:(jax.process_index() + 1) * rows]
         out = trainer.eval_step(params, to_global(b, trainer.mesh, ("batch", None),
                                                   trainer.rules))
         nll += float(out["nll_sum"])
@@ -269,10 +272,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     files, docs = _load_documents(config)
 
     os.makedirs(workdir, exist_ok=True)
+    # Process 0 trains/caches the tokenizer and tokens first; the others then read its files.
+    if jax.process_index() != 0:
+        multihost_utils.sync_global_devices("jaxgpt: workdir prepared")
     tok = _make_tokenizer(config, workdir, docs, cfg)
     corpus = data.load_text_corpus(files, docs, tok, block_size=config.data.block_size,
                                    val_fraction=config.data.val_fraction,
                                    cache_dir=os.path.join(workdir, "data"))
+    if jax.process_index() == 0 and jax.process_count() > 1:
+        multihost_utils.sync_global_devices("jaxgpt: workdir prepared")
     del docs
     total = config.train.steps
     tx = make_optimizer(optim, total)
@@ -340,7 +348,9 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, manage
         if done % config.checkpoint.every == 0 or done == total:
             checkpoint.save(manager, state, train_iter.get_state(), meta)
     if config.sample.prompts and config.sample.max_new_tokens:
+        # Every process samples (the params are sharded over all of them); process 0 writes.
         completions = _sample_text(config, trainer, state.params, tok, int(state.step))
+    if config.sample.prompts and config.sample.max_new_tokens and jax.process_index() == 0:
         with open(os.path.join(workdir, "samples.txt"), "a") as f:
             f.write(report.samples_block(int(state.step), list(config.sample.prompts),
                                          completions) + "\n")
