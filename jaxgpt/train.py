@@ -20,7 +20,7 @@ import optax
 from flax import nnx, struct
 from jax.experimental import multihost_utils
 
-from jaxgpt import checkpoint, data, model, report, sample, sharding, tokenizer
+from jaxgpt import checkpoint, data, mfu, model, report, sample, sharding, tokenizer
 
 Batch = jax.Array  # int32 [A, B, T + 1]: A micro-batches of B windows of T + 1 tokens
 
@@ -315,6 +315,9 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, manage
     total, accum = config.train.steps, config.train.grad_accum
     start = int(state.step)
     tokens_per_step = config.train.batch_size * config.data.block_size
+    # MFU's numerator and denominator, from the model shape and the devices' peak FLOP/s.
+    flops_per_token = mfu.flops_per_token(trainer.cfg, config.data.block_size)
+    peak = mfu.peak_flops(list(trainer.mesh.devices.flat))
     last_log, last_eval = {}, {}
     t_last, step_last, t_first = time.time(), start, None
     for step in range(start, total):
@@ -332,6 +335,7 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, manage
                 "step": done, "total_steps": total, "loss": float(metrics["loss"]),
                 "grad_norm": float(metrics["grad_norm"]), "lr": float(schedule(done - 1)),
                 "tokens_per_s": rate * tokens_per_step,
+                "mfu": rate * tokens_per_step * flops_per_token / peak if peak else None,
                 "samples_per_s": rate * config.train.batch_size,
                 "epoch": done * config.train.batch_size / len(corpus.train),
                 "eta_s": (total - done) / rate, "time": now}

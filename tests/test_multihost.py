@@ -110,6 +110,7 @@ def test_two_processes_train_like_one_and_resume_in_one(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "[1] " in out.stdout and "2 process(es)" in out.stdout
     reference = _losses(one)
+    assert all(0 < r["mfu"] < 1 for r in _records(two) if "loss" in r)
     for step, loss in _losses(two).items():
         assert loss == pytest.approx(reference[step], rel=1e-5), step
     val = {r["step"]: r["val_loss"] for r in _records(two) if "val_loss" in r}
