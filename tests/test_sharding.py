@@ -150,3 +150,23 @@ def test_layer_options_change_nothing_but_speed(one_device_run, tmp_path):
     restored, _, _ = checkpoint.restore(manager, abstract)
     assert_trees_close(jax.device_get(restored.params), ref_params, rtol=1e-5, atol=1e-7)
     assert "h" in restored.params and 1 in restored.params["h"]
+
+
+def test_rule_errors_name_the_parameter_before_compiling():
+    cfg = model.GPTConfig(vocab_size=96, n_positions=32, n_embd=48, n_layer=1, n_head=4)
+    abstract = nnx.state(nnx.eval_shape(lambda: model.GPT(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    mesh = sharding.make_mesh((1, 2, 4))
+    reused = sharding.RULES["fsdp_tp"] | {"vocab": "fsdp"}     # wte is ('vocab', 'embed')
+    with pytest.raises(ValueError, match=r"\['wte'\]\['embedding'\] \(96, 48\).*'fsdp' used"):
+        sharding.tree_shardings(abstract, mesh, reused)
+    unknown = {k: v for k, v in sharding.RULES["fsdp"].items() if k != "mlp"}
+    with pytest.raises(ValueError, match=r"\['mlp'\]\['c_fc'\]\['bias'\] \(192,\).*'mlp'"):
+        sharding.tree_shardings(abstract, mesh, unknown)
+    with pytest.raises(ValueError, match=r"c_attn'\]\['bias'\] \(3, 4, 12\): dim 12 \(head_dim\) "
+                                         r"not divisible by tensor \(8\)"):
+        sharding.tree_shardings(abstract, sharding.make_mesh((1, 1, 8)),
+                                sharding.RULES["dp"] | {"head_dim": "tensor"})
+    with pytest.raises(ValueError, match="missing logical axes \\['mlp'\\]"):
+        sharding.check_rules(unknown)
+    with pytest.raises(ValueError, match="unknown mesh axis 'model'"):
+        sharding.check_rules(sharding.RULES["dp"] | {"heads": "model"})
