@@ -182,15 +182,7 @@ def evaluate(trainer: Trainer, params, windows: np.ndarray, batch: int, max_batc
 
 
 def _validate(config: ml_collections.ConfigDict, cfg: model.GPTConfig, n_devices: int):
-    if config.data.source not in data.SOURCES:
-        raise ValueError(f"data.source must be one of {'|'.join(data.SOURCES)}, "
-                         f"got {config.data.source!r}")
-    if config.data.source != "text":
-        raise NotImplementedError(f"data.source {config.data.source!r} has no reader yet; "
-                                  f"use 'text' with data.path")
-    if config.data.tokenizer != "sentencepiece":
-        raise NotImplementedError(f"data.tokenizer {config.data.tokenizer!r} is not available "
-                                  f"yet; use 'sentencepiece'")
+    data.DataConfig.from_config(config.data)
     if not 1 <= config.data.block_size <= cfg.n_positions:
         raise ValueError(f"data.block_size {config.data.block_size} must be in "
                          f"[1, model.n_positions={cfg.n_positions}]")
@@ -218,15 +210,26 @@ def _check_batch_divisible(micro_batch: int, config, mesh, rules):
                          f"the {ways} devices the batch is split over")
 
 
-def _load_documents(config) -> tuple[list[str], list[str]]:
-    files = (data.default_corpus_files() if config.data.path is None
-             else data.resolve_paths(config.data.path))
-    return files, data.read_text_files(files)
+def _tokenizer_location(path: str) -> str:
+    """Absolute path for local tokenizer files; hub names (`gpt2`, `hf:gpt2`) stay as given."""
+    return os.path.abspath(path) if os.path.exists(path) else path
 
 
-def _make_tokenizer(config, workdir: str, docs: list[str], cfg: model.GPTConfig):
-    path = config.data.tokenizer_path or os.path.join(workdir, "tokenizer.model")
-    tok = tokenizer.load_or_train_sentencepiece(path, docs, cfg.vocab_size)
+def _make_tokenizer(dcfg: data.DataConfig, workdir: str, cfg: model.GPTConfig):
+    """The run's tokenizer; a SentencePiece model trained here is saved by the caller only
+    once the corpus has been read without error, so bad input leaves the workdir as it was."""
+    if dcfg.tokenizer == "gpt2":
+        path = dcfg.tokenizer_path or "gpt2"   # files, or the HF hub's copy
+        tok = tokenizer.load("gpt2", path)
+    else:
+        path = dcfg.tokenizer_path or os.path.join(workdir, "tokenizer.model")
+        if os.path.exists(path):
+            tok = tokenizer.load_or_train_sentencepiece(path, [], cfg.vocab_size)
+        else:
+            logging.info("training a %d-piece SentencePiece tokenizer -> %s", cfg.vocab_size,
+                         path)
+            tok = tokenizer.SentencePiece(tokenizer.train_sentencepiece(
+                data.tokenizer_training_texts(dcfg), cfg.vocab_size), path)
     if tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer {path} has {tok.vocab_size} tokens, more than "
                          f"model.vocab_size {cfg.vocab_size}")
@@ -269,29 +272,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rules = sharding.RULES[config.mesh.rules]
     micro_batch = config.train.batch_size // config.train.grad_accum
     _check_batch_divisible(micro_batch, config, mesh, rules)
-    files, docs = _load_documents(config)
+    dcfg = data.DataConfig.from_config(config.data)
+    data.find_inputs(dcfg)   # a missing path fails here, before the workdir is touched
 
     os.makedirs(workdir, exist_ok=True)
     # Process 0 trains/caches the tokenizer and tokens first; the others then read its files.
     if jax.process_index() != 0:
         multihost_utils.sync_global_devices("jaxgpt: workdir prepared")
-    tok = _make_tokenizer(config, workdir, docs, cfg)
-    corpus = data.load_text_corpus(files, docs, tok, block_size=config.data.block_size,
-                                   val_fraction=config.data.val_fraction,
-                                   cache_dir=os.path.join(workdir, "data"))
+    tok = _make_tokenizer(dcfg, workdir, cfg)
+    corpus = data.load_corpus(dcfg, tok, cache_dir=os.path.join(workdir, "data"))
+    if isinstance(tok, tokenizer.SentencePiece) and not os.path.exists(tok.path):
+        tok.save(tok.path)
     if jax.process_index() == 0 and jax.process_count() > 1:
         multihost_utils.sync_global_devices("jaxgpt: workdir prepared")
-    del docs
     total = config.train.steps
     tx = make_optimizer(optim, total)
     trainer = make_trainer(cfg, tx, mesh, rules, config.train.seed)
     train_ds = data.make_train_dataset(
-        corpus.train, global_batch=config.train.batch_size, seed=config.train.seed,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    train_iter = iter(train_ds.to_iter_dataset())
+        corpus, global_batch=config.train.batch_size, seed=config.train.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        mixture=dcfg.mixture)
+    train_iter = data.make_iterator(train_ds, dcfg)
     manager = checkpoint.make_manager(workdir, keep=config.checkpoint.keep)
     meta = {"config": config.to_dict(), "data": corpus.fingerprint,
-            "tokenizer": {"kind": config.data.tokenizer, "path": os.path.abspath(tok.path),
+            "tokenizer": {"kind": config.data.tokenizer, "path": _tokenizer_location(tok.path),
                           "fingerprint": tok.fingerprint}}
     if checkpoint.latest_step(manager) is not None:
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -300,13 +304,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         train_iter.set_state(data_state)
         logging.info("resumed from step %d in %s", int(state.step), workdir)
     else:
-        state = trainer.init()
+        state = _init_from(config.init_from, trainer, trainer.init())
+    # Tokens and documents per source and split, and bad records skipped while preparing.
+    MetricsWriter(workdir).write({"step": int(state.step), "data": corpus.stats})
     n_params = model.count_params(state.params)
     logging.info("model: %s parameters; %d train windows of %d tokens; mesh %s",
                  f"{n_params:,}", len(corpus.train), config.data.block_size,
                  dict(mesh.shape))
     return _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, manager,
                        meta, schedule=make_schedule(optim, total))
+
+
+def _init_from(source: str | None, trainer: Trainer, state: TrainState) -> TrainState:
+    """Fresh params replaced by HF GPT-2 weights when `config.init_from` names some."""
+    if source is None:
+        return state
+    from jaxgpt.convert import hf  # needs torch/transformers (jaxgpt[hf])
+
+    params = hf.init_params(source, trainer.cfg, state.params)
+    logging.info("initialized params from %s", source)
+    # Adam moments are zeros whatever the params are, so only the params change.
+    return state.replace(params=jax.device_put(params, trainer.state_shardings.params))
 
 
 def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, manager, meta,
