@@ -42,7 +42,7 @@ def flops_per_token(cfg: model.GPTConfig, seq_len: int) -> float:
     return 6.0 * n + attention
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _measured_cpu_flops(n: int = 1024, repeats: int = 5) -> float:
     """float32 matmul FLOP/s of this host's CPU, measured (there is no data sheet)."""
     a = jnp.ones((n, n), jnp.float32)

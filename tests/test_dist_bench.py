@@ -16,7 +16,7 @@ def test_gpu_bench_script_runs_tiny_on_cpu():
          "--embd", "64", "--heads", "4", "--vocab", "256", "--batch", "2", "--seq", "32",
          "--steps", "2", "--warmup", "1"],
         cwd=helpers.REPO, capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        env=dict(os.environ, JAX_PLATFORMS="cpu"), check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     # The GPU defaults (bf16, fused attention) are what ran; the CPU's peak is measured.
     assert "dtype bfloat16; attention dot_product" in out.stdout

@@ -93,7 +93,7 @@ def test_tpu_pod_dry_run():
     assert lines[1:] == [f"[worker {w}] cd ~/jaxgpt && python -m jaxgpt.main --distributed=on "
                          f"--workdir=gs://b/run" for w in range(4)]
     bad = subprocess.run(["bash", os.path.join(LAUNCH, "tpu_pod.sh"), "--dry-run"],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "usage" in bad.stderr
 
 
@@ -106,7 +106,7 @@ def test_two_processes_train_like_one_and_resume_in_one(tmp_path):
     out = subprocess.run(
         ["bash", os.path.join(LAUNCH, "local.sh"), "2", "--devices", "4", "--port",
          str(_free_port()), "--", *args, "--config.train.steps=4", f"--workdir={two}"],
-        cwd=helpers.REPO, capture_output=True, text=True, timeout=240)
+        cwd=helpers.REPO, capture_output=True, text=True, timeout=240, check=False)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "[1] " in out.stdout and "2 process(es)" in out.stdout
     reference = _losses(one)

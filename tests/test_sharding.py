@@ -139,7 +139,7 @@ def test_layer_options_change_nothing_but_speed(one_device_run, tmp_path):
     for mesh_shape, options in [((1, 1, 1), dict(remat="full")),
                                 ((2, 2, 2), dict(remat="dots_saveable", scan_layers=True))]:
         cfg = dataclasses.replace(SHARDED_CFG, **options)
-        trainer, state, losses = _run(cfg, mesh_shape, "fsdp_tp")
+        _, state, losses = _run(cfg, mesh_shape, "fsdp_tp")
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=str(options))
         assert_trees_close(jax.device_get(state.params), ref_params, rtol=1e-5, atol=1e-7)
     manager = checkpoint.make_manager(str(tmp_path), keep=1)
