@@ -2,9 +2,16 @@
 
 Config fields are overridden with `--config.group.field=value`; the config is locked, so a
 typo'd field is rejected. Bad input exits non-zero with one clear line.
+
+Multi-host: every process runs this same command. `jax.distributed.initialize` runs first,
+before anything touches a device, from `--coordinator_address --num_processes --process_id`
+(defaults: the JAXGPT_COORDINATOR_ADDRESS, JAXGPT_NUM_PROCESSES, JAXGPT_PROCESS_ID
+environment variables, which the `launch/` scripts set), or from the cluster's own
+environment on SLURM and TPU pods. Only process 0 logs at INFO and writes reports.
 """
 
 import logging
+import os
 import sys
 
 import jax
@@ -19,6 +26,35 @@ config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, tokenizer, samples.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    if not value.isdigit():
+        raise app.UsageError(f"environment variable {name}={value!r} is not an integer")
+    return int(value)
+
+
+flags.DEFINE_enum("distributed", os.environ.get("JAXGPT_DISTRIBUTED", "auto"),
+                  ["auto", "on", "off"],
+                  "jax.distributed: auto = when a coordinator is given or SLURM / a TPU pod "
+                  "runs several processes; on = always (cluster auto-detection); off = never.")
+flags.DEFINE_string("coordinator_address", os.environ.get("JAXGPT_COORDINATOR_ADDRESS"),
+                    "host:port of process 0's coordination service.")
+flags.DEFINE_integer("num_processes", None,
+                     "Processes in the job (default: $JAXGPT_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", None,
+                     "This process's index in [0, num_processes) (default: $JAXGPT_PROCESS_ID).")
+flags.DEFINE_integer("cpu_devices", None, "CPU devices in this process (jax_num_cpu_devices; "
+                     "default: $JAXGPT_CPU_DEVICES); for testing the multi-host path on CPUs.")
+flags.DEFINE_list("local_device_ids", os.environ.get("JAXGPT_LOCAL_DEVICE_IDS") or None,
+                  "Accelerators this process uses, e.g. 0,1,2,3 (default: all, or on SLURM "
+                  "the one GPU SLURM_LOCALID).")
+flags.DEFINE_integer("heartbeat_timeout", None, "Seconds without a heartbeat after which a "
+                     "process counts as dead and the others exit with an error "
+                     "(default: $JAXGPT_HEARTBEAT_TIMEOUT or 100).")
+
 # Errors that mean "your input is wrong": reported in one line, exit status 2.
 USER_ERRORS = (ValueError, FileNotFoundError, NotImplementedError, UnicodeDecodeError)
 
@@ -31,10 +67,45 @@ class _QuietLibraries(logging.Filter):
         return record.levelno >= logging.WARNING or not noisy
 
 
+def _cluster_runs_several_processes() -> bool:
+    """SLURM with several tasks, or a multi-host TPU slice (jax then detects the rest)."""
+    slurm = int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in os.environ
+    tpu_pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return slurm or tpu_pod
+
+
+def init_distributed() -> None:
+    """Start jax.distributed per the flags/environment; must precede any device use."""
+    cpu_devices = FLAGS.cpu_devices or _env_int("JAXGPT_CPU_DEVICES")
+    if cpu_devices:
+        jax.config.update("jax_num_cpu_devices", cpu_devices)
+    num_processes = FLAGS.num_processes or _env_int("JAXGPT_NUM_PROCESSES")
+    process_id = FLAGS.process_id if FLAGS.process_id is not None else _env_int(
+        "JAXGPT_PROCESS_ID")
+    explicit = FLAGS.coordinator_address is not None
+    if FLAGS.distributed == "off" or (FLAGS.distributed == "auto" and not explicit
+                                      and not _cluster_runs_several_processes()):
+        return
+    if explicit and (num_processes is None or process_id is None):
+        raise app.UsageError(f"--coordinator_address={FLAGS.coordinator_address} needs "
+                             f"--num_processes and --process_id (or JAXGPT_NUM_PROCESSES and "
+                             f"JAXGPT_PROCESS_ID)")
+    # CPU devices of different processes talk through gloo (no-op for GPU/TPU backends).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    heartbeat = FLAGS.heartbeat_timeout or _env_int("JAXGPT_HEARTBEAT_TIMEOUT") or 100
+    jax.distributed.initialize(
+        coordinator_address=FLAGS.coordinator_address, num_processes=num_processes,
+        process_id=process_id, heartbeat_timeout_seconds=heartbeat,
+        local_device_ids=[int(i) for i in FLAGS.local_device_ids or ()] or None,
+        initialization_timeout=max(60, 3 * heartbeat), shutdown_timeout_seconds=heartbeat)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.getLogger().setLevel(logging.INFO)
+    init_distributed()
+    # Process 0 speaks for the job; the others report warnings and errors only.
+    logging.getLogger().setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_QuietLibraries())
     logging.info("JAX %s: %d %s device(s), %d process(es)", jax.__version__,

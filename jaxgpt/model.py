@@ -22,6 +22,18 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Activation rematerialisation per block: what the backward pass may keep instead of
+# recomputing. "none" stores everything; "full" recomputes the whole block.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable":
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+# "einsum": explicit scores and float32 softmax. "dot_product": jax.nn.dot_product_attention,
+# which runs cuDNN's fused flash kernel on GPUs where it applies (XLA elsewhere).
+ATTENTION_KERNELS = ("einsum", "dot_product")
 
 # name -> (n_layer, n_head, n_embd). The four GPT-2 sizes are OpenAI's; the small ones are
 # for tests and CPU runs.
@@ -50,6 +62,9 @@ class GPTConfig:
     attn_pdrop: float = 0.0           # dropout on attention probabilities
     resid_pdrop: float = 0.0          # dropout on each residual branch
     dtype: str = "float32"            # compute dtype (float32 | bfloat16); params stay fp32
+    remat: str = "none"               # a key of REMAT_POLICIES, applied to every block
+    scan_layers: bool = False         # run the blocks as one lax.scan (faster compiles)
+    attention: str = "einsum"         # one of ATTENTION_KERNELS
     # Newer components, each independent; the defaults are GPT-2 (HF import/export exact).
     rotary: bool = False              # rotary position embeddings on q and k; no wpe param
     rope_theta: float = 10000.0       # RoPE base: pair i of a head turns at theta^(-2i/K)
@@ -79,6 +94,15 @@ class GPTConfig:
                 raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"model.dtype must be one of {'|'.join(DTYPES)}, got {self.dtype!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat must be one of {'|'.join(REMAT_POLICIES)}, "
+                             f"got {self.remat!r}")
+        if self.attention not in ATTENTION_KERNELS:
+            raise ValueError(f"model.attention must be one of {'|'.join(ATTENTION_KERNELS)}, "
+                             f"got {self.attention!r}")
+        if self.attention == "dot_product" and self.attn_pdrop:
+            raise ValueError(f"model.attention='dot_product' has no attention dropout; "
+                             f"model.attn_pdrop must be 0, got {self.attn_pdrop}")
         self._check_options()
 
     def _check_options(self):
@@ -264,10 +288,12 @@ class Dense(nnx.Module):
 
 def _attend(q_BTHK, k_BSGK, v_BSGK, mask_BTS, dropout, rngs):
     """Softmax attention where each of the G key/value heads serves R = H/G query heads
-    (R = 1 is plain multi-head attention). Returns [B, T, H, K]."""
+    (R = 1 is plain multi-head attention); mask_BTS None = plain causal. Returns [B, T, H, K]."""
     B, T, H, K = q_BTHK.shape
     G = k_BSGK.shape[2]
     dtype = q_BTHK.dtype
+    if mask_BTS is None:
+        mask_BTS = jnp.tril(jnp.ones((T, k_BSGK.shape[1]), bool))[None]
     q = q_BTHK.reshape(B, T, G, H // G, K)   # query head h uses key/value head h // R
     scores = jnp.einsum("BTGRK,BSGK->BGRTS", q, k_BSGK) / jnp.sqrt(K).astype(dtype)
     # Softmax in float32; masked scores get the most negative float, not -inf, so a fully
@@ -329,9 +355,21 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
             new_kv = (k, v)
             k, v = k.astype(dtype), v.astype(dtype)
-        out = _attend(q, k, v, mask_BTS, self.attn_dropout, rngs)
+        if self.cfg.attention == "dot_product":
+            out = _fused_attention(q, k, v, mask_BTS)
+        else:
+            out = _attend(q, k, v, mask_BTS, self.attn_dropout, rngs)
         out = self.c_proj.project("BTHK,HKD->BTD", out, dtype)
         return self.resid_dropout(out, deterministic=rngs is None, rngs=rngs), new_kv
+
+
+def _fused_attention(q, k, v, mask_BTS):
+    """jax.nn.dot_product_attention on q [B, T, H, K], k/v [B, S, G, K] (it groups query heads
+    over G key/value heads itself); mask_BTS None means plain causal, which takes the
+    kernel's is_causal path (the one cuDNN flash attention accelerates)."""
+    if mask_BTS is None:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask_BTS[:, None])
 
 
 class Mlp(nnx.Module):
@@ -381,6 +419,39 @@ class Block(nnx.Module):
         return x + self.mlp(self.ln_2(x), rngs=rngs), new_kv
 
 
+def _run_blocks(blocks: nnx.List, x, mask_BTS, cfg: GPTConfig, rngs, rope=None):
+    """x [B, T, D] through every block, with cfg.remat's policy on each block and, with
+    cfg.scan_layers, one lax.scan over the blocks' weights stacked to [L, ...] on the fly.
+
+    Stacking inside the step (rather than storing stacked weights) keeps the parameter tree
+    `h.N.*`, so checkpoints, HF conversion and the sharding rules are the same either way;
+    the price is one transient copy of the block weights per step.
+    """
+    splits = [nnx.split(block) for block in blocks]   # the blocks share one graphdef
+    graphdef, states = splits[0][0], [state for _, state in splits]
+    # Dropout keys are drawn only when some dropout is on: drawing mutates `rngs`, which is
+    # an error when the caller built it outside the trace we run in (value_and_grad).
+    dropout = cfg.embd_pdrop or cfg.attn_pdrop or cfg.resid_pdrop
+    keys = None if rngs is None or not dropout else jax.random.split(rngs.dropout(),
+                                                                     len(states))
+    policy = REMAT_POLICIES[cfg.remat]
+
+    def block_fn(state, x, key):
+        block = nnx.merge(graphdef, state)
+        return block(x, mask_BTS, rope=rope,
+                     rngs=None if key is None else nnx.Rngs(dropout=key))[0]
+
+    if policy is not None:
+        block_fn = jax.checkpoint(block_fn, policy=policy)
+    if not cfg.scan_layers:
+        for i, state in enumerate(states):
+            x = block_fn(state, x, None if keys is None else keys[i])
+        return x
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+    x, _ = jax.lax.scan(lambda x, xs: (block_fn(xs[0], x, xs[1]), None), x, (stacked, keys))
+    return x
+
+
 class GPT(nnx.Module):
     """GPT-2 language model; the LM head is tied to `wte` unless cfg.tie_embeddings is off."""
 
@@ -421,7 +492,9 @@ class GPT(nnx.Module):
         start = 0 if cache is None else cache.index
         if positions is None:
             positions = jnp.broadcast_to(start + jnp.arange(T), (B, T))
-        if cache is None:
+        if cache is None and attention_mask is None:
+            mask_BTS = None   # plain causal: the attention kernels build or fuse it
+        elif cache is None:
             causal = jnp.tril(jnp.ones((T, T), bool))
             mask_BTS = causal[None] & valid_BT[:, None, :]
         else:
@@ -438,7 +511,12 @@ class GPT(nnx.Module):
         x = self.drop(x, deterministic=rngs is None, rngs=rngs)
         hidden = [x]
         new_k, new_v = [], []
-        for i, block in enumerate(self.h):
+        # Training-shaped calls (no cache, no per-layer outputs) may remat and/or scan.
+        stacked = cache is None and not return_hidden and (self.cfg.scan_layers or
+                                                            self.cfg.remat != "none")
+        if stacked:
+            x = _run_blocks(self.h, x, mask_BTS, self.cfg, rngs, rope)
+        for i, block in enumerate(() if stacked else self.h):
             kv = None if cache is None else (cache.k[i], cache.v[i], start)
             x, layer_kv = block(x, mask_BTS, kv, rope=rope, rngs=rngs)
             if cache is not None:

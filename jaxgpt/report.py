@@ -36,6 +36,8 @@ def progress_line(m: dict) -> str:
             f" | loss {m['loss']:.4f} | lr {m['lr']:.2e} | gnorm {m['grad_norm']:.2f}"
             f" | {m['tokens_per_s']:,.0f} tok/s | {m['samples_per_s']:.1f} samples/s"
             f" | ~{m['epoch']:.2f} epochs | ETA {format_duration(m['eta_s'])}")
+    if m.get("mfu") is not None:   # None where the devices' peak FLOP/s is unknown
+        line += f" | MFU {100 * m['mfu']:.1f}%"
     return line
 
 

@@ -24,6 +24,24 @@ RULES = {  # logical axis -> mesh axis or tuple; exactly one entry per name
 }
 
 
+
+def check_rules(rules: dict, name: str = "rules") -> None:
+    """A rule set names every logical axis exactly once and only known mesh axes."""
+    missing, extra = set(LOGICAL_AXES) - set(rules), set(rules) - set(LOGICAL_AXES)
+    if missing or extra:
+        raise ValueError(f"{name}: missing logical axes {sorted(missing)}, unknown "
+                         f"{sorted(extra)}")
+    for logical, axes in rules.items():
+        for axis in (axes,) if isinstance(axes, str) else (axes or ()):
+            if axis not in MESH_AXES:
+                raise ValueError(f"{name}: {logical!r} -> unknown mesh axis {axis!r}; "
+                                 f"mesh axes are {MESH_AXES}")
+
+
+for _name, _rules in RULES.items():
+    check_rules(_rules, f"RULES[{_name!r}]")
+
+
 def resolve_mesh_shape(shape, n_devices: int) -> tuple[int, ...]:
     """Fill the one -1 in `shape` so the product is n_devices; errors name the shape."""
     shape = tuple(int(s) for s in shape)
@@ -95,12 +113,15 @@ def tree_shardings(tree, mesh: Mesh, rules: dict):
         if len(names) != len(shape):
             raise ValueError(f"{jax.tree_util.keystr(path)}: {len(names)} axis names {names} "
                              f"for shape {shape}")
-        spec = logical_to_spec(names, rules)
+        try:
+            spec = logical_to_spec(names, rules)
+        except ValueError as e:
+            raise ValueError(f"{jax.tree_util.keystr(path)} {tuple(shape)}: {e}") from None
         for dim, name, axes in zip(shape, names, spec):
             size = _axis_size(mesh, axes)
             if dim % size:
-                raise ValueError(f"{jax.tree_util.keystr(path)}: dim {dim} ({name}) not "
-                                 f"divisible by {axes} ({size})")
+                raise ValueError(f"{jax.tree_util.keystr(path)} {tuple(shape)}: dim {dim} "
+                                 f"({name}) not divisible by {axes} ({size})")
         return NamedSharding(mesh, spec)
 
     shardings = jax.tree_util.tree_map_with_path(

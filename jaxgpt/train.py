@@ -19,8 +19,9 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx, struct
+from jax.experimental import multihost_utils
 
-from jaxgpt import checkpoint, data, model, report, sample, sharding, tokenizer
+from jaxgpt import checkpoint, data, mfu, model, report, sample, sharding, tokenizer
 from jaxgpt import eval as evaluation
 
 Batch = jax.Array  # int32 [A, B, T + 1]: A micro-batches of B windows of T + 1 tokens
@@ -167,9 +168,12 @@ def to_global(x: np.ndarray, mesh, spec_names, rules) -> jax.Array:
 
 def evaluate(trainer: Trainer, params, windows, batch: int, max_batches: int):
     """Token-weighted validation loss over up to `max_batches` batches per source (0 = all);
-    `windows` is one [W, T + 1] array or {source name: windows} (see eval.evaluate_windows)."""
-    step_fn = lambda b: trainer.eval_step(params, to_global(b, trainer.mesh, ("batch", None),
-                                                            trainer.rules))
+    `windows` is one [W, T + 1] array or {source name: windows} (see eval.evaluate_windows).
+    Every process reads the same batches and feeds its contiguous share of rows."""
+    rows = batch // jax.process_count()
+    lo = jax.process_index() * rows
+    step_fn = lambda b: trainer.eval_step(params, to_global(b[lo:lo + rows], trainer.mesh,
+                                                            ("batch", None), trainer.rules))
     return evaluation.evaluate_windows(step_fn, windows, batch=batch, max_batches=max_batches)
 
 
@@ -305,10 +309,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     data.find_inputs(dcfg)   # a missing path fails here, before the workdir is touched
 
     os.makedirs(workdir, exist_ok=True)
+    # Process 0 trains/caches the tokenizer and tokens first; the others then read its files.
+    if jax.process_index() != 0:
+        multihost_utils.sync_global_devices("jaxgpt: workdir prepared")
     tok = _make_tokenizer(dcfg, workdir, cfg)
     corpus = data.load_corpus(dcfg, tok, cache_dir=os.path.join(workdir, "data"))
     if isinstance(tok, tokenizer.SentencePiece) and not os.path.exists(tok.path):
         tok.save(tok.path)
+    if jax.process_index() == 0 and jax.process_count() > 1:
+        multihost_utils.sync_global_devices("jaxgpt: workdir prepared")
     total = config.train.steps
     tx = make_optimizer(optim, total)
     trainer = make_trainer(cfg, tx, mesh, rules, config.train.seed)
@@ -358,6 +367,9 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, manage
     total, accum = config.train.steps, config.train.grad_accum
     start = int(state.step)
     tokens_per_step = config.train.batch_size * config.data.block_size
+    # MFU's numerator and denominator, from the model shape and the devices' peak FLOP/s.
+    flops_per_token = mfu.flops_per_token(trainer.cfg, config.data.block_size)
+    peak = mfu.peak_flops(list(trainer.mesh.devices.flat))
     last_log, last_eval = {}, {}
     t_last, step_last, t_first = time.time(), start, None
     for step in range(start, total):
@@ -375,6 +387,7 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, manage
                 "step": done, "total_steps": total, "loss": float(metrics["loss"]),
                 "grad_norm": float(metrics["grad_norm"]), "lr": float(schedule(done - 1)),
                 "tokens_per_s": rate * tokens_per_step,
+                "mfu": rate * tokens_per_step * flops_per_token / peak if peak else None,
                 "samples_per_s": rate * config.train.batch_size,
                 "epoch": done * config.train.batch_size / len(corpus.train),
                 "eta_s": (total - done) / rate, "time": now}
@@ -393,12 +406,14 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, manage
         if done % config.checkpoint.every == 0 or done == total:
             checkpoint.save(manager, state, train_iter.get_state(), meta)
     if config.sample.prompts and config.sample.max_new_tokens:
+        # Every process samples (the params are sharded over all of them); process 0 writes.
         completions = _sample_text(config, trainer, state.params, tok, int(state.step))
         block = report.samples_block(int(state.step), list(config.sample.prompts),
                                      completions)
-        with open(os.path.join(workdir, "samples.txt"), "a") as f:
-            f.write(block + "\n")
-        logging.info(block)
-        writer.write_text("samples", block, int(state.step))
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, "samples.txt"), "a") as f:
+                f.write(block + "\n")
+            logging.info(block)
+            writer.write_text("samples", block, int(state.step))
     writer.close()
     return {"train": last_log, "eval": last_eval, "state": state}

@@ -1,0 +1,72 @@
+"""Model speed options change no numbers: fused attention, remat policies, scanned layers."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxgpt import model
+from tests.helpers import assert_trees_close
+
+
+def _loss_and_grads(cfg, tokens, attention_mask=None):
+    graphdef, params = nnx.split(model.GPT(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+
+    def loss(p):
+        logits, _ = nnx.merge(graphdef, p)(tokens, attention_mask=attention_mask)
+        return jnp.mean(logits ** 2), logits
+
+    (value, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return value, logits, grads
+
+
+TINY = model.GPTConfig(vocab_size=97, n_positions=32, n_embd=48, n_layer=2, n_head=4)
+TOKENS = np.random.default_rng(0).integers(0, 97, (2, 16), dtype=np.int32)
+
+
+@pytest.fixture(scope="module")
+def baseline():
+    return _loss_and_grads(TINY, TOKENS)
+
+
+@pytest.mark.parametrize("options", [dict(attention="dot_product"), dict(remat="full"),
+                                     dict(scan_layers=True, remat="dots_saveable",
+                                          attention="dot_product")], ids=str)
+def test_options_give_the_same_logits_and_grads(baseline, options):
+    want = baseline
+    got = _loss_and_grads(dataclasses.replace(TINY, **options), TOKENS)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)
+    assert_trees_close(got[2], want[2], rtol=1e-4, atol=1e-6)
+
+
+def _padded_and_cached_logits(cfg, tokens, mask):
+    graphdef, params = nnx.split(model.GPT(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+
+    @jax.jit
+    def run(params):
+        gpt = nnx.merge(graphdef, params)
+        padded, _ = gpt(tokens, attention_mask=mask)
+        _, cache = gpt(tokens[:, :8], cache=model.KVCache.create(cfg, 2, 16))
+        decoded, _ = gpt(tokens[:, 8:9], cache=cache)
+        return padded, decoded
+
+    return run(params)
+
+
+def test_fused_attention_with_padding_and_cache_equals_einsum():
+    mask = np.arange(12)[None, :] >= np.array([[0], [5]])       # row 1 left-padded
+    want = _padded_and_cached_logits(TINY, TOKENS[:, :12], mask)
+    got = _padded_and_cached_logits(dataclasses.replace(TINY, attention="dot_product"),
+                                    TOKENS[:, :12], mask)
+    assert_trees_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("field, value", [("remat", "some"), ("attention", "flash")])
+def test_bad_options_are_named(field, value):
+    with pytest.raises(ValueError, match=f"model.{field} must be one of .*{value!r}"):
+        dataclasses.replace(TINY, **{field: value})
+    with pytest.raises(ValueError, match="attn_pdrop must be 0"):
+        dataclasses.replace(TINY, attention="dot_product", attn_pdrop=0.1)

@@ -1,0 +1,157 @@
+"""Multi-process training on CPU through launch/local.sh, and the launch scripts' dry runs."""
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests import helpers
+
+LAUNCH = os.path.join(helpers.REPO, "launch")
+# decay_steps fixed so runs of different lengths share one learning-rate schedule.
+TINY = ["--config=configs/default.py", "--config.model.n_layer=2", "--config.model.n_head=2",
+        "--config.model.n_embd=32", "--config.model.vocab_size=384",
+        "--config.model.n_positions=64", "--config.data.block_size=32",
+        "--config.train.batch_size=8", "--config.train.log_every=1",
+        "--config.optim.warmup_steps=2", "--config.optim.decay_steps=50",
+        "--config.eval.batch_size=8", "--config.eval.batches=2",
+        "--config.checkpoint.every=2", "--config.sample.max_new_tokens=0"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _records(workdir) -> list[dict]:
+    return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def _losses(workdir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in _records(workdir) if "loss" in r}
+
+
+def _one_process(args, workdir, devices=8):
+    out = helpers.run_main(*args, f"--workdir={workdir}", f"--cpu_devices={devices}",
+                           env={"JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def _dry_run(script, *args) -> list[str]:
+    out = subprocess.run(["bash", os.path.join(LAUNCH, script), *args], capture_output=True,
+                         text=True, timeout=30, check=False)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
+def test_local_dry_run_prints_each_process():
+    lines = _dry_run("local.sh", "2", "--devices", "4", "--port", "4321", "--dry-run", "--",
+                     "--config=configs/default.py", "--workdir=/tmp/a b")
+    assert len(lines) == 2
+    for i, line in enumerate(lines):
+        words = shlex.split(line.split("&&", 1)[1])
+        assert words[0] == "env"
+        env = dict(w.split("=", 1) for w in words[1:] if "=" in w and not w.startswith("--"))
+        assert env["JAXGPT_COORDINATOR_ADDRESS"] == "127.0.0.1:4321"
+        assert env["JAXGPT_NUM_PROCESSES"] == "2" and env["JAXGPT_PROCESS_ID"] == str(i)
+        assert env["JAXGPT_CPU_DEVICES"] == "4" and env["JAX_PLATFORMS"] == "cpu"
+        assert words[-4:] == ["-m", "jaxgpt.main", "--config=configs/default.py",
+                              "--workdir=/tmp/a b"]   # quoting survives
+
+
+def test_slurm_dry_run_per_gpu_and_per_node():
+    per_gpu = _dry_run("slurm.sbatch", "--dry-run", "--nodes", "2", "--ntasks-per-node", "4",
+                       "--", "--workdir=/shared/run")
+    assert per_gpu[0].startswith("srun --nodes=2 --ntasks-per-node=4 ")
+    assert len(per_gpu) == 1 + 8
+    assert "SLURM_PROCID=7 " in per_gpu[-1] and "SLURM_LOCALID=3 " in per_gpu[-1]
+    assert "JAXGPT_LOCAL_DEVICE_IDS= " in per_gpu[-1]   # jax picks GPU SLURM_LOCALID
+    assert per_gpu[-1].endswith("-m jaxgpt.main --distributed=on --workdir=/shared/run")
+    per_node = _dry_run("slurm.sbatch", "--dry-run", "--nodes", "3", "--ntasks-per-node", "1",
+                        "--gpus-per-node", "4", "--", "--workdir=/w")
+    assert len(per_node) == 1 + 3
+    assert all("JAXGPT_LOCAL_DEVICE_IDS=0,1,2,3 " in line for line in per_node)
+
+
+def test_tpu_pod_dry_run():
+    lines = _dry_run("tpu_pod.sh", "--tpu", "pod1", "--zone", "us-central2-b", "--workers",
+                     "4", "--dry-run", "--", "--workdir=gs://b/run")
+    gcloud = shlex.split(lines[0])
+    assert gcloud[:7] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod1",
+                          "--zone=us-central2-b"]
+    assert "--worker=all" in gcloud
+    assert ("--command=cd ~/jaxgpt && python -m jaxgpt.main --distributed=on "
+            "--workdir=gs://b/run") in gcloud
+    assert lines[1:] == [f"[worker {w}] cd ~/jaxgpt && python -m jaxgpt.main --distributed=on "
+                         f"--workdir=gs://b/run" for w in range(4)]
+    bad = subprocess.run(["bash", os.path.join(LAUNCH, "tpu_pod.sh"), "--dry-run"],
+                         capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and "usage" in bad.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_and_resume_in_one(tmp_path):
+    corpus = helpers.small_corpus(tmp_path)
+    args = TINY + [f"--config.data.path={corpus}", "--config.eval.every=4"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _one_process(args + ["--config.train.steps=6"], one)
+    out = subprocess.run(
+        ["bash", os.path.join(LAUNCH, "local.sh"), "2", "--devices", "4", "--port",
+         str(_free_port()), "--", *args, "--config.train.steps=4", f"--workdir={two}"],
+        cwd=helpers.REPO, capture_output=True, text=True, timeout=240, check=False)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "[1] " in out.stdout and "2 process(es)" in out.stdout
+    reference = _losses(one)
+    assert all(0 < r["mfu"] < 1 for r in _records(two) if "loss" in r)
+    for step, loss in _losses(two).items():
+        assert loss == pytest.approx(reference[step], rel=1e-5), step
+    val = {r["step"]: r["val_loss"] for r in _records(two) if "val_loss" in r}
+    ref_val = {r["step"]: r["val_loss"] for r in _records(one) if "val_loss" in r}
+    assert val[4] == pytest.approx(ref_val[4], rel=1e-5)
+    assert sorted(os.listdir(two / "checkpoints")) == ["2", "4"]
+    # The checkpoint both processes wrote resumes in one process, on the same trajectory.
+    _one_process(args + ["--config.train.steps=6"], two)
+    resumed = _losses(two)
+    for step in (5, 6):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5), step
+
+
+@pytest.mark.slow
+def test_killed_process_stops_the_others(tmp_path):
+    corpus = helpers.small_corpus(tmp_path)
+    args = TINY + [f"--config.data.path={corpus}", "--config.train.steps=100000",
+                   "--config.eval.every=0", "--config.checkpoint.every=100000",
+                   f"--workdir={tmp_path}"]
+    lines = _dry_run("local.sh", "2", "--port", str(_free_port()), "--dry-run", "--", *args)
+    procs = []
+    for line in lines:
+        words = shlex.split(line.split("&&", 1)[1])[1:]   # after `env`
+        env = dict(os.environ, **dict(w.split("=", 1) for w in words
+                                      if w.split("=")[0].isupper()))
+        cmd = [sys.executable] + [w for w in words if not w.split("=")[0].isupper()][1:]
+        procs.append(subprocess.Popen(cmd, cwd=helpers.REPO, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(tmp_path / "metrics.jsonl"):   # training has started
+            assert time.time() < deadline and procs[0].poll() is None, procs[0].stdout.read()
+            time.sleep(0.5)
+        procs[1].send_signal(signal.SIGKILL)
+        killed_at = time.time()
+        output, _ = procs[0].communicate(timeout=60)
+        assert time.time() - killed_at < 60   # local.sh's heartbeat timeout is 10 s
+        assert procs[0].returncode != 0
+        assert "another task died" in output or "stopped sending heartbeats" in output
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
