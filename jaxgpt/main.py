@@ -11,7 +11,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxgpt import train
+from jaxgpt import faults, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:size]).",
@@ -20,7 +20,8 @@ flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, token
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Errors that mean "your input is wrong": reported in one line, exit status 2.
-USER_ERRORS = (ValueError, FileNotFoundError, NotImplementedError, UnicodeDecodeError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError,
+               UnicodeDecodeError)
 
 
 class _QuietLibraries(logging.Filter):
@@ -40,11 +41,18 @@ def main(argv):
     logging.info("JAX %s: %d %s device(s), %d process(es)", jax.__version__,
                  jax.device_count(), jax.default_backend(), jax.process_count())
     try:
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except USER_ERRORS as e:
         logging.error("%s: %s", type(e).__name__, e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except faults.Halt as e:
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    if result["preempted"] is not None:
+        print(f"preempted: checkpoint at step {result['preempted']} in {FLAGS.workdir}; "
+              f"rerun the same command to resume", file=sys.stderr)
 
 
 if __name__ == "__main__":
