@@ -84,8 +84,11 @@ def cross_entropy(logits, targets, mask=None):
     return (nll * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
-def loss_fn(params, graphdef, windows, rngs=None):
+def loss_fn(params, graphdef, windows, dropout_key=None):
     """Next-token loss of one micro-batch of windows [B, T + 1]."""
+    # The Rngs object is built inside the differentiated function: nnx refuses to advance
+    # an Rngs created at an outer trace level.
+    rngs = None if dropout_key is None else nnx.Rngs(dropout=dropout_key)
     logits, _ = nnx.merge(graphdef, params)(windows[:, :-1], rngs=rngs)
     return cross_entropy(logits, windows[:, 1:])
 
@@ -104,8 +107,7 @@ def train_step(state: TrainState, batch: Batch, *, graphdef, tx, skip_nonfinite=
     def micro(carry, xs):
         loss_sum, grad_sum = carry
         i, windows = xs
-        rngs = nnx.Rngs(dropout=jax.random.fold_in(step_key, i))
-        loss, grads = grad_fn(state.params, graphdef, windows, rngs)
+        loss, grads = grad_fn(state.params, graphdef, windows, jax.random.fold_in(step_key, i))
         return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
