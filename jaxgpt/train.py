@@ -300,13 +300,14 @@ def _validate_faults(config: ml_collections.ConfigDict):
                          f"{config.checkpoint.restore_step}")
 
 
-def _check_inputs(config, corpus, tok, cfg: model.GPTConfig):
+def _check_inputs(config, workdir: str, corpus, tok, cfg: model.GPTConfig):
     """Out-of-range ids are clamped by JAX gathers instead of raising: check them here."""
     for name, windows in (("train", corpus.train), ("validation", corpus.val)):
         top = int(windows.max())
         if top >= cfg.vocab_size:
             raise ValueError(f"{name} data holds token id {top} >= model.vocab_size "
-                             f"{cfg.vocab_size} (data cache {config.data.path or 'default'})")
+                             f"{cfg.vocab_size} (token cache {os.path.join(workdir, 'data')}"
+                             f" or tokenizer {tok.path})")
     if config.sample.max_new_tokens:
         for i, prompt in enumerate(config.sample.prompts):
             n = len(tok.encode(prompt))
@@ -387,7 +388,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                        val_fraction=config.data.val_fraction,
                                        cache_dir=os.path.join(workdir, "data"))
         del docs
-        _check_inputs(config, corpus, tok, cfg)
+        _check_inputs(config, workdir, corpus, tok, cfg)
         total = config.train.steps
         tx = make_optimizer(optim, total)
         trainer = make_trainer(

@@ -251,14 +251,18 @@ def _bad_inputs(tmp_path, shared_tok):
 def test_bad_inputs_are_rejected_and_change_nothing(tmp_path, shared_tok):
     workdir = str(tmp_path / "run")
     train.train_and_evaluate(_config(shared_tok, train__steps=2), workdir)
+
+    def corrupt_cache():   # an id the model cannot embed (JAX would clamp it silently)
+        cache = glob.glob(f"{workdir}/data/tokens-*.npy")[0]
+        tokens = np.load(cache)
+        tokens[5] = 999
+        np.save(cache, tokens)
+
     cases = _bad_inputs(tmp_path, shared_tok)
-    # A token cache holding an id the model cannot embed (JAX would clamp it silently).
-    cache = glob.glob(f"{workdir}/data/tokens-*.npy")[0]
-    tokens = np.load(cache)
-    tokens[5] = 999
-    np.save(cache, tokens)
     cases.append(({}, None, "token id 999 >= model.vocab_size 384"))
-    for changes, target, expect in cases:
+    for i, (changes, target, expect) in enumerate(cases):
+        if i == len(cases) - 1:
+            corrupt_cache()
         target = target or workdir
         before = helpers.tree_hash(target) if os.path.isdir(target) else open(target).read()
         t0 = time.time()
