@@ -168,8 +168,8 @@ class Checkpoints:
             with open(tmp, "w") as f:
                 json.dump(record, f)
             os.replace(tmp, os.path.join(directory, INTEGRITY))
-            self._prune()
         _sync("jaxgpt_checkpoint_flush")
+        self._prune()   # on every process: orbax's delete is collective
         logging.info("checkpoint at step %d complete", step)
 
     def _prune(self) -> None:

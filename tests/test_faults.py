@@ -344,3 +344,62 @@ def test_watchdog_exits_a_stuck_trainer(tmp_path, shared_tok):
     assert out.returncode == faults.EXIT_STALLED, out.stderr[-2000:]
     assert "step 4 stalled" in out.stdout + out.stderr
     assert time.time() - t0 < 120
+
+
+# ---------------------------------------------------------------- two local processes
+
+
+def _launch(workdir, shared_tok, steps, extra=((), ())):
+    """Two jax.distributed CPU processes running jaxgpt.main; extra[i]: rank i's flags."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    args = bench.run_args(workdir, *shared_tok, steps=steps)[3:]
+    return [subprocess.Popen([sys.executable, "tests/multiprocess.py", str(i), "2", str(port),
+                              "--", *args, *extra[i]], cwd=helpers.REPO, text=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            for i in range(2)]
+
+
+def _finish(procs, timeout=180):
+    outs = []
+    for p in procs:
+        outs.append(p.stderr.read())
+        p.wait(timeout=timeout)
+    return [p.returncode for p in procs], outs
+
+
+@pytest.mark.slow
+def test_two_processes_sigterm_to_one_rank_stops_both_at_one_step(tmp_path, shared_tok):
+    workdir = str(tmp_path / "mp")
+    procs = _launch(workdir, shared_tok, steps=10)
+    for line in procs[1].stderr:
+        if "step 3/10" in line:
+            procs[1].send_signal(signal.SIGTERM)   # rank 1 only
+            break
+    codes, outs = _finish(procs)
+    assert codes == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    stops = [int(o.split("preempted: checkpoint at step ")[1].split()[0]) for o in outs]
+    assert stops[0] == stops[1] < 10, stops
+    codes, outs = _finish(_launch(workdir, shared_tok, steps=10))
+    assert codes == [0, 0], outs[0][-2000:]
+    assert [r["step"] for r in faults.read_ledger(workdir)] == list(range(1, 11))
+
+
+@pytest.mark.slow
+def test_two_processes_config_mismatch_and_stuck_rank_exit_all(tmp_path, shared_tok):
+    codes, outs = _finish(_launch(str(tmp_path / "a"), shared_tok, steps=4,
+                                  extra=((), ("--config.train.seed=1",))))
+    assert codes[0] != 0 and codes[1] != 0
+    assert all("process 1: train.seed: 0 -> 1" in o for o in outs), outs[0][-2000:]
+    assert not os.path.exists(tmp_path / "a" / "checkpoints")
+    t0 = time.time()
+    codes, outs = _finish(_launch(str(tmp_path / "b"), shared_tok, steps=12, extra=(
+        ("--config.train.watchdog_min_s=15",),
+        ("--config.train.watchdog_min_s=15", "--config.train.inject_hang_at_step=4"))))
+    # Rank 1's watchdog ends it; rank 0, blocked in a collective, ends by its own watchdog
+    # or by JAX aborting on the lost peer (heartbeat timeout), whichever comes first.
+    assert codes[1] == faults.EXIT_STALLED and codes[0] not in (0, None), codes
+    assert "step 4 stalled" in outs[1]
+    assert time.time() - t0 < 150
