@@ -192,7 +192,7 @@ class Watchdog:
                 limit = self.timeout()
             waited = time.monotonic() - since
             if waited > limit:
-                msg = (f"watchdog: step {step + 1} stalled: no progress for {waited:.1f} s "
+                msg = (f"watchdog: stalled after step {step}: no progress for {waited:.1f} s "
                        f"(limit {limit:.1f} s) on process {jax.process_index()}; exiting")
                 logging.error(msg)
                 print(f"error: {msg}", flush=True)

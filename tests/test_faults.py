@@ -4,6 +4,7 @@ bad input. Subprocess tests (kill -9, SIGTERM, watchdog, CLI errors) are marked 
 import glob
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -342,7 +343,7 @@ def test_watchdog_exits_a_stuck_trainer(tmp_path, shared_tok):
     t0 = time.time()
     out = subprocess.run(args, cwd=helpers.REPO, capture_output=True, text=True, timeout=180)
     assert out.returncode == faults.EXIT_STALLED, out.stderr[-2000:]
-    assert "step 4 stalled" in out.stdout + out.stderr
+    assert "stalled after step 3:" in out.stdout + out.stderr
     assert time.time() - t0 < 120
 
 
@@ -402,5 +403,5 @@ def test_two_processes_config_mismatch_and_stuck_rank_exit_all(tmp_path, shared_
     # watchdog to fire ends its process and JAX aborts the other on the lost peer
     # (heartbeat timeout), unless its own watchdog fires first.
     assert faults.EXIT_STALLED in codes and 0 not in codes, codes
-    assert "step 4 stalled" in outs[0] + outs[1]
+    assert re.search(r"stalled after step [34]:", outs[0] + outs[1])
     assert time.time() - t0 < 150
