@@ -164,6 +164,7 @@ def main():
     parser.add_argument("--root", default=None, help="scratch folder (default: a temp dir)")
     args = parser.parse_args()
     root = args.root or tempfile.mkdtemp(prefix="jaxgpt-faults-")
+    os.makedirs(root, exist_ok=True)
     env = {"JAXGPT_TEST_BREAK_RESTORE": args.break_restore} if args.break_restore else None
     t0 = time.time()
     out = chaos(root, args.kills, args.steps, args.seed, env)
