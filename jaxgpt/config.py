@@ -26,6 +26,11 @@ def base_config(size: str = "small", **model_overrides) -> ml_collections.Config
     config.data.tokenizer_path = ml_collections.config_dict.placeholder(str)
     config.data.tokenizer = "sentencepiece"   # sentencepiece | gpt2
 
+    # Start a fresh run from HF GPT-2 weights: `hf:gpt2` (hub name) or a save_pretrained
+    # directory; None = random init. Its architecture must equal config.model's (vocab_size
+    # may be larger: the padding rows stay randomly initialized). Ignored when resuming.
+    config.init_from = ml_collections.config_dict.placeholder(str)
+
     config.train = ml_collections.ConfigDict()
     config.train.seed = 0
     config.train.steps = 600               # optimizer steps

@@ -7,6 +7,7 @@ and token shards so data and models never silently pair with another vocabulary)
 
 import hashlib
 import io
+import json
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -52,6 +53,93 @@ class SentencePiece:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
+
+
+# Local GPT-2 BPE file pairs: (vocabulary, merges). transformers writes the first; OpenAI's
+# release (and ../shared/data/gpt2-bpe) uses the second.
+GPT2_FILE_PAIRS = (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))
+GPT2_EOT = "<|endoftext|>"
+
+
+class Gpt2Bpe:
+    """GPT-2 byte-level BPE through transformers' fast tokenizer; `<|endoftext|>` separates
+    documents.
+
+    `path` is a hub name (`gpt2` or `hf:gpt2`), a directory holding one of GPT2_FILE_PAIRS or a
+    `tokenizer.json`, or a vocabulary file whose merges file sits beside it. Text is
+    encoded as ordinary text: a literal `<|endoftext|>` inside a document becomes its
+    bytes' tokens, so only the data pipeline inserts document separators.
+    """
+
+    def __init__(self, path: str):
+        import tokenizers  # optional dependencies (jaxgpt[hf])
+        from transformers import GPT2TokenizerFast
+
+        self.path = path
+        files = _gpt2_files(path)
+        if files is not None:
+            self.hf = GPT2TokenizerFast(vocab=files[0], merges=files[1])
+        elif os.path.isdir(path) and os.path.exists(os.path.join(path, "tokenizer.json")):
+            self.hf = GPT2TokenizerFast.from_pretrained(path)
+        elif os.path.exists(path):
+            raise ValueError(f"{path}: not a GPT-2 BPE tokenizer; expected a directory with "
+                             f"vocab.json+merges.txt, encoder.json+vocab.bpe or tokenizer.json")
+        else:   # a hub name (`gpt2`, `hf:gpt2`), through transformers' download and cache
+            self.hf = GPT2TokenizerFast.from_pretrained(path.removeprefix("hf:"))
+        model = json.loads(self.hf.backend_tokenizer.to_str())["model"]
+        self.vocab, self.merges = model["vocab"], model["merges"]
+        # The old vocab_file=/merges_file= keywords are ignored silently and leave an empty
+        # vocabulary, so check that the files were really read.
+        if len(self.vocab) <= 256 or GPT2_EOT not in self.vocab:
+            raise ValueError(f"{path}: GPT-2 BPE vocabulary has {len(self.vocab)} entries and "
+                             f"{'a' if GPT2_EOT in self.vocab else 'no'} {GPT2_EOT}")
+        self.vocab_size = len(self.hf)
+        self.eot_id = self.vocab[GPT2_EOT]
+        # The fingerprint hashes the vocabulary and merges, not the file bytes, so the same
+        # tokenizer read from the hub, encoder.json or tokenizer.json matches.
+        digest = hashlib.sha256(json.dumps([sorted(self.vocab.items()), self.merges],
+                                           ensure_ascii=False).encode())
+        self.fingerprint = "gpt2:" + digest.hexdigest()[:16]
+        # A copy, so the saved transformers tokenizer keeps its usual special-token handling.
+        self._plain = tokenizers.Tokenizer.from_str(self.hf.backend_tokenizer.to_str())
+        self._plain.encode_special_tokens = True   # documents are text, see the docstring
+
+    def encode(self, text: str) -> list[int]:
+        return self._plain.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._plain.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._plain.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def save(self, directory: str) -> None:
+        """Write tokenizer.json + tokenizer_config.json (transformers) and vocab.json +
+        merges.txt (older GPT-2 tools) into `directory`."""
+        self.hf.save_pretrained(directory)
+        with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
+            json.dump(self.vocab, f, ensure_ascii=False)
+        with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n")
+            f.writelines(" ".join(m) + "\n" for m in self.merges)
+
+
+def _gpt2_files(path: str) -> tuple[str, str] | None:
+    """(vocab, merges) paths for a directory or a vocabulary file, None for other paths."""
+    if os.path.isfile(path):
+        name, directory = os.path.basename(path), os.path.dirname(path)
+        for vocab, merges in GPT2_FILE_PAIRS:
+            if name == vocab:
+                if not os.path.isfile(os.path.join(directory, merges)):
+                    raise FileNotFoundError(f"{path}: merges file {merges} missing beside it")
+                return path, os.path.join(directory, merges)
+        return None
+    if os.path.isdir(path):
+        for vocab, merges in GPT2_FILE_PAIRS:
+            pair = os.path.join(path, vocab), os.path.join(path, merges)
+            if all(os.path.isfile(p) for p in pair):
+                return pair
+    return None
 
 
 def _lines(texts: Iterable[str]) -> Iterator[str]:
@@ -115,7 +203,7 @@ def load(kind: str, path: str) -> Tokenizer:
     if kind == "sentencepiece":
         return SentencePiece.load(path)
     if kind == "gpt2":
-        raise NotImplementedError("the GPT-2 BPE tokenizer is not available yet")
+        return Gpt2Bpe(path)
     raise ValueError(f"tokenizer kind must be one of {'|'.join(KINDS)}, got {kind!r}")
 
 

@@ -341,7 +341,7 @@ def _restore_or_init(config, trainer, ckpts, meta, train_iter):
     out = ckpts.restore(abstract, check_meta=_resume_guard(config, meta),
                         rollback_to=config.checkpoint.restore_step)
     if out is None:
-        return trainer.init()
+        return _init_from(config.init_from, trainer, trainer.init())
     state, data_state, saved_meta = out
     # Test-only mutation controls: prove the resume tests catch a broken restore.
     broken = os.environ.get("JAXGPT_TEST_BREAK_RESTORE", "")
@@ -417,6 +417,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                            meta, schedule=make_schedule(optim, total))
     finally:
         lock.release()
+
+
+def _init_from(source: str | None, trainer: Trainer, state: TrainState) -> TrainState:
+    """Fresh params replaced by HF GPT-2 weights when `config.init_from` names some."""
+    if source is None:
+        return state
+    from jaxgpt.convert import hf  # needs torch/transformers (jaxgpt[hf])
+
+    params = hf.init_params(source, trainer.cfg, state.params)
+    logging.info("initialized params from %s", source)
+    # Adam moments are zeros whatever the params are, so only the params change.
+    return state.replace(params=jax.device_put(params, trainer.state_shardings.params))
 
 
 def _flush(pending: list, ledger, guard) -> dict:

@@ -1,0 +1,1 @@
+"""Converters between jaxgpt parameters and other ecosystems' checkpoints (see `hf.py`)."""

@@ -1,0 +1,372 @@
+"""HF GPT-2 interop against PyTorch + transformers: logits, hidden states, loss and gradients,
+import/export round trips, strict errors, refusal of pickled code, compare CLI, init_from."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from jaxgpt import checkpoint, compare, model, tokenizer, train
+from jaxgpt.convert import hf
+from tests import helpers
+
+torch.set_default_dtype(torch.float32)
+TINY = {"vocab_size": 97, "n_positions": 32, "n_embd": 48, "n_layer": 2, "n_head": 4}
+
+
+def _hf_model(seed=0, **fields):
+    """A transformers GPT-2 with random weights and no dropout (eval mode)."""
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                     bos_token_id=None, eos_token_id=None, **fields)
+    m = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():   # HF zero-inits biases and unit-inits LayerNorm; randomize all
+        for p in m.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+def _torch_forward(m, tokens, mask):
+    with torch.no_grad():
+        out = m(input_ids=torch.as_tensor(tokens), attention_mask=torch.as_tensor(mask * 1),
+                position_ids=torch.as_tensor(compare.positions_of(mask)),
+                output_hidden_states=True)
+    return out.logits.numpy(), [h.numpy() for h in out.hidden_states]
+
+
+def _jax_forward(cfg, params, tokens, mask):
+    def forward(params, tokens, mask, positions):
+        gpt = nnx.merge(_graphdef(cfg), params)
+        logits, _, hidden = gpt(tokens, attention_mask=mask, positions=positions,
+                                return_hidden=True)
+        return logits, hidden
+
+    with jax.default_matmul_precision("highest"):
+        logits, hidden = jax.jit(forward)(params, tokens, mask, compare.positions_of(mask))
+    return np.asarray(logits), [np.asarray(h) for h in hidden]
+
+
+def _graphdef(cfg):
+    return nnx.graphdef(nnx.eval_shape(lambda: model.GPT(cfg, rngs=nnx.Rngs(0))))
+
+
+def _random_params(cfg, seed):
+    """Random jaxgpt params drawn with numpy (jax's init takes seconds to compile)."""
+    state = nnx.state(nnx.eval_shape(lambda: model.GPT(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    rng = np.random.default_rng(seed)
+    nnx.replace_by_pure_dict(state, jax.tree.map(
+        lambda x: jnp.asarray(rng.normal(0.0, 0.1, x.shape), jnp.float32),
+        nnx.to_pure_dict(state)))
+    return state
+
+
+def _batches(vocab, T):
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, vocab, (3, T))
+    full = np.ones((3, T), bool)
+    padded = np.ones((3, T), bool)
+    padded[1, :T // 2] = False        # left-padded row
+    padded[2, T - 3:] = False         # right-padded row
+    return tokens, {"full": full, "padded": padded}
+
+
+SHAPE_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+SHAPES = {   # name -> SHAPE_FIELDS; the sequence is kept short so each case takes seconds
+    "tiny": (97, 32, 48, 2, 4),
+    "odd_heads_3": (101, 40, 48, 2, 3),
+    "odd_heads_5_head_dim_13": (89, 24, 65, 2, 5),
+    "gpt2_width": (50257, 1024, 768, 2, 12),            # gpt2's real widths, 2 of 12 layers
+    "gpt2_medium_width": (50257, 1024, 1024, 1, 16),    # gpt2-medium's, 1 of 24 layers
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_logits_and_hidden_states_match_pytorch(shape):
+    m = _hf_model(**dict(zip(SHAPE_FIELDS, SHAPES[shape], strict=True)))
+    cfg, params = hf.import_gpt2(m)
+    assert (cfg.n_embd, cfg.n_head, cfg.vocab_size) == (m.config.n_embd, m.config.n_head,
+                                                        m.config.vocab_size)
+    tokens, masks = _batches(cfg.vocab_size, 12)
+    for kind, mask in masks.items():
+        ref_logits, ref_hidden = _torch_forward(m, tokens, mask)
+        logits, hidden = _jax_forward(cfg, params, tokens, mask)
+        max_diff = np.abs(ref_logits - logits)[mask].max()
+        print(f"\n{shape} {kind}: max |Δlogit| = {max_diff:.3e} "
+              f"(logit scale {np.abs(ref_logits[mask]).max():.2f})")
+        assert max_diff <= 1e-4, (shape, kind)
+        assert len(hidden) == len(ref_hidden) == cfg.n_layer + 1
+        for i, (a, b) in enumerate(zip(ref_hidden, hidden)):
+            np.testing.assert_allclose(b[mask], a[mask], atol=1e-4, rtol=0,
+                                       err_msg=f"{shape} {kind} hidden state {i}")
+
+
+def test_loss_and_gradients_match_pytorch():
+    m = _hf_model(**TINY)
+    cfg, params = hf.import_gpt2(m)
+    windows = np.random.default_rng(2).integers(0, cfg.vocab_size, (4, 17))
+    logits = m(input_ids=torch.as_tensor(windows[:, :-1])).logits
+    ref_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size),
+                                                 torch.as_tensor(windows[:, 1:]).reshape(-1))
+    ref_loss.backward()
+    # Tied: lm_head.weight is wte.weight, so named_parameters lists (and sums) it once.
+    ref_grads = hf.params_from_hf({name: p.grad.numpy() for name, p in m.named_parameters()},
+                                  cfg)
+    with jax.default_matmul_precision("highest"):
+        graphdef = _graphdef(cfg)
+        loss_fn = jax.jit(jax.value_and_grad(lambda p, w: train.loss_fn(p, graphdef, w)))
+        loss, grads = loss_fn(params, jnp.asarray(windows))
+    np.testing.assert_allclose(float(loss), ref_loss.item(), rtol=1e-5)
+    for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads),
+                            jax.tree.leaves(ref_grads)):
+        scale = np.abs(np.asarray(r)).max()
+        assert scale > 0, jax.tree_util.keystr(path)
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=0, atol=1e-4 * scale,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_import_export_from_pretrained_gives_identical_logits(tmp_path):
+    m = _hf_model(**TINY)
+    cfg, params = hf.import_gpt2(m)
+    hf.export_gpt2(str(tmp_path / "out"), cfg, params)
+    reloaded = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "out")).eval()
+    tokens = torch.as_tensor(np.random.default_rng(3).integers(0, 97, (2, 16)))
+    with torch.no_grad():
+        np.testing.assert_array_equal(reloaded(tokens).logits.numpy(), m(tokens).logits.numpy())
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["vocab_size"] == 97 and config["n_layer"] == 2
+
+
+def test_export_then_import_gives_identical_params(tmp_path, tiny_cfg):
+    params = _random_params(tiny_cfg, 7)
+    hf.export_gpt2(str(tmp_path / "out"), tiny_cfg, params)
+    cfg, back = hf.import_gpt2("hf:" + str(tmp_path / "out"))   # the hf: prefix also takes a dir
+    assert cfg == tiny_cfg
+    helpers.assert_trees_close(nnx.to_pure_dict(back), nnx.to_pure_dict(params), rtol=0, atol=0)
+    with pytest.raises(FileExistsError, match="not empty"):
+        hf.export_gpt2(str(tmp_path / "out"), tiny_cfg, params)
+
+
+def test_padded_vocab_exports_the_real_rows(tmp_path):
+    cfg = model.GPTConfig(**(TINY | {"vocab_size": 128}))
+    params = _random_params(cfg, 1)
+    hf.export_gpt2(str(tmp_path / "out"), cfg, params, vocab_size=97)
+    m = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "out")).eval()
+    assert m.config.vocab_size == 97
+    tokens, masks = _batches(97, 10)
+    ref, _ = _torch_forward(m, tokens, masks["full"])
+    ours, _ = _jax_forward(cfg, params, tokens, masks["full"])
+    np.testing.assert_allclose(ours[..., :97], ref, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="vocab_size 200"):
+        hf.export_gpt2(str(tmp_path / "bad"), cfg, params, vocab_size=200)
+    assert not os.path.exists(tmp_path / "bad")
+
+
+def _saved(m, directory):
+    m.save_pretrained(str(directory))
+    from safetensors.numpy import load_file
+    return load_file(str(directory / "model.safetensors"))
+
+
+def test_missing_or_misshaped_tensor_is_named(tmp_path):
+    from safetensors.numpy import save_file
+    tensors = _saved(_hf_model(**TINY), tmp_path)
+    path = str(tmp_path / "model.safetensors")
+    bias = tensors.pop("transformer.h.1.mlp.c_fc.bias")
+    save_file(tensors, path)
+    with pytest.raises(ValueError, match=r"missing \['h.1.mlp.c_fc.bias'\]"):
+        hf.import_gpt2(str(tmp_path))
+    tensors["transformer.h.1.mlp.c_fc.bias"] = bias[:-1]
+    save_file(tensors, path)
+    with pytest.raises(ValueError) as err:
+        hf.import_gpt2(str(tmp_path))
+    for part in (path, "transformer.h.1.mlp.c_fc.bias", "['h'][1]['mlp']['c_fc']['bias']",
+                 "(191,)", "(192,)"):
+        assert part in str(err.value)
+    tensors["transformer.h.1.mlp.c_fc.bias"] = bias
+    tensors["transformer.h.1.mlp.extra"] = bias
+    save_file(tensors, path)
+    with pytest.raises(ValueError, match=r"unexpected \['h.1.mlp.extra'\]"):
+        hf.import_gpt2(str(tmp_path))
+
+
+def test_unsupported_configs_and_untied_heads_are_refused(tmp_path):
+    m = _hf_model(**TINY)
+    for field, value in [("activation_function", "relu"),
+                         ("scale_attn_by_inverse_layer_idx", True), ("n_inner", 100)]:
+        config = m.config.to_dict() | {field: value}
+        with pytest.raises(ValueError, match=field):
+            hf.import_gpt2(m.state_dict(), config=config)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    state["lm_head.weight"] += 1
+    with pytest.raises(ValueError, match="lm_head.weight differs from wte.weight"):
+        hf.import_gpt2(state, config=m.config.to_dict())
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="model_type='llama'"):
+        hf.import_gpt2(str(tmp_path))
+
+
+def test_old_checkpoint_layout_with_mask_buffers(tmp_path):
+    """OpenAI-era files: no `transformer.` prefix, causal-mask buffers beside the weights."""
+    from safetensors.numpy import save_file
+    m = _hf_model(**TINY)
+    tensors = {k.removeprefix("transformer."): v for k, v in _saved(m, tmp_path).items()}
+    for i in range(2):
+        tensors[f"h.{i}.attn.bias"] = np.tril(np.ones((1, 1, 32, 32), np.float32))
+        tensors[f"h.{i}.attn.masked_bias"] = np.array(-1e4, np.float32)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    _, params = hf.import_gpt2(str(tmp_path))
+    _, expected = hf.import_gpt2(m)
+    helpers.assert_trees_close(nnx.to_pure_dict(params), nnx.to_pure_dict(expected),
+                               rtol=0, atol=0)
+
+
+class _Payload:
+    """Unpickling this runs open(marker, 'w'): code a weights file must never execute."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_pytorch_bin_imports_and_code_payload_is_refused(tmp_path):
+    m = _hf_model(**TINY)
+    m.config.to_json_file(str(tmp_path / "config.json"))
+    torch.save(m.state_dict(), tmp_path / "pytorch_model.bin")
+    _, params = hf.import_gpt2(str(tmp_path))
+    _, expected = hf.import_gpt2(m)
+    helpers.assert_trees_close(nnx.to_pure_dict(params), nnx.to_pure_dict(expected),
+                               rtol=0, atol=0)
+    marker = tmp_path / "payload_ran"
+    torch.save(dict(m.state_dict(), payload=_Payload(marker)), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pytorch_model.bin: refused"):
+        hf.import_gpt2(str(tmp_path))
+    assert not marker.exists()
+    torch.load(tmp_path / "pytorch_model.bin", weights_only=False)   # the payload is live
+    assert marker.exists()
+
+
+def _make_run(workdir, cfg, params, tok_spec):
+    """A jaxgpt run directory holding one checkpoint with `params` (as training writes it)."""
+    tx = train.make_optimizer(train.OptimConfig(), 10)
+    state = train.TrainState(step=jnp.array(1, jnp.int32), params=params,
+                             opt_state=tx.init(params),
+                             rng=jax.random.key_data(jax.random.key(0)))
+    manager = checkpoint.make_manager(str(workdir), keep=1)
+    checkpoint.save(manager, state, {}, {"config": {"model": dataclasses.asdict(cfg)},
+                                         "tokenizer": tok_spec})
+
+
+@pytest.mark.slow
+def test_export_cli_of_a_gpt2_bpe_run_and_compare_cli(tmp_path, shared_data, capsys):
+    bpe = tokenizer.load("gpt2", os.path.join(shared_data, "gpt2-bpe"))
+    cfg = model.GPTConfig(**(TINY | {"vocab_size": 50304}))     # padded GPT-2 vocabulary
+    params = _random_params(cfg, 3)
+    run = tmp_path / "run"
+    _make_run(run, cfg, params, {"kind": "gpt2", "path": bpe.path,
+                                 "fingerprint": bpe.fingerprint})
+    out = str(tmp_path / "hf")
+    assert hf.main(["export", f"--workdir={run}", f"--out={out}"]) == 0
+    m = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    assert m.config.vocab_size == 50257 and m.config.eos_token_id == 50256
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    text = "Exported models carry their tokenizer."
+    assert hf_tok(text)["input_ids"] == bpe.encode(text)
+    assert hf.main(["export", f"--workdir={run}", f"--out={out}"]) == 2   # never overwrites
+
+    assert compare.main([f"--hf={out}", f"--checkpoint={run}", "--tolerance=1e-4",
+                         "--seq_len=16", "--pad=3"]) == 0
+    assert "h.1 + ln_f" in capsys.readouterr().out
+    # A model whose second block's attention differs: compare fails and points at h.1.
+    broken = nnx.to_pure_dict(params)
+    broken["h"][1]["attn"]["c_attn"]["kernel"] *= 1.5
+    hf.export_gpt2(str(tmp_path / "broken"), cfg, broken, vocab_size=50257)
+    assert compare.main([f"--hf={tmp_path / 'broken'}", f"--checkpoint={run}",
+                         "--tolerance=1e-4", "--seq_len=16"]) == 1
+    report = capsys.readouterr().out
+    rows = {line.split()[0]: float(line.split()[-1]) for line in report.splitlines()
+            if line.startswith("  ")}
+    assert rows["embeddings"] == 0 and rows["h.0"] < 1e-5 and rows["h.1"] > 1e-3
+    assert "FAIL" in report
+
+
+def test_export_without_a_known_vocab_size_is_refused(tmp_path, tiny_cfg):
+    params = _random_params(tiny_cfg, 0)
+    _make_run(tmp_path / "run", tiny_cfg, params,
+              {"kind": "sentencepiece", "path": str(tmp_path / "gone.model"),
+               "fingerprint": "spm:0"})
+    with pytest.raises(ValueError, match="--vocab_size"):
+        hf.export_checkpoint(str(tmp_path / "run"), str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+    hf.export_checkpoint(str(tmp_path / "run"), str(tmp_path / "out"), vocab_size=90)
+    assert transformers.GPT2Config.from_pretrained(str(tmp_path / "out")).vocab_size == 90
+
+
+def test_init_from_checks_architecture_and_pads_vocab(tmp_path):
+    m = _hf_model(**TINY)
+    m.save_pretrained(str(tmp_path / "hf"))
+    cfg = model.GPTConfig(**(TINY | {"vocab_size": 128}))
+    fresh = _random_params(cfg, 5)
+    params = nnx.to_pure_dict(hf.init_params(str(tmp_path / "hf"), cfg, fresh))
+    _, imported = hf.import_gpt2(m)
+    imported, fresh = nnx.to_pure_dict(imported), nnx.to_pure_dict(fresh)
+    np.testing.assert_array_equal(params["wte"]["embedding"][:97], imported["wte"]["embedding"])
+    np.testing.assert_array_equal(params["wte"]["embedding"][97:], fresh["wte"]["embedding"][97:])
+    np.testing.assert_array_equal(params["h"][1]["attn"]["c_proj"]["kernel"],
+                                  imported["h"][1]["attn"]["c_proj"]["kernel"])
+    other = model.GPTConfig(**(TINY | {"n_layer": 3, "n_head": 6}))
+    with pytest.raises(ValueError, match="n_layer: 2 vs 3; n_head: 4 vs 6"):
+        hf.init_params(str(tmp_path / "hf"), other, fresh)
+
+
+@pytest.mark.slow
+def test_training_starts_from_init_from(tmp_path):
+    corpus = helpers.small_corpus(tmp_path)
+    config = helpers.tiny_run_config(corpus, train__steps=1, eval__every=0,
+                                     sample__max_new_tokens=0)
+    m = _hf_model(**{f: config.model[f] for f in hf.ARCH_FIELDS})
+    m.save_pretrained(str(tmp_path / "hf"))
+    config.init_from = str(tmp_path / "hf")
+    # Step 1 runs at the warm-up's learning rate of 0, so the params stay the imported ones.
+    out = train.train_and_evaluate(config, str(tmp_path / "run"))
+    _, expected = hf.import_gpt2(m)
+    helpers.assert_trees_close(nnx.to_pure_dict(out["state"].params),
+                               nnx.to_pure_dict(expected), rtol=0, atol=0)
+
+
+def test_hub_names_go_through_transformers_cache(tmp_path, monkeypatch):
+    """Offline stand-in for the hub: transformers' cached_file resolves into a local dir."""
+    m = _hf_model(**TINY)
+    m.save_pretrained(str(tmp_path / "snapshot"))
+    asked = []
+
+    def cached_file(repo, filename, **kwargs):
+        asked.append((repo, filename))
+        return str(tmp_path / "snapshot" / filename)
+
+    monkeypatch.setattr(transformers.utils, "cached_file", cached_file)
+    _, params = hf.import_gpt2("hf:gpt2")
+    assert ("gpt2", "model.safetensors") in asked and ("gpt2", "config.json") in asked
+    _, expected = hf.import_gpt2(m)
+    helpers.assert_trees_close(nnx.to_pure_dict(params), nnx.to_pure_dict(expected),
+                               rtol=0, atol=0)
+
+
+def test_jaxgpt_imports_without_torch_or_transformers():
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules.update(torch=None, transformers=None, safetensors=None, "
+            "tokenizers=None); import jaxgpt.convert.hf, jaxgpt.compare, jaxgpt.train")
+    out = subprocess.run([sys.executable, "-c", code], cwd=helpers.REPO, capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
