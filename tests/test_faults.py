@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxgpt import checkpoint, faults, train
+from jaxgpt import checkpoint, faults, sharding, train
 from tests import helpers
 
 sys.path.insert(0, os.path.join(helpers.REPO, "bench"))
@@ -405,3 +405,28 @@ def test_two_processes_config_mismatch_and_stuck_rank_exit_all(tmp_path, shared_
     assert faults.EXIT_STALLED in codes and 0 not in codes, codes
     assert re.search(r"stalled after step [34]:", outs[0] + outs[1])
     assert time.time() - t0 < 150
+
+
+def test_checkpoint_saved_on_2_devices_restores_onto_1_and_4(tmp_path, tiny_cfg):
+    tx = optax.adam(1e-3)
+
+    def trainer(n):
+        mesh = sharding.make_mesh((1, n, 1), jax.devices()[:n])
+        return train.make_trainer(tiny_cfg, tx, mesh, sharding.RULES["fsdp"], seed=0)
+
+    two = trainer(2)
+    state = two.init()
+    ckpts = checkpoint.Checkpoints(str(tmp_path), keep=2)
+    ckpts.save(state, {"pos": 1}, {})
+    ckpts.close()
+    expect = jax.device_get(state)
+    for n in (1, 4):
+        target = trainer(n)
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                jax.eval_shape(target.init), target.state_shardings)
+        ckpts = checkpoint.Checkpoints(str(tmp_path), keep=2)
+        restored, _, _ = ckpts.restore(abstract, check_meta=lambda s, m: None)
+        ckpts.close()
+        assert restored.params["wte"]["embedding"].value.sharding == \
+            target.state_shardings.params["wte"]["embedding"].value
+        assert _bits_equal(expect, jax.device_get(restored))
