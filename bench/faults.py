@@ -12,6 +12,7 @@ unfinished orbax temp dir or a finalized step whose checksums were not yet writt
 
 import argparse
 import os
+import warnings
 import random
 import signal
 import subprocess
@@ -52,11 +53,18 @@ def prepare(root: str) -> tuple[str, str]:
     return corpus, path
 
 
-def run_to_end(args: list[str], env: dict | None = None, timeout: float = 300) -> None:
+def run_to_end(args: list[str], env: dict | None = None, timeout: float = 300) -> int:
+    """Run a trainer to completion; returns the step it resumed from (0: fresh start)."""
     out = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                          env=dict(os.environ, **(env or {})))
     if out.returncode:
         raise RuntimeError(f"trainer exited {out.returncode}:\n{out.stderr[-3000:]}")
+    return _resumed_from(out.stderr)
+
+
+def _resumed_from(text: str) -> int:
+    marker = "resumed from step "
+    return int(text.split(marker)[1].split()[0]) if marker in text else 0
 
 
 def _mid_save(workdir: str) -> bool:
@@ -72,37 +80,40 @@ def _mid_save(workdir: str) -> bool:
 
 
 def kill_segment(args: list[str], rng: random.Random, env: dict | None = None,
-                 timeout: float = 300) -> bool:
+                 timeout: float = 300) -> tuple[bool, int]:
     """Start a trainer and SIGKILL its process group at a random moment: half the time
-    0-30 ms after it starts a save, else after a random number of steps. Returns False if
-    the trainer finished before the kill."""
+    0-30 ms after it starts a save, else after a random number of steps. Returns (killed:
+    False if the trainer finished first, the step it had resumed from)."""
     target_save = rng.random() < 0.5
-    wait_lines = rng.randint(1, 3) if target_save else rng.randint(1, 6)
+    wait_lines = rng.randint(1, 3) if target_save else rng.randint(2, 8)
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, start_new_session=True,
                             env=dict(os.environ, **(env or {})))
     deadline = time.time() + timeout
-    seen = 0
+    seen = resumed = 0
     for line in proc.stderr:
+        resumed = resumed or _resumed_from(line)
         hit = "saving checkpoint at step" in line if target_save else "| loss" in line
         seen += hit
         if seen >= wait_lines:
             time.sleep(rng.uniform(0, 0.03))
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            return True
+            return True, resumed
         if time.time() > deadline:
             break
     proc.wait()
     if proc.returncode:
         raise RuntimeError(f"trainer exited {proc.returncode} before it could be killed")
-    return False
+    return False, resumed
 
 
 def final_state(workdir: str) -> dict:
     """{path: numpy array} of the newest checkpoint's params and optimizer state."""
     import jax
     import orbax.checkpoint as ocp
+    # Sharding comes from the saved file (one CPU device here): fine for a comparison.
+    warnings.filterwarnings("ignore", message="Sharding info not provided")
     manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
     step = manager.latest_step()
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
@@ -144,14 +155,18 @@ def chaos(root: str, kills: int, steps: int, seed: int, env: dict | None = None,
     workdir = tempfile.mkdtemp(prefix="chaos-", dir=root)
     rng = random.Random(seed)
     survived = mid_save = 0
-    for _ in range(kills):
-        if kill_segment(run_args(workdir, corpus, tok, steps), rng, env):
+    resumes = []   # the step each segment after the first resumed from
+    for i in range(kills):
+        killed, resumed = kill_segment(run_args(workdir, corpus, tok, steps), rng, env)
+        if i:
+            resumes.append(resumed)
+        if killed:
             mid_save += _mid_save(workdir)
             survived += 1
-    run_to_end(run_args(workdir, corpus, tok, steps), env)
+    resumes.append(run_to_end(run_args(workdir, corpus, tok, steps), env))
     same, why = identical(reference, workdir)
     return {"survived": survived, "kills": kills, "mid_save": mid_save, "identical": same,
-            "why": why, "reference": reference, "workdir": workdir}
+            "why": why, "reference": reference, "workdir": workdir, "resumes": resumes}
 
 
 def main():
@@ -170,7 +185,8 @@ def main():
     out = chaos(root, args.kills, args.steps, args.seed, env)
     print(f"faults survived {out['survived']}/{out['kills']}, kills mid-save "
           f"{out['mid_save']}, identical: {'yes' if out['identical'] else 'no'} "
-          f"({out['why']}; {time.time() - t0:.0f} s; workdirs under {root})")
+          f"({out['why']}; resumed from steps {out['resumes']}; {time.time() - t0:.0f} s; "
+          f"workdirs under {root})")
 
 
 if __name__ == "__main__":

@@ -312,7 +312,7 @@ def test_chaos_kill9_resume_is_bit_identical(reference, shared_tok):
     root = os.path.dirname(shared_tok[0])
     out = bench.chaos(root, kills=3, steps=12, seed=1, reference=reference)
     assert out["identical"], out["why"]
-    assert out["survived"] == 3
+    assert out["survived"] == 3 and max(out["resumes"]) > 0, out   # a restore happened
 
 
 @pytest.mark.slow
