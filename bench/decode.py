@@ -19,11 +19,11 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jaxgpt import model, sample  # noqa: E402
+from jaxgpt import model, sample
 
-METHODS = {"greedy": (sample.Greedy(), dict(do_sample=False)),
+METHODS = {"greedy": (sample.Greedy(), {"do_sample": False}),
            "top_p": (sample.Sampling(temperature=1.0, top_p=0.9),
-                     dict(do_sample=True, temperature=1.0, top_p=0.9, top_k=0))}
+                     {"do_sample": True, "temperature": 1.0, "top_p": 0.9, "top_k": 0})}
 
 
 def to_hf(cfg, params, device):

@@ -1,7 +1,9 @@
 """GPT-2 on SlimPajama-627B. Size: --config=configs/slimpajama.py:medium (small = 124M).
 
 Point `--config.data.path` at a local copy in SlimPajama's own layout (train/chunkN/...)
-or leave it unset to stream `cerebras/SlimPajama-627B` from the HF hub.
+or leave it unset to stream `cerebras/SlimPajama-627B` from the HF hub (`datasets` extra).
+At this scale tokenize once: `python -m jaxgpt.data prepare --config=configs/slimpajama.py
+--config.data.path=DIR --out=SHARDS`, then train with `--config.data.prepared=SHARDS`.
 """
 
 import ml_collections
@@ -16,6 +18,13 @@ def get_config(size: str = "small") -> ml_collections.ConfigDict:
     config.data.source = "slimpajama"
     config.data.tokenizer = "gpt2"
     config.data.block_size = 1024
+    # Sampling weights per redpajama_set_name: SlimPajama-627B's own token shares (%), so
+    # the default mix is the natural one; raise one to upweight it (e.g.
+    # --config.data.mixture.RedPajamaGithub=10). Sources absent from the data are ignored.
+    config.data.mixture = {"RedPajamaCommonCrawl": 52.2, "RedPajamaC4": 26.7,
+                           "RedPajamaGithub": 5.2, "RedPajamaBook": 4.2, "RedPajamaArXiv": 4.6,
+                           "RedPajamaWikipedia": 3.8, "RedPajamaStackExchange": 3.3}
+    config.data.read_threads = 4
     config.train.steps = 100_000
     config.train.batch_size = 512            # 0.5M tokens per step, as in GPT-3 small
     config.train.grad_accum = 16

@@ -1,7 +1,9 @@
 """GPT-2 on WikiText-103 (or WikiText-2). Size: --config=configs/wikitext.py:medium.
 
-Point `--config.data.path` at local WikiText files, or leave it unset to load
-`wikitext-103-raw-v1` through HF datasets. `--config.init_from=hf:gpt2` fine-tunes GPT-2.
+Point `--config.data.path` at local WikiText files (a folder with wiki.{train,valid}.tokens
+or {train,valid}.txt, raw or tokenized; a lone file is all training text with the tail held
+out), or leave it unset to stream `wikitext-103-raw-v1` through HF datasets.
+`--config.init_from=hf:gpt2` fine-tunes GPT-2.
 """
 
 import ml_collections
@@ -11,7 +13,7 @@ from jaxgpt import config as base
 
 def get_config(size: str = "small") -> ml_collections.ConfigDict:
     config = base.base_config(size, vocab_size=50304, n_positions=1024)
-    config.data.source = "wikitext"
+    config.data.source = "wikitext"            # one document per article (` = Title = `)
     config.data.tokenizer = "gpt2"
     config.data.block_size = 1024
     config.train.steps = 20_000

@@ -21,10 +21,27 @@ def base_config(size: str = "small", **model_overrides) -> ml_collections.Config
     config.data.path = ml_collections.config_dict.placeholder(str)
     config.data.block_size = 128           # tokens per training window (<= n_positions)
     config.data.val_fraction = 0.05        # last fraction of the token stream held out
-    # SentencePiece model to use; None = train one with model.vocab_size pieces, cached
-    # as WORKDIR/tokenizer.model.
+    # SentencePiece .model to use (None = train one with model.vocab_size pieces, cached as
+    # WORKDIR/tokenizer.model), or for gpt2 the folder with encoder.json and vocab.bpe.
     config.data.tokenizer_path = ml_collections.config_dict.placeholder(str)
-    config.data.tokenizer = "sentencepiece"   # sentencepiece | gpt2
+    config.data.tokenizer = "sentencepiece"   # sentencepiece | gpt2 (tokenizer_path = BPE dir)
+    # A directory written by `python -m jaxgpt.data prepare` (token shards + manifest.json);
+    # when set, source/path are not read. None = prepare the inputs once into WORKDIR/data/.
+    config.data.prepared = ml_collections.config_dict.placeholder(str)
+    # A malformed/non-UTF-8/text-less record, truncated .zst or file without documents:
+    # 'error' stops naming file:line; 'skip' drops it and counts it in metrics.jsonl.
+    config.data.on_bad_record = "error"    # error | skip
+    # Sampling weight per SlimPajama redpajama_set_name (relative); empty = every window
+    # equally likely (the data's natural proportions). A source present needs a weight.
+    config.data.mixture = ml_collections.ConfigDict()
+    # Documents per split to prepare, 0 = all: exact for HF streams; files are read whole
+    # until the count is reached (a quick run on part of a local corpus).
+    config.data.max_documents = 0
+    config.data.read_threads = 2           # grain threads reading/tokenizing and serving windows
+    config.data.prefetch = 4               # batches buffered ahead of the trainer
+    # grain worker processes (0 = read in the trainer process); the iterator state saved in
+    # checkpoints depends on it, so keep it fixed across a resume.
+    config.data.worker_count = 0
 
     # Start a fresh run from HF GPT-2 weights: `hf:gpt2` (hub name) or a save_pretrained
     # directory; None = random init. Its architecture must equal config.model's (vocab_size
@@ -79,6 +96,11 @@ def base_config(size: str = "small", **model_overrides) -> ml_collections.Config
     config.mesh = ml_collections.ConfigDict()
     config.mesh.shape = (-1, 1, 1)         # (data, fsdp, tensor); one -1 = the rest
     config.mesh.rules = "dp"               # a key of sharding.RULES
+
+    config.report = ml_collections.ConfigDict()
+    config.report.tensorboard = True       # event files beside metrics.jsonl (tensorboard --logdir)
+    # Weights & Biases project to log to (needs `pip install wandb`); None = off.
+    config.report.wandb_project = ml_collections.config_dict.placeholder(str)
 
     config.sample = ml_collections.ConfigDict()
     config.sample.prompts = ("def ", "import os\n", "class Parser:\n    ")

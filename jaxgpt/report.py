@@ -1,7 +1,20 @@
-"""Human-facing output: the training progress line and sample blocks.
+"""Human-facing output: the training progress line, sample blocks, and the run report
+(`python -m jaxgpt.report --workdir=RUN [--compare=RUN2,hf:gpt2] --out=DIR`).
 
 The only module that formats for people; everything else logs numbers.
 """
+
+import argparse
+import base64
+import dataclasses
+import html
+import io
+import json
+import logging
+import math
+import os
+import sys
+import time
 
 
 def format_duration(seconds: float) -> str:
@@ -36,3 +49,323 @@ def samples_block(step: int, prompts: list[str], completions: list[str]) -> str:
     for prompt, completion in zip(prompts, completions):
         lines.append(f">>> {prompt!r}\n{prompt}{completion}\n")
     return "\n".join(lines)
+
+
+def perplexity_table(result: dict) -> str:
+    """The `python -m jaxgpt.eval` result: overall and per-source loss and perplexity."""
+    lines = [f"{result['model']}: context {result['context']}, stride {result['stride']}",
+             f"{'source':<24} {'tokens':>12} {'loss':>8} {'ppl':>10}",
+             f"{'all':<24} {result['tokens']:>12,.0f} {result['loss']:>8.4f} "
+             f"{result['ppl']:>10.2f}"]
+    for key in sorted(result):
+        if key.startswith("loss/"):
+            name = key[5:]
+            lines.append(f"{name:<24} {result['tokens/' + name]:>12,.0f} {result[key]:>8.4f} "
+                         f"{result['ppl/' + name]:>10.2f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# The run report: status, curves, model comparison, prompts side by side
+
+
+def read_metrics(workdir: str) -> tuple[list[dict], list[dict]]:
+    """(train records, eval records) of RUN/metrics.jsonl.
+
+    A run still training may be caught mid-write: an unterminated last line that does not
+    parse is ignored. Any other bad line is an error naming file and line."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"run directory {workdir!r} does not exist")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist: {workdir!r} is not a jaxgpt run "
+                                f"directory, or its first log step has not been written yet")
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    train, evals = [], []
+    for i, line in enumerate(lines, 1):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) and not line.endswith("\n"):
+                break   # being written right now
+            raise ValueError(f"{path}:{i}: not a JSON metrics record: {line[:60]!r}") from None
+        if not isinstance(rec, dict) or "step" not in rec:
+            raise ValueError(f"{path}:{i}: a metrics record needs a 'step', got {line[:60]!r}")
+        if "val_loss" in rec:
+            evals.append(rec)
+        elif "loss" in rec:
+            train.append(rec)
+    if not train:
+        raise ValueError(f"{path} has no training records yet")
+    return train, evals
+
+
+def status_rows(train: list[dict], evals: list[dict],
+                now: float | None = None) -> list[tuple[str, str]]:
+    """(label, value) rows of the status block, from the newest records."""
+    t = train[-1]
+    finished = t["step"] >= t["total_steps"]
+    rows = [("state", "finished" if finished else "in progress (or stopped)"),
+            ("step", f"{t['step']} / {t['total_steps']}"),
+            ("train loss", f"{t['loss']:.4f}")]
+    if evals:
+        e = evals[-1]
+        rows.append(("eval", f"val loss {e['val_loss']:.4f}, perplexity {e['val_ppl']:.2f} "
+                             f"@ step {e['step']}"))
+    rows.append(("epochs completed", f"{int(t['epoch'])} ({t['epoch']:.2f} epochs of data)"))
+    if not finished:
+        rows.append(("ETA", format_duration(t["eta_s"])))
+    rows += [("samples/s", f"{t['samples_per_s']:.1f}"),
+             ("tokens/s", f"{t['tokens_per_s']:,.0f}"),
+             ("learning rate", f"{t['lr']:.2e}")]
+    if "mfu" in t:
+        rows.append(("MFU", f"{100 * t['mfu']:.1f}%"))
+    if "time" in t and "time" in train[0]:
+        rows.append(("wall time logged", format_duration(t["time"] - train[0]["time"])))
+        age = (time.time() if now is None else now) - t["time"]
+        rows.append(("last record", f"{format_duration(age)} ago"))   # a stalled run shows
+    return rows
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def make_plots(train: list[dict], evals: list[dict]) -> dict[str, bytes]:
+    """PNG bytes of the loss, perplexity, learning-rate and throughput curves."""
+    from matplotlib.figure import Figure   # Figure alone renders with Agg: no display needed
+
+    steps = [r["step"] for r in train]
+    e_steps = [r["step"] for r in evals]
+    specs = {
+        "loss": ("loss (nats/token)", [("train", steps, [r["loss"] for r in train]),
+                                       ("validation", e_steps, [r["val_loss"] for r in evals])]),
+        "perplexity": ("perplexity (log scale)", [
+            ("exp(train loss)", steps, [math.exp(min(r["loss"], 50)) for r in train]),
+            ("validation", e_steps, [r["val_ppl"] for r in evals])]),
+        "learning_rate": ("learning rate", [("lr", steps, [r["lr"] for r in train])]),
+        "throughput": ("tokens/s", [("tokens/s", steps, [r["tokens_per_s"] for r in train])]),
+    }
+    out = {}
+    for name, (ylabel, series) in specs.items():
+        fig = Figure(figsize=(6.4, 3.6))
+        ax = fig.subplots()
+        for label, x, y in series:
+            if x:
+                ax.plot(x, y, marker="o" if len(x) < 30 else None, markersize=3, label=label)
+        if name == "perplexity":
+            ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend()
+        fig.tight_layout()
+        out[name] = _png(fig)
+    return out
+
+
+METRIC_COLUMNS = (   # (key, header, format) of the per-model table
+    ("coherence_ppl", "coherence ppl ↓", "{:.2f}"), ("pmi", "PMI (nats/token) ↑", "{:+.3f}"),
+    ("distinct_1", "distinct-1", "{:.3f}"), ("distinct_2", "distinct-2", "{:.3f}"),
+    ("distinct_3", "distinct-3", "{:.3f}"), ("repeat_4", "repeat-4 ↓", "{:.3f}"),
+    ("mean_tokens", "tokens", "{:.1f}"))
+
+DEFINITIONS = (
+    "**coherence ppl**: perplexity of the continuation under the scorer, given the prompt "
+    "(token-weighted over all prompts); **PMI**: mean per-token log p(continuation | prompt) "
+    "− log p(continuation) under the scorer (the unconditional context is end-of-text); "
+    "low or negative = the text drifted off the prompt's topic; **distinct-n**: distinct "
+    "n-grams / all n-grams over all continuations (scorer tokens); **repeat-4**: fraction of "
+    "4-grams already seen earlier in the same continuation; **cloze**: accuracy and mean "
+    "rank of the true answer among the candidates, by the model's own log-likelihood.")
+
+
+def _fmt(fmt: str, v) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
+
+
+def metrics_rows(comparison: dict) -> tuple[list[str], list[list[str]]]:
+    header = (["model", "step", "params", "decoding"] + [h for _, h, _ in METRIC_COLUMNS]
+              + ["cloze acc", "cloze mean rank"])
+    rows = []
+    for m in comparison["models"]:
+        for decoding, vals in m["metrics"].items():
+            rows.append([m["name"], _fmt("{}", m["step"]), f"{m['params']:,}", decoding]
+                        + [_fmt(f, vals[k]) for k, _, f in METRIC_COLUMNS]
+                        + [f"{m['cloze']['accuracy']:.2f}", f"{m['cloze']['mean_rank']:.2f}"])
+    return header, rows
+
+
+@dataclasses.dataclass
+class Report:
+    """Everything a report shows, computed before any file is written."""
+
+    run: str
+    generated: str
+    n_records: int
+    status: list[tuple[str, str]]
+    plots: dict[str, bytes]
+    comparison: dict | None
+    notes: list[str]
+
+
+def _md_cell(text: str) -> str:
+    return html.escape(text, quote=False).replace("|", "\\|").replace("\n", "<br>") or " "
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+            + ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows])
+
+
+def render_markdown(r: Report) -> str:
+    out = [f"# jaxgpt report: {r.run}", "",
+           f"Generated {r.generated} from `metrics.jsonl` ({r.n_records} records).", "",
+           "## Status", ""] + _md_table(["", "value"], [list(x) for x in r.status])
+    out += ["", "## Training curves", ""]
+    out += [f"![{name}](plots/{name}.png)" for name in r.plots]
+    out += ["", "## Models", ""]
+    c = r.comparison
+    if c is None:
+        out += r.notes or ["No models were compared."]
+        return "\n".join(out) + "\n"
+    s = c["settings"]
+    out += [f"Prompt suite `{c['suite']}` ({len(c['prompts'])} prompts), cloze set "
+            f"`{c['cloze']}`, scorer `{c['scorer']}`; sampled with temperature "
+            f"{s['temperature']}, top-k {s['top_k']}, seed {s['seed']}, up to "
+            f"{s['max_new_tokens']} new tokens; greedy likewise.", ""]
+    out += _md_table(*metrics_rows(c)) + ["", DEFINITIONS, ""] + r.notes
+    out += ["", "## Prompts", ""]
+    for i, p in enumerate(c["prompts"]):
+        out += [f"### {i + 1}. [{p['kind']}] {p['text'].splitlines()[0]}", ""]
+        rows = [[m["name"], m["generations"]["sampled"][i], m["generations"]["greedy"][i]]
+                for m in c["models"]]
+        out += _md_table(["model", "sampled", "greedy"], rows) + [""]
+    return "\n".join(out) + "\n"
+
+
+_CSS = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
+        "padding:4px 8px;vertical-align:top;text-align:left}"
+        ".gens{display:grid;gap:8px}.gen{border:1px solid #ddd;padding:6px;"
+        "white-space:pre-wrap;font-family:monospace;font-size:13px}"
+        ".prompt{color:#555}img{max-width:49%}")
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    h = "".join(f"<th>{html.escape(x)}</th>" for x in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in row) + "</tr>"
+                   for row in rows)
+    return f"<table><tr>{h}</tr>{body}</table>"
+
+
+def render_html(r: Report) -> str:
+    """Self-contained HTML: PNGs inline as base64, no external resources."""
+    e = html.escape
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>jaxgpt report: "
+             f"{e(r.run)}</title><style>{_CSS}</style></head><body>",
+             f"<h1>jaxgpt report: {e(r.run)}</h1><p>Generated {e(r.generated)} from "
+             f"<code>metrics.jsonl</code> ({r.n_records} records).</p><h2>Status</h2>",
+             _html_table(["", "value"], [list(x) for x in r.status]), "<h2>Training curves</h2>"]
+    parts += [f"<img alt='{name}' src='data:image/png;base64,"
+              f"{base64.b64encode(png).decode()}'>" for name, png in r.plots.items()]
+    parts.append("<h2>Models</h2>")
+    c = r.comparison
+    if c is not None:
+        parts += [_html_table(*metrics_rows(c)),
+                  "<p>" + e(DEFINITIONS).replace("**", "") + "</p>"]
+    parts += [f"<p>{e(n)}</p>" for n in r.notes]
+    if c is not None:
+        parts.append("<h2>Prompts</h2>")
+        cols = f"grid-template-columns:repeat({len(c['models'])},1fr)"
+        for i, p in enumerate(c["prompts"]):
+            parts.append(f"<h3>{i + 1}. [{e(p['kind'])}]</h3>"
+                         f"<div class='gen prompt'>{e(p['text'])}</div>")
+            for decoding in ("sampled", "greedy"):
+                cells = "".join(f"<div class='gen'><b>{e(m['name'])}</b> ({decoding})\n"
+                                f"{e(m['generations'][decoding][i])}</div>"
+                                for m in c["models"])
+                parts.append(f"<div class='gens' style='{cols}'>{cells}</div>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def build_report(workdir: str, *, compare: list[str], scorer: str | None,
+                 settings) -> Report:
+    """Read the run's metrics, plot them, and (if it has a checkpoint) compare models."""
+    from jaxgpt import eval as evaluation   # eval pulls in JAX; the progress line does not
+
+    train, evals = read_metrics(workdir)
+    notes, comparison = [], None
+    has_ckpt = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
+        name.isdigit() for name in os.listdir(os.path.join(workdir, "checkpoints")))
+    specs = ([workdir] if has_ckpt else []) + list(compare)
+    if not has_ckpt:
+        notes.append(f"{workdir} has no checkpoint yet, so it is not among the models.")
+    if specs:
+        lms = [evaluation.load_lm(s) for s in specs]
+        by_name = {lm.name: lm for lm in lms}
+        judge = lms[0] if scorer is None else by_name.get(scorer) or evaluation.load_lm(scorer)
+        comparison = evaluation.compare_models(lms, judge, settings=settings)
+    return Report(run=workdir, generated=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                  n_records=len(train) + len(evals), status=status_rows(train, evals),
+                  plots=make_plots(train, evals), comparison=comparison, notes=notes)
+
+
+def _write(path: str, content: str | bytes) -> None:
+    """Write via a temporary file and rename, so a crash never leaves half a report."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(content.encode("utf-8") if isinstance(content, str) else content)
+    os.replace(tmp, path)
+
+
+def write_report(r: Report, out: str) -> list[str]:
+    """report.md (+ plots/*.png), report.html (self-contained) and report.json in `out`."""
+    os.makedirs(os.path.join(out, "plots"), exist_ok=True)
+    paths = []
+    for name, png in r.plots.items():
+        paths.append(os.path.join(out, "plots", f"{name}.png"))
+        _write(paths[-1], png)
+    doc = {"run": r.run, "generated": r.generated, "status": dict(r.status),
+           "comparison": r.comparison, "notes": r.notes}
+    for name, content in (("report.md", render_markdown(r)), ("report.html", render_html(r)),
+                          ("report.json", json.dumps(doc, indent=1))):
+        paths.append(os.path.join(out, name))
+        _write(paths[-1], content)
+    return paths
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxgpt.report", description=(
+        "Write report.md / report.html for a run: status, curves, model comparison."))
+    parser.add_argument("--workdir", required=True, help="the run directory")
+    parser.add_argument("--compare", default="", help="comma-separated runs or hf:NAME|DIR")
+    parser.add_argument("--scorer", help="model that grades continuations (default: the run)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--max_new_tokens", type=int, default=48)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top_k", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.getLogger().setLevel(logging.INFO)
+    from jaxgpt import eval as evaluation
+    try:
+        settings = evaluation.GenSettings(args.max_new_tokens, args.temperature, args.top_k,
+                                          args.seed)
+        r = build_report(args.workdir, compare=[s for s in args.compare.split(",") if s],
+                         scorer=args.scorer, settings=settings)
+        paths = write_report(r, args.out)
+    except (ValueError, FileNotFoundError, NotImplementedError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -33,6 +33,7 @@ class SentencePiece:
 
     def __init__(self, model_proto: bytes, path: str = "<memory>"):
         self.path = path
+        self.proto = model_proto
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self.vocab_size = self.sp.get_piece_size()
         self.eot_id = self.sp.eos_id()
@@ -44,6 +45,13 @@ class SentencePiece:
     def load(cls, path: str) -> "SentencePiece":
         with open(path, "rb") as f:
             return cls(f.read(), path)
+
+    def save(self, path: str) -> None:
+        """Write the model to `path` atomically (a crash never leaves half a file)."""
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path + ".tmp", "wb") as f:
+            f.write(self.proto)
+        os.replace(path + ".tmp", path)
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
@@ -182,13 +190,9 @@ def load_or_train_sentencepiece(path: str, texts: Iterable[str], vocab_size: int
         return tok
     logging.info("training a %d-piece SentencePiece %s tokenizer -> %s", vocab_size,
                  model_type, path)
-    proto = train_sentencepiece(texts, vocab_size, model_type=model_type)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(proto)
-    os.replace(tmp, path)
-    return SentencePiece(proto, path)
+    tok = SentencePiece(train_sentencepiece(texts, vocab_size, model_type=model_type), path)
+    tok.save(path)
+    return tok
 
 
 KINDS = ("sentencepiece", "gpt2")
@@ -215,3 +219,38 @@ def from_meta(meta: dict) -> Tokenizer:
         raise ValueError(f"tokenizer {spec['path']} has fingerprint {tok.fingerprint}, but "
                          f"the checkpoint was trained with {spec['fingerprint']}")
     return tok
+
+
+def _train_main(argv: list[str] | None = None) -> None:
+    """`python -m jaxgpt.tokenizer train --input=PATH --vocab_size=N --out=FILE.model`."""
+    import argparse
+
+    from jaxgpt import sources
+    parser = argparse.ArgumentParser(prog="python -m jaxgpt.tokenizer")
+    parser.add_argument("command", choices=["train"])
+    parser.add_argument("--input", required=True, help="file, directory or glob")
+    parser.add_argument("--source", default="text", choices=sources.SOURCES,
+                        help="how to read --input into documents")
+    parser.add_argument("--vocab_size", type=int, required=True)
+    parser.add_argument("--model_type", default="bpe", choices=["bpe", "unigram"])
+    parser.add_argument("--max_sentences", type=int, default=300_000,
+                        help="lines sampled for training")
+    parser.add_argument("--out", required=True, help="where to write the .model file")
+    args = parser.parse_args(argv)
+    if os.path.exists(args.out):
+        parser.error(f"--out {args.out} exists; remove it or choose another path")
+    try:
+        files = sources.find_splits(args.source, args.input)["train"]
+        texts = [d.text for d in sources.iter_documents(args.source, files,
+                                                        sources.BadRecords("error"))]
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    tok = SentencePiece(train_sentencepiece(texts, args.vocab_size,
+                                            model_type=args.model_type,
+                                            max_sentences=args.max_sentences), args.out)
+    tok.save(args.out)
+    print(f"wrote {args.out}: {tok.vocab_size} pieces ({args.model_type}), {tok.fingerprint}")
+
+
+if __name__ == "__main__":
+    _train_main()

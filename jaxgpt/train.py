@@ -7,6 +7,7 @@ ConfigDict stops at `train_and_evaluate`, which validates it and passes typed va
 import dataclasses
 import functools
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -22,6 +23,7 @@ import optax
 from flax import nnx, struct
 
 from jaxgpt import checkpoint, data, faults, model, report, sample, sharding, tokenizer
+from jaxgpt import eval as evaluation
 
 Batch = jax.Array  # int32 [A, B, T + 1]: A micro-batches of B windows of T + 1 tokens
 
@@ -187,31 +189,16 @@ def to_global(x: np.ndarray, mesh, spec_names, rules) -> jax.Array:
     return jax.make_array_from_process_local_data(sh, x)
 
 
-def evaluate(trainer: Trainer, params, windows: np.ndarray, batch: int, max_batches: int):
-    """Token-weighted validation loss over up to `max_batches` batches (0 = all)."""
-    nll, tokens = 0.0, 0.0
-    for b in data.iter_val_batches(windows, batch, max_batches):
-        out = trainer.eval_step(params, to_global(b, trainer.mesh, ("batch", None),
-                                                  trainer.rules))
-        nll += float(out["nll_sum"])
-        tokens += float(out["tokens"])
-    if not tokens:
-        raise ValueError(f"{len(windows)} validation windows are fewer than one eval batch "
-                         f"of {batch}")
-    loss = nll / tokens
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": tokens}
+def evaluate(trainer: Trainer, params, windows, batch: int, max_batches: int):
+    """Token-weighted validation loss over up to `max_batches` batches per source (0 = all);
+    `windows` is one [W, T + 1] array or {source name: windows} (see eval.evaluate_windows)."""
+    step_fn = lambda b: trainer.eval_step(params, to_global(b, trainer.mesh, ("batch", None),
+                                                            trainer.rules))
+    return evaluation.evaluate_windows(step_fn, windows, batch=batch, max_batches=max_batches)
 
 
 def _validate(config: ml_collections.ConfigDict, cfg: model.GPTConfig, n_devices: int):
-    if config.data.source not in data.SOURCES:
-        raise ValueError(f"data.source must be one of {'|'.join(data.SOURCES)}, "
-                         f"got {config.data.source!r}")
-    if config.data.source != "text":
-        raise NotImplementedError(f"data.source {config.data.source!r} has no reader yet; "
-                                  f"use 'text' with data.path")
-    if config.data.tokenizer != "sentencepiece":
-        raise NotImplementedError(f"data.tokenizer {config.data.tokenizer!r} is not available "
-                                  f"yet; use 'sentencepiece'")
+    data.DataConfig.from_config(config.data)
     if not 1 <= config.data.block_size <= cfg.n_positions:
         raise ValueError(f"data.block_size {config.data.block_size} must be in "
                          f"[1, model.n_positions={cfg.n_positions}]")
@@ -225,6 +212,9 @@ def _validate(config: ml_collections.ConfigDict, cfg: model.GPTConfig, n_devices
         raise ValueError(f"mesh.rules must be one of {'|'.join(sharding.RULES)}, "
                          f"got {config.mesh.rules!r}")
     sharding.resolve_mesh_shape(config.mesh.shape, n_devices)
+    if config.report.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ValueError(f"report.wandb_project is {config.report.wandb_project!r} but wandb "
+                         f"is not installed (pip install wandb)")
 
 
 def _check_batch_divisible(micro_batch: int, config, mesh, rules):
@@ -239,15 +229,26 @@ def _check_batch_divisible(micro_batch: int, config, mesh, rules):
                          f"the {ways} devices the batch is split over")
 
 
-def _load_documents(config) -> tuple[list[str], list[str]]:
-    files = (data.default_corpus_files() if config.data.path is None
-             else data.resolve_paths(config.data.path))
-    return files, data.read_text_files(files)
+def _tokenizer_location(path: str) -> str:
+    """Absolute path for local tokenizer files; hub names (`gpt2`, `hf:gpt2`) stay as given."""
+    return os.path.abspath(path) if os.path.exists(path) else path
 
 
-def _make_tokenizer(config, workdir: str, docs: list[str], cfg: model.GPTConfig):
-    path = config.data.tokenizer_path or os.path.join(workdir, "tokenizer.model")
-    tok = tokenizer.load_or_train_sentencepiece(path, docs, cfg.vocab_size)
+def _make_tokenizer(dcfg: data.DataConfig, workdir: str, cfg: model.GPTConfig):
+    """The run's tokenizer; a SentencePiece model trained here is saved by the caller only
+    once the corpus has been read without error, so bad input leaves the workdir as it was."""
+    if dcfg.tokenizer == "gpt2":
+        path = dcfg.tokenizer_path or "gpt2"   # files, or the HF hub's copy
+        tok = tokenizer.load("gpt2", path)
+    else:
+        path = dcfg.tokenizer_path or os.path.join(workdir, "tokenizer.model")
+        if os.path.exists(path):
+            tok = tokenizer.load_or_train_sentencepiece(path, [], cfg.vocab_size)
+        else:
+            logging.info("training a %d-piece SentencePiece tokenizer -> %s", cfg.vocab_size,
+                         path)
+            tok = tokenizer.SentencePiece(tokenizer.train_sentencepiece(
+                data.tokenizer_training_texts(dcfg), cfg.vocab_size), path)
     if tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer {path} has {tok.vocab_size} tokens, more than "
                          f"model.vocab_size {cfg.vocab_size}")
@@ -255,16 +256,50 @@ def _make_tokenizer(config, workdir: str, docs: list[str], cfg: model.GPTConfig)
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to WORKDIR/metrics.jsonl (process 0 only)."""
+    """Appends one JSON object per line to WORKDIR/metrics.jsonl and mirrors the numbers
+    (and sample text) to TensorBoard event files in WORKDIR and, if asked, to Weights &
+    Biases (process 0 only)."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, *, tensorboard: bool = False,
+                 wandb_project: str | None = None, config: dict | None = None):
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.enabled = jax.process_index() == 0
+        self.tb = self.wandb = None
+        if self.enabled and tensorboard:
+            import tensorboardX
+            self.tb = tensorboardX.SummaryWriter(logdir=workdir, flush_secs=30)
+        if self.enabled and wandb_project:
+            import wandb   # train._validate checked that it is installed
+            self.wandb = wandb.init(project=wandb_project, dir=workdir, config=config,
+                                    name=os.path.basename(os.path.abspath(workdir)))
 
     def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        group = "eval" if "val_loss" in record else "train"
+        scalars = {f"{group}/{k}": v for k, v in record.items()
+                   if k not in ("step", "time", "total_steps") and isinstance(v, (int, float))}
+        if self.tb is not None:
+            for tag, v in scalars.items():
+                self.tb.add_scalar(tag, v, record["step"])
+            self.tb.flush()   # a run still training shows up in TensorBoard at once
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
+
+    def write_text(self, tag: str, text: str, step: int) -> None:
+        if self.tb is not None:
+            self.tb.add_text(tag, text.replace("\n", "  \n"), step)   # markdown line breaks
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({tag: text}, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def _sample_text(config, trainer: Trainer, params, tok, step: int) -> list[str]:
@@ -281,6 +316,7 @@ def _sample_text(config, trainer: Trainer, params, tok, step: int) -> list[str]:
 # train.steps, eval, sample, mesh, may change between segments).
 _RESUME_FIELDS = ("model.", "data.", "train.seed", "train.batch_size", "train.grad_accum")
 _NONFINITE_MODES = ("halt", "skip")
+_SCAN_LIMIT = 1 << 28   # tokens: a full id-range check at start-up reads this much at most
 
 
 def _validate_faults(config: ml_collections.ConfigDict):
@@ -300,10 +336,20 @@ def _validate_faults(config: ml_collections.ConfigDict):
                          f"{config.checkpoint.restore_step}")
 
 
+def _max_token(windows) -> int:
+    """Largest token id under a Windows view (one pass over its memory-mapped shards)."""
+    top = -1
+    for path, lo, hi in windows.segments:
+        if hi > lo:
+            top = max(top, int(np.memmap(path, dtype=windows.dtype, mode="r")[lo:hi].max()))
+    return top
+
+
 def _check_inputs(config, workdir: str, corpus, tok, cfg: model.GPTConfig):
-    """Out-of-range ids are clamped by JAX gathers instead of raising: check them here."""
+    """Out-of-range ids are clamped by JAX gathers instead of raising: check them here
+    (corpora over _SCAN_LIMIT tokens only per batch, in the training loop)."""
     for name, windows in (("train", corpus.train), ("validation", corpus.val)):
-        top = int(windows.max())
+        top = _max_token(windows) if windows.n_tokens <= _SCAN_LIMIT else -1
         if top >= cfg.vocab_size:
             raise ValueError(f"{name} data holds token id {top} >= model.vocab_size "
                              f"{cfg.vocab_size} (token cache {os.path.join(workdir, 'data')}"
@@ -374,7 +420,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rules = sharding.RULES[config.mesh.rules]
     micro_batch = config.train.batch_size // config.train.grad_accum
     _check_batch_divisible(micro_batch, config, mesh, rules)
-    files, docs = _load_documents(config)
+    dcfg = data.DataConfig.from_config(config.data)
+    data.find_inputs(dcfg)   # a missing path fails here, before the workdir is touched
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise FileExistsError(f"workdir {workdir} exists and is not a directory")
 
@@ -383,11 +430,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if jax.process_index() == 0:
         lock.acquire()
     try:
-        tok = _make_tokenizer(config, workdir, docs, cfg)
-        corpus = data.load_text_corpus(files, docs, tok, block_size=config.data.block_size,
-                                       val_fraction=config.data.val_fraction,
-                                       cache_dir=os.path.join(workdir, "data"))
-        del docs
+        tok = _make_tokenizer(dcfg, workdir, cfg)
+        corpus = data.load_corpus(dcfg, tok, cache_dir=os.path.join(workdir, "data"))
+        if isinstance(tok, tokenizer.SentencePiece) and not os.path.exists(tok.path):
+            tok.save(tok.path)
         _check_inputs(config, workdir, corpus, tok, cfg)
         total = config.train.steps
         tx = make_optimizer(optim, total)
@@ -396,19 +442,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             skip_nonfinite=config.train.nonfinite == "skip",
             inject_nan=(config.train.inject_nan_at_step, config.train.inject_nan_steps))
         train_ds = data.make_train_dataset(
-            corpus.train, global_batch=config.train.batch_size, seed=config.train.seed,
-            process_index=jax.process_index(), process_count=jax.process_count())
-        train_iter = iter(train_ds.to_iter_dataset())
+            corpus, global_batch=config.train.batch_size, seed=config.train.seed,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            mixture=dcfg.mixture)
+        train_iter = data.make_iterator(train_ds, dcfg)
         pipeline = [corpus.fingerprint, tok.fingerprint, config.train.seed,
                     config.train.batch_size, config.data.block_size, jax.process_count()]
         meta = {"config": config.to_dict(), "data": corpus.fingerprint,
-                "tokenizer": {"kind": config.data.tokenizer, "path": os.path.abspath(tok.path),
+                "tokenizer": {"kind": config.data.tokenizer, "path": _tokenizer_location(tok.path),
                               "fingerprint": tok.fingerprint},
                 "pipeline": hashlib.sha256(json.dumps(pipeline).encode()).hexdigest()[:16],
                 **checkpoint.provenance()}
         ckpts = checkpoint.Checkpoints(workdir, keep=config.checkpoint.keep,
                                        async_save=config.checkpoint.async_save)
         state = _restore_or_init(config, trainer, ckpts, meta, train_iter)
+        # Tokens and documents per source and split, and bad records skipped while preparing.
+        MetricsWriter(workdir).write({"step": int(state.step), "data": corpus.stats})
         n_params = model.count_params(state.params)
         logging.info("model: %s parameters; %d train windows of %d tokens; mesh %s",
                      f"{n_params:,}", len(corpus.train), config.data.block_size,
@@ -450,7 +499,8 @@ def _flush(pending: list, ledger, guard) -> dict:
 
 def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts, meta,
                 *, schedule) -> dict:
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, tensorboard=config.report.tensorboard,
+                           wandb_project=config.report.wandb_project, config=config.to_dict())
     total, accum = config.train.steps, config.train.grad_accum
     start = int(state.step)
     tokens_per_step = config.train.batch_size * config.data.block_size
@@ -500,16 +550,18 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts,
                 logging.info(report.progress_line(last_log))
                 t_last, step_last = now, done
             if is_eval:
+                # Several sources (a SlimPajama mixture): also a loss and perplexity per source.
+                val = corpus.val_by_source if len(corpus.val_by_source) > 1 else corpus.val
                 with watchdog.paused():
                     last_eval = {"step": done, **evaluate(
-                        trainer, state.params, corpus.val, config.eval.batch_size,
+                        trainer, state.params, val, config.eval.batch_size,
                         config.eval.batches)}
                 writer.write(last_eval)
                 logging.info(report.eval_line(last_eval))
             if is_save:
                 with watchdog.paused():
-                    val = last_eval.get("val_loss") if last_eval.get("step") == done else None
-                    ckpts.save(state, train_iter.get_state(), meta, val_loss=val)
+                    best = last_eval.get("val_loss") if last_eval.get("step") == done else None
+                    ckpts.save(state, train_iter.get_state(), meta, val_loss=best)
             if stopping:
                 preempted = done
                 break
@@ -528,10 +580,12 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts,
                         ckpts.root, preempted)
     elif config.sample.prompts and config.sample.max_new_tokens:
         completions = _sample_text(config, trainer, state.params, tok, int(state.step))
+        block = report.samples_block(int(state.step), list(config.sample.prompts),
+                                     completions)
         with open(os.path.join(workdir, "samples.txt"), "a") as f:
-            f.write(report.samples_block(int(state.step), list(config.sample.prompts),
-                                         completions) + "\n")
-        logging.info(report.samples_block(int(state.step), list(config.sample.prompts),
-                                          completions))
+            f.write(block + "\n")
+        logging.info(block)
+        writer.write_text("samples", block, int(state.step))
+    writer.close()
     return {"train": last_log, "eval": last_eval, "state": state, "preempted": preempted,
             "skipped_steps": guard.skipped}

@@ -254,10 +254,10 @@ def test_bad_inputs_are_rejected_and_change_nothing(tmp_path, shared_tok):
     train.train_and_evaluate(_config(shared_tok, train__steps=2), workdir)
 
     def corrupt_cache():   # an id the model cannot embed (JAX would clamp it silently)
-        cache = glob.glob(f"{workdir}/data/tokens-*.npy")[0]
-        tokens = np.load(cache)
+        shard = sorted(glob.glob(f"{workdir}/data/*/train/**/*.bin", recursive=True))[0]
+        tokens = np.memmap(shard, dtype=np.uint16, mode="r+")
         tokens[5] = 999
-        np.save(cache, tokens)
+        tokens.flush()
 
     cases = _bad_inputs(tmp_path, shared_tok)
     cases.append(({}, None, "token id 999 >= model.vocab_size 384"))

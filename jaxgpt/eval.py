@@ -1,0 +1,455 @@
+"""Evaluation: token-weighted perplexity (per data source, sliding window over long text),
+generation metrics (coherence, prompt-continuation PMI, distinct-n, repetition), cloze
+factuality, and `python -m jaxgpt.eval --checkpoint=RUN|--hf=gpt2 --data=PATH`.
+
+Perplexity is always exp(total NLL / total scored tokens): sources and batches are combined
+by summing NLL and token counts, never by averaging per-batch or per-source perplexities.
+"""
+
+import argparse
+import dataclasses
+import functools
+import io
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxgpt import checkpoint, data, model, sample, tokenizer
+
+# rows of token ids -> for each row of n ids, the n - 1 log-probs log p(row[t] | row[:t]).
+LogprobFn = Callable[[Sequence[Sequence[int]]], list[np.ndarray]]
+
+
+def perplexity(nll_sum: float, tokens: float) -> float:
+    """exp of the token-weighted mean NLL (capped at e^50 so a diverged run stays finite)."""
+    if tokens <= 0:
+        raise ValueError(f"perplexity needs at least one scored token, got {tokens}")
+    return math.exp(min(nll_sum / tokens, 50.0))
+
+
+# ---------------------------------------------------------------------------------------
+# Models and their log-probabilities
+
+
+@dataclasses.dataclass(frozen=True)
+class LM:
+    """A model under evaluation: config, params, its own tokenizer, and where it came from."""
+
+    name: str                  # the spec it was loaded from: a run directory or hf:NAME|DIR
+    cfg: model.GPTConfig
+    params: Any
+    tok: tokenizer.Tokenizer
+    step: int | None = None    # training step of a jaxgpt checkpoint
+
+    def logprobs(self, rows: Sequence[Sequence[int]], batch_size: int = 16) -> list[np.ndarray]:
+        return target_logprobs(self.cfg, self.params, rows, batch_size=batch_size)
+
+
+def load_lm(spec: str) -> LM:
+    """A run directory (its latest checkpoint; `RUN@STEP` for another one) or `hf:NAME|DIR`
+    (an HF GPT-2 through convert.hf, with its GPT-2 BPE tokenizer)."""
+    if spec.startswith("hf:"):
+        from jaxgpt.convert import hf   # torch + transformers load only when asked for
+        name = spec[3:]
+        cfg, params = hf.import_gpt2(name)
+        return LM(spec, cfg, params, tokenizer.load("gpt2", name))
+    workdir, _, step = spec.rpartition("@") if "@" in spec else (spec, "", "")
+    if step and not step.isdigit():
+        raise ValueError(f"model {spec!r}: the part after @ must be a step number")
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"model {spec!r}: no such run directory (HF models are "
+                                f"written hf:NAME or hf:DIR)")
+    ckpts = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpts):
+        raise FileNotFoundError(f"model {spec!r}: no checkpoints/ folder, so it has no saved "
+                                f"model yet")
+    if step and not os.path.isdir(os.path.join(ckpts, step)):
+        raise FileNotFoundError(f"model {spec!r}: no checkpoint {step} in {ckpts} (there are "
+                                f"{', '.join(sorted(os.listdir(ckpts))) or 'none'})")
+    cfg, params, step, meta = checkpoint.load_params(workdir, int(step) if step else None)
+    return LM(spec, cfg, params, tokenizer.from_meta(meta), step)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _target_logprobs(params, tokens_BT, *, graphdef):
+    logits, _ = nnx.merge(graphdef, params)(tokens_BT[:, :-1])
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)   # float32 log-softmax
+    return jnp.take_along_axis(logp, tokens_BT[:, 1:, None], axis=-1)[..., 0]   # [B, T - 1]
+
+
+def target_logprobs(cfg: model.GPTConfig, params, rows: Sequence[Sequence[int]], *,
+                    batch_size: int = 16) -> list[np.ndarray]:
+    """log p(row[t] | row[:t]) for t >= 1 of every row of 2..n_positions + 1 ids (the model
+    reads all but the last id, as a training window of block_size + 1).
+
+    Rows are right-padded to a power-of-two bucket; causal attention makes padding after a
+    row invisible to its real positions, so the result equals an unpadded forward pass.
+    """
+    for i, row in enumerate(rows):
+        if not 2 <= len(row) <= cfg.n_positions + 1:
+            raise ValueError(f"row {i} has {len(row)} tokens; scoring needs 2..n_positions + 1"
+                             f" = {cfg.n_positions + 1}")
+    graphdef = sample.graphdef_of(cfg)
+    out: list[np.ndarray] = [np.empty(0)] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))   # similar lengths together
+    for lo in range(0, len(order), batch_size):
+        idx = order[lo:lo + batch_size]
+        n_in = max(len(rows[i]) for i in idx) - 1
+        T = min(max(16, 1 << (n_in - 1).bit_length()), cfg.n_positions) + 1
+        tokens = np.zeros((batch_size, T), np.int32)
+        for j, i in enumerate(idx):
+            tokens[j, :len(rows[i])] = rows[i]
+        lp = np.asarray(_target_logprobs(params, jnp.asarray(tokens), graphdef=graphdef))
+        for j, i in enumerate(idx):
+            out[i] = lp[j, :len(rows[i]) - 1]
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Perplexity of long text: the sliding-window protocol
+
+
+def sliding_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, n_scored) windows over a stream of `n_tokens` ids.
+
+    The model reads ids[begin:end] (at most `context` ids) and predicts ids[begin + 1:end + 1];
+    the last `n_scored` predictions count. Windows start every `stride` ids, so each id after
+    the first is scored exactly once, and in every window after the first it sees at least
+    `context - stride + 1` ids of context. This is the HuggingFace perplexity guide's
+    protocol: stride = context gives disjoint chunks; smaller strides give more context per
+    token for more compute.
+    """
+    if not 1 <= stride <= context:
+        raise ValueError(f"stride must be in [1, context={context}], got {stride}")
+    if n_tokens < 2:
+        raise ValueError(f"a stream of {n_tokens} token(s) has nothing to predict")
+    windows, scored_to, begin = [], 0, 0   # ids[1..scored_to] are scored
+    while scored_to < n_tokens - 1:
+        end = min(begin + context, n_tokens - 1)
+        windows.append((begin, end, end - scored_to))
+        scored_to = end
+        begin += stride
+    return windows
+
+
+def stream_nll(logprob_fn: LogprobFn, ids: Sequence[int], *, context: int,
+               stride: int) -> np.ndarray:
+    """Per-token NLL [N - 1] of ids[1:], each under the sliding-window protocol."""
+    windows = sliding_windows(len(ids), context, stride)
+    lps = logprob_fn([ids[b:e + 1] for b, e, _ in windows])
+    return -np.concatenate([lp[len(lp) - n:] for lp, (_, _, n) in zip(lps, windows)])
+
+
+def summarize(totals: Mapping[str, tuple[float, float]], prefix: str = "") -> dict:
+    """{source: (nll_sum, tokens)} -> flat `loss`, `ppl`, `tokens` for all sources together
+    (token-weighted) and `loss/SOURCE` etc. per source (only when there are named sources)."""
+    nll = sum(v[0] for v in totals.values())
+    tokens = sum(v[1] for v in totals.values())
+    out = {f"{prefix}loss": nll / tokens, f"{prefix}ppl": perplexity(nll, tokens),
+           f"{prefix}tokens": tokens}
+    if len(totals) > 1 or (totals and next(iter(totals)) != ""):
+        for name, (n, t) in totals.items():
+            out.update({f"{prefix}loss/{name}": n / t, f"{prefix}ppl/{name}": perplexity(n, t),
+                        f"{prefix}tokens/{name}": t})
+    return out
+
+
+def group_by_source(windows: np.ndarray, source_ids: np.ndarray,
+                    names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Windows [W, T + 1] with per-window source ids [W] -> {source name: its windows}."""
+    if len(source_ids) != len(windows):
+        raise ValueError(f"{len(source_ids)} source ids for {len(windows)} windows")
+    if len(source_ids) and not 0 <= int(source_ids.min()) <= int(source_ids.max()) < len(names):
+        raise ValueError(f"source ids span [{source_ids.min()}, {source_ids.max()}] but there "
+                         f"are {len(names)} source names")
+    return {name: windows[source_ids == i] for i, name in enumerate(names)
+            if np.any(source_ids == i)}
+
+
+def evaluate_windows(step_fn: Callable[[np.ndarray], dict], windows, *, batch: int,
+                     max_batches: int = 0) -> dict:
+    """Token-weighted validation loss of packed windows, overall and per source.
+
+    Args:
+      step_fn: int32 windows [batch, T + 1] -> {"nll_sum": scalar, "tokens": scalar}
+        (train.eval_step, jitted and sharded by the caller).
+      windows: [W, T + 1] windows of one source, or {source name: windows}.
+      max_batches: batches per source (0 = every full batch; a remainder is dropped, so a
+        source with fewer windows than one batch is skipped with a warning).
+
+    Returns `val_loss`, `val_ppl`, `val_tokens` and, for named sources, `val_loss/NAME`...
+    """
+    by_source = windows if isinstance(windows, Mapping) else {"": windows}
+    totals = {}
+    for name, w in by_source.items():
+        nll, tokens = 0.0, 0.0
+        for b in data.iter_val_batches(w, batch, max_batches):
+            out = step_fn(b)
+            nll += float(out["nll_sum"])
+            tokens += float(out["tokens"])
+        if tokens:
+            totals[name] = (nll, tokens)
+        else:
+            logging.warning("eval: source %r has %d windows, fewer than one batch of %d; "
+                            "skipped", name, len(w), batch)
+    if not totals:
+        raise ValueError(f"{sum(len(w) for w in by_source.values())} validation windows "
+                         f"are fewer than one eval batch of {batch}")
+    return summarize(totals, prefix="val_")
+
+
+# ---------------------------------------------------------------------------------------
+# Generation metrics (see the README section "Progress report" for the definitions)
+
+
+def _fit(prompt: list[int], cont: list[int], limit: int) -> tuple[list[int], list[int]]:
+    """Cut the prompt from the left (keeping >= 1 id), then the continuation from the right,
+    until prompt + continuation fits `limit` ids."""
+    over = len(prompt) + len(cont) - limit
+    if over > 0:
+        cut = min(over, len(prompt) - 1)
+        prompt, over = prompt[cut:], over - cut
+    return prompt, cont[:len(cont) - over] if over > 0 else cont
+
+
+def continuation_scores(logprob_fn: LogprobFn, tok, prompts: Sequence[str],
+                        conts: Sequence[str], limit: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per continuation: (log p(c_t | prompt, c_<t), log p(c_t | c_<t)) over its tokens, both
+    under the scorer's tokenizer; the unconditional context starts from end-of-text."""
+    rows, spans = [], []
+    for p, c in zip(prompts, conts):
+        p_ids, c_ids = _fit(tok.encode(p) or [tok.eot_id], tok.encode(c), limit)
+        if c_ids:   # an empty continuation (end-of-text at once) has nothing to score
+            rows += [p_ids + c_ids, [tok.eot_id] + c_ids]
+        spans.append(len(c_ids))
+    lps = iter(logprob_fn(rows) if rows else [])
+    out = []
+    for n in spans:
+        cond, uncond = (next(lps), next(lps)) if n else (np.empty(0), np.empty(0))
+        out.append((cond[len(cond) - n:], uncond[:n]))
+    return out
+
+
+def coherence_pmi(scores: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict:
+    """Token-weighted over all continuations: coherence = exp(mean -log p(c | prompt)),
+    pmi = mean per-token log p(c | prompt) - log p(c), in nats."""
+    n = sum(len(c) for c, _ in scores)
+    if not n:
+        return {"coherence_ppl": math.nan, "pmi": math.nan, "scored_tokens": 0}
+    cond = sum(float(c.sum()) for c, _ in scores)
+    uncond = sum(float(u.sum()) for _, u in scores)
+    return {"coherence_ppl": perplexity(-cond, n), "pmi": (cond - uncond) / n,
+            "scored_tokens": n}
+
+
+def ngrams(seq: Sequence, n: int) -> list[tuple]:
+    return [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+
+
+def distinct_n(seqs: Sequence[Sequence], n: int) -> float:
+    """Distinct n-grams over all n-grams of all sequences (corpus-level distinct-n)."""
+    grams = [g for s in seqs for g in ngrams(s, n)]
+    return len(set(grams)) / len(grams) if grams else math.nan
+
+
+def repeated_ngram_rate(seqs: Sequence[Sequence], n: int = 4) -> float:
+    """Fraction of n-grams that already occurred earlier in the same sequence (pooled)."""
+    repeats = total = 0
+    for s in seqs:
+        seen = set()
+        for g in ngrams(s, n):
+            repeats += g in seen
+            seen.add(g)
+            total += 1
+    return repeats / total if total else math.nan
+
+
+def cloze_ranks(logprob_fn: LogprobFn, tok, facts: Sequence[Mapping]) -> list[int]:
+    """Rank (1 = best) of each fact's answer among its candidates by log p(candidate | prompt)
+    summed over the candidate's tokens; a tie counts in the answer's favour."""
+    rows, spans = [], []
+    for f in facts:
+        p_ids = tok.encode(f["prompt"]) or [tok.eot_id]
+        for cand in f["candidates"]:
+            c_ids = tok.encode(cand)
+            rows.append(p_ids + c_ids)
+            spans.append(len(c_ids))
+    lps = logprob_fn(rows)
+    scores = [float(lp[len(lp) - n:].sum()) for lp, n in zip(lps, spans)]
+    ranks, k = [], 0
+    for f in facts:
+        s = scores[k:k + len(f["candidates"])]
+        k += len(f["candidates"])
+        true = s[f["candidates"].index(f["answer"])]
+        ranks.append(1 + sum(x > true for x in s))
+    return ranks
+
+
+# ---------------------------------------------------------------------------------------
+# The prompt suite: every model answers every prompt, then the scorer grades the answers
+
+SUITE = "suite_v1.json"   # jaxgpt/prompts/: versioned, never edited once released
+CLOZE = "cloze_v1.json"
+
+
+def load_prompt_file(name: str) -> dict:
+    """A prompt suite (`prompts`) or cloze set (`facts`) shipped in jaxgpt/prompts/."""
+    import importlib.resources
+    path = importlib.resources.files("jaxgpt") / "prompts" / name
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    for i, f in enumerate(doc.get("facts", [])):
+        if f["answer"] not in f["candidates"] or not all(f["candidates"]):
+            raise ValueError(f"{name}: fact {i} ({f['prompt']!r}) needs its answer among "
+                             f"non-empty candidates")
+    return doc
+
+
+@dataclasses.dataclass(frozen=True)
+class GenSettings:
+    """Sampler settings shared by every model in a comparison (greedy runs as well)."""
+
+    max_new_tokens: int = 48
+    temperature: float = 0.8
+    top_k: int = 40
+    seed: int = 0
+
+
+def generate_suite(lm: LM, prompts: Sequence[str], settings: GenSettings) -> dict:
+    """{"sampled": continuations, "greedy": continuations}, text cut at end-of-text.
+
+    Prompts longer than the model's context keep their last ids; a model whose context
+    is short gets fewer new tokens, never an error."""
+    new = settings.max_new_tokens
+    ids = [(lm.tok.encode(p) or [lm.tok.eot_id])[-(lm.cfg.n_positions - 1):] for p in prompts]
+    new = min(new, lm.cfg.n_positions - max(len(i) for i in ids))
+    methods = {"sampled": sample.Sampling(settings.temperature, settings.top_k),
+               "greedy": sample.Greedy()}
+    out = {}
+    for name, method in methods.items():
+        rows = sample.generate(lm.cfg, lm.params, ids, max_new_tokens=new, method=method,
+                               seed=settings.seed, eot_id=lm.tok.eot_id,
+                               n_valid_vocab=lm.tok.vocab_size)
+        out[name] = [lm.tok.decode(r) for r in rows]
+    return out
+
+
+def generation_metrics(scorer: LM, prompts: Sequence[str], conts: Sequence[str]) -> dict:
+    """coherence_ppl, pmi, distinct_1..3 and repeat_4 of continuations, under the scorer."""
+    scores = continuation_scores(scorer.logprobs, scorer.tok, prompts, conts,
+                                 scorer.cfg.n_positions)
+    toks = [scorer.tok.encode(c) for c in conts]
+    out = coherence_pmi(scores)
+    out.update({f"distinct_{n}": distinct_n(toks, n) for n in (1, 2, 3)})
+    out["repeat_4"] = repeated_ngram_rate(toks, 4)
+    out["mean_tokens"] = float(np.mean([len(t) for t in toks]))
+    return out
+
+
+def compare_models(lms: Sequence[LM], scorer: LM, *, settings: GenSettings,
+                   suite: str = SUITE, cloze: str = CLOZE) -> dict:
+    """Every model answers the suite; the scorer grades every answer; cloze per model."""
+    prompts = load_prompt_file(suite)["prompts"]
+    facts = load_prompt_file(cloze)["facts"]
+    texts = [p["text"] for p in prompts]
+    models = []
+    for lm in lms:
+        logging.info("report: generating with %s", lm.name)
+        gens = generate_suite(lm, texts, settings)
+        ranks = cloze_ranks(lm.logprobs, lm.tok, facts)
+        models.append({
+            "name": lm.name, "step": lm.step, "params": model.count_params(lm.params),
+            "generations": gens,
+            "metrics": {k: generation_metrics(scorer, texts, v) for k, v in gens.items()},
+            "cloze": {"accuracy": float(np.mean([r == 1 for r in ranks])),
+                      "mean_rank": float(np.mean(ranks)), "facts": len(ranks),
+                      "candidates": len(facts[0]["candidates"])}})
+    return {"suite": suite, "cloze": cloze, "scorer": scorer.name,
+            "settings": dataclasses.asdict(settings), "prompts": prompts, "models": models}
+
+
+# ---------------------------------------------------------------------------------------
+# Text sources for the standalone perplexity command
+
+
+def read_sources(path: str) -> dict[str, list[str]]:
+    """{source name: documents}. `.jsonl` / `.jsonl.zst` lines are SlimPajama records
+    (`text`, `meta.redpajama_set_name`); any other file is one document of source `text`."""
+    import zstandard
+    out: dict[str, list[str]] = {}
+    for f in data.resolve_paths(path):
+        if not f.endswith((".jsonl", ".jsonl.zst")):
+            out.setdefault("text", []).extend(data.read_text_files([f]))
+            continue
+        with open(f, "rb") as raw:
+            stream = (zstandard.ZstdDecompressor().stream_reader(raw) if f.endswith(".zst")
+                      else raw)
+            for line_no, line in enumerate(io.TextIOWrapper(stream, encoding="utf-8"), 1):
+                try:
+                    rec = json.loads(line)
+                    name = rec.get("meta", {}).get("redpajama_set_name", "text")
+                    out.setdefault(name, []).append(rec["text"])
+                except (json.JSONDecodeError, KeyError, AttributeError) as e:
+                    raise ValueError(f"{f}:{line_no}: not a SlimPajama record ({e})") from None
+    return out
+
+
+def perplexity_of_sources(lm: LM, sources: Mapping[str, Sequence[str]], *, context: int,
+                          stride: int, batch_size: int = 16) -> dict:
+    """Each source's documents joined by end-of-text into one stream, scored by sliding
+    windows; returns `loss`, `ppl`, `tokens` overall and per source."""
+    if context > lm.cfg.n_positions:
+        raise ValueError(f"context {context} exceeds {lm.name}'s n_positions "
+                         f"{lm.cfg.n_positions}")
+    totals = {}
+    fn = functools.partial(lm.logprobs, batch_size=batch_size)
+    for name, docs in sources.items():
+        ids = []
+        for d in lm.tok.encode_batch(list(docs)):
+            ids += d + [lm.tok.eot_id]
+        nll = stream_nll(fn, ids[:-1], context=context, stride=stride)
+        totals[name] = (float(nll.sum()), float(nll.size))
+    return summarize(totals)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxgpt.eval", description=(
+        "Token-weighted perplexity of a model on text, per source, by sliding windows."))
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="a run directory (its latest checkpoint)")
+    which.add_argument("--hf", help="an HF GPT-2: hub name (gpt2) or save_pretrained dir")
+    parser.add_argument("--data", required=True, help="text/.jsonl(.zst) file, dir or glob")
+    parser.add_argument("--context", type=int, default=0, help="window; 0 = n_positions")
+    parser.add_argument("--stride", type=int, default=0, help="0 = context / 2")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--out", help="also write the numbers to this JSON file")
+    args = parser.parse_args(argv)
+    logging.getLogger().setLevel(logging.INFO)
+    try:
+        lm = load_lm(args.checkpoint or "hf:" + args.hf)
+        context = args.context or lm.cfg.n_positions
+        stride = args.stride or max(1, context // 2)
+        result = {"model": lm.name, "context": context, "stride": stride,
+                  **perplexity_of_sources(lm, read_sources(args.data), context=context,
+                                          stride=stride, batch_size=args.batch_size)}
+    except (ValueError, FileNotFoundError, NotImplementedError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from jaxgpt import report
+    print(report.perplexity_table(result))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Document readers: SlimPajama `.jsonl.zst`, WikiText articles, plain text, HF streams.
+
+Every reader yields `Document`s. A bad record (malformed JSON, no `text`, non-UTF-8 bytes,
+a truncated `.zst`, a file without documents) is a `ValueError` naming its file and line,
+or, under `on_bad_record='skip'`, is skipped and counted in a `BadRecords` tally.
+"""
+
+import collections
+import dataclasses
+import glob
+import itertools
+import json
+import logging
+import os
+import re
+import sysconfig
+from collections.abc import Iterable, Iterator
+
+import zstandard
+
+SOURCES = ("text", "wikitext", "slimpajama")
+BAD_RECORD_POLICIES = ("error", "skip")
+_STDLIB_SKIP = ("test", "tests", "idle_test", "site-packages", "__pycache__")
+_ZST_CHUNK = 1 << 20
+# A WikiText article starts at a level-1 heading line " = Title = " (level 2 is " = = x = = ").
+_WIKITEXT_TITLE = re.compile(r"^ = [^=].* = $")
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+    text: str
+    source: str    # SlimPajama's meta.redpajama_set_name; the source kind elsewhere
+    where: str     # "file:line" of the record, for messages
+
+
+class BadRecords:
+    """Raises on a bad record (policy 'error') or counts it by kind (policy 'skip')."""
+
+    def __init__(self, policy: str):
+        if policy not in BAD_RECORD_POLICIES:
+            raise ValueError(f"data.on_bad_record must be one of "
+                             f"{'|'.join(BAD_RECORD_POLICIES)}, got {policy!r}")
+        self.policy = policy
+        self.counts: collections.Counter = collections.Counter()
+
+    def __call__(self, kind: str, where: str, message: str) -> None:
+        if self.policy == "error":
+            raise ValueError(f"{where}: {message} (data.on_bad_record='skip' skips such records)")
+        self.counts[kind] += 1
+        logging.warning("skipped bad record %s: %s", where, message)
+
+
+def default_corpus_files() -> list[str]:
+    """The running interpreter's standard-library sources (tests excluded): ~12 MB of real
+    text that every Python installation has, so the default run needs no download."""
+    root = sysconfig.get_paths()["stdlib"]
+    files = []
+    for path in sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True)):
+        parts = os.path.relpath(path, root).split(os.sep)
+        if not any(p in _STDLIB_SKIP or p.startswith("test_") for p in parts):
+            files.append(path)
+    if not files:
+        raise FileNotFoundError(f"no .py files found under the standard library at {root}")
+    return files
+
+
+def resolve_paths(path: str) -> list[str]:
+    """A file, a directory (all files below it) or a glob -> sorted list of files."""
+    if os.path.isdir(path):
+        files = sorted(p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True)
+                       if os.path.isfile(p))
+    elif any(c in path for c in "*?["):
+        files = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise FileNotFoundError(f"data.path {path!r} does not exist")
+    if not files:
+        raise FileNotFoundError(f"data.path {path!r} matches no files")
+    return files
+
+
+def find_splits(source: str, path: str | None) -> dict[str, list[str]]:
+    """Input files per split ('train', and 'val' where the source has one); `{}` means the
+    source streams from the HF hub (path None).
+
+    SlimPajama: `train/` and `validation/` below `path` (its own layout; `test/` unused), or
+    any `.jsonl[.zst]` files. WikiText: files named `*train*` / `*valid*` (`*test*` unused);
+    a lone file or a folder without a train file is all training text. Text: every file.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"data.source must be one of {'|'.join(SOURCES)}, got {source!r}")
+    if path is None:
+        return {"train": default_corpus_files()} if source == "text" else {}
+    if source == "text":
+        return {"train": resolve_paths(path)}
+    if source == "slimpajama":
+        def jsonl(p):
+            files = [f for f in resolve_paths(p) if f.endswith((".jsonl.zst", ".jsonl"))]
+            if not files:
+                raise FileNotFoundError(f"data.path {p!r} holds no .jsonl.zst files")
+            return files
+        if os.path.isdir(os.path.join(path, "train")):
+            splits = {"train": jsonl(os.path.join(path, "train"))}
+            if os.path.isdir(os.path.join(path, "validation")):
+                splits["val"] = jsonl(os.path.join(path, "validation"))
+            return splits
+        return {"train": jsonl(path)}
+    files = [f for f in resolve_paths(path) if "test" not in os.path.basename(f)]
+    train = [f for f in files if "train" in os.path.basename(f)]
+    val = [f for f in files if "valid" in os.path.basename(f)]
+    if not files:
+        raise FileNotFoundError(f"data.path {path!r} holds only WikiText test files")
+    return {"train": train, "val": val} if train and val else {"train": files}
+
+
+def _zst_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of a zstd file, frame by frame; a cut-off frame raises EOFError."""
+    dctx = zstandard.ZstdDecompressor()
+    dobj, pending, lineno = None, b"", 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_ZST_CHUNK), b""):
+            while chunk:
+                if dobj is None or dobj.eof:
+                    dobj = dctx.decompressobj()
+                try:
+                    pending += dobj.decompress(chunk)
+                except zstandard.ZstdError as e:
+                    raise EOFError(f"corrupt zstd data after line {lineno} ({e})") from None
+                chunk = dobj.unused_data if dobj.eof else b""
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                lineno += 1
+                yield lineno, line
+    if dobj is not None and not dobj.eof:
+        raise EOFError(f"truncated zstd stream after line {lineno}")
+    if pending:
+        yield lineno + 1, pending
+
+
+def read_jsonl(path: str, bad: BadRecords) -> Iterator[Document]:
+    """SlimPajama records `{"text", "meta": {"redpajama_set_name"}}` of a .jsonl[.zst] file."""
+    n = 0
+    if path.endswith(".zst"):
+        lines = _zst_lines(path)
+    else:
+        with open(path, "rb") as f:
+            lines = list(enumerate(f.read().split(b"\n"), 1))
+    try:
+        for lineno, raw in lines:
+            where = f"{path}:{lineno}"
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                bad("non_utf8", where, f"not valid UTF-8 ({e.reason} at byte {e.start})")
+                continue
+            except json.JSONDecodeError as e:
+                bad("malformed_json", where, f"malformed JSON ({e.msg} at column {e.colno})")
+                continue
+            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                bad("no_text", where, "record has no string 'text' field")
+                continue
+            meta = rec.get("meta")
+            name = meta.get("redpajama_set_name") if isinstance(meta, dict) else None
+            n += 1
+            yield Document(rec["text"], name or "unknown", where)
+    except EOFError as e:
+        bad("truncated_file", path, str(e))
+    if n == 0:
+        bad("empty_file", path, "holds no documents")
+
+
+def read_text(path: str, bad: BadRecords) -> Iterator[Document]:
+    """A whole file as one document."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        yield Document(raw.decode("utf-8"), "text", f"{path}:1")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        bad("non_utf8", f"{path}:{line}", f"not valid UTF-8 ({e.reason} at byte {e.start})")
+
+
+def wikitext_articles(lines: Iterable[str], name: str) -> Iterator[Document]:
+    """Lines -> one document per article, each from its ` = Title = ` line to the next;
+    text before the first title joins the first article. Text is kept verbatim (tokenized
+    WikiText keeps its ` @-@ ` and `<unk>`, as in published perplexities)."""
+    article, start = [], 1
+    for lineno, line in enumerate(lines, 1):
+        if _WIKITEXT_TITLE.match(line.rstrip("\n")) and any(s.strip() for s in article):
+            yield Document("".join(article), "wikitext", f"{name}:{start}")
+            article, start = [], lineno
+        article.append(line)
+    if any(s.strip() for s in article):
+        yield Document("".join(article), "wikitext", f"{name}:{start}")
+
+
+def read_wikitext(path: str, bad: BadRecords) -> Iterator[Document]:
+    for doc in read_text(path, bad):
+        yield from wikitext_articles(doc.text.splitlines(keepends=True), path)
+
+
+READERS = {"text": read_text, "wikitext": read_wikitext, "slimpajama": read_jsonl}
+
+
+def hf_documents(source: str, split: str) -> Iterator[Document]:
+    """Stream a split from the HF hub (`pip install jaxgpt[datasets]`; needs the network)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError("data.path is unset, so the data would stream from the HF hub, "
+                          "which needs `pip install datasets`") from None
+    hf_split = {"train": "train", "val": "validation"}[split]
+    if source == "slimpajama":
+        stream = datasets.load_dataset("cerebras/SlimPajama-627B", split=hf_split,
+                                       streaming=True)
+        for i, rec in enumerate(stream):
+            yield Document(rec["text"], rec["meta"]["redpajama_set_name"],
+                           f"hf:cerebras/SlimPajama-627B/{hf_split}:{i}")
+    elif source == "wikitext":
+        # Rows are the lines of the raw files, so articles split exactly as local files do.
+        stream = datasets.load_dataset("wikitext", "wikitext-103-raw-v1", split=hf_split,
+                                       streaming=True)
+        yield from wikitext_articles((r["text"] for r in stream),
+                                     f"hf:wikitext-103-raw-v1/{hf_split}")
+    else:
+        raise ValueError(f"data.source {source!r} has no HF stream; set data.path")
+
+
+def iter_documents(source: str, files: list[str], bad: BadRecords) -> Iterator[Document]:
+    """Every document of `files` in order (the reader is chosen by `source`)."""
+    return itertools.chain.from_iterable(READERS[source](f, bad) for f in files)
+
+
+def shard_files(files: list[str], process_index: int, process_count: int) -> list[str]:
+    """Process p reads files p, p + n, p + 2n, ...: every file (so every document) is read
+    by exactly one process, as SlimPajama's 59,166 files allow for any host count."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if len(files) < process_count:
+        raise ValueError(f"{len(files)} input files cannot be shared by {process_count} "
+                         f"processes; prepare the data once and train from its shards")
+    return files[process_index::process_count]

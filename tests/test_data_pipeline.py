@@ -1,0 +1,205 @@
+"""Token shards, packing, per-process epochs, mixture and exact iterator resume on the
+SlimPajama sample, plus the prepare and tokenizer command lines."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxgpt import data, sources, tokenizer
+from tests import helpers
+
+BLOCK = 32
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    """(DataConfig, tokenizer, prepared dir) for the SlimPajama sample (skips without it)."""
+    from tests.conftest import SHARED_DATA
+    root = os.path.join(SHARED_DATA, "slimpajama-sample")
+    if not os.path.isdir(root):
+        pytest.skip(f"reference data folder {root} is absent")
+    tmp = tmp_path_factory.mktemp("sample")
+    dcfg = data.DataConfig(source="slimpajama", path=root, block_size=BLOCK)
+    tok = tokenizer.SentencePiece(tokenizer.train_sentencepiece(
+        data.tokenizer_training_texts(dcfg), 512))
+    out = str(tmp / "prepared")
+    data.prepare(dcfg, tok, out)
+    return dcfg, tok, out
+
+
+def _stream(tok, files):
+    """Independent reference of the joined token stream, per source, in file order."""
+    out = {}
+    for d in sources.iter_documents("slimpajama", files, sources.BadRecords("error")):
+        out.setdefault(d.source, []).extend(tok.encode(d.text) + [tok.eot_id])
+    return out
+
+
+def test_manifest_records_tokenizer_files_and_counts(sample):
+    dcfg, tok, out = sample
+    manifest = json.loads(pathlib.Path(out, data.MANIFEST).read_text())
+    splits = sources.find_splits("slimpajama", dcfg.path)
+    assert manifest["tokenizer"]["fingerprint"] == tok.fingerprint
+    assert manifest["inputs"] == splits and manifest["dtype"] == "uint16"
+    for split in ("train", "val"):
+        expect = _stream(tok, splits[split])
+        assert manifest["splits"][split]["tokens"] == {k: len(v) for k, v in expect.items()}
+    docs = manifest["splits"]["train"]["documents"]
+    assert set(docs) == {"RedPajamaBook", "RedPajamaWikipedia"}
+    assert sum(docs.values()) + sum(manifest["splits"]["val"]["documents"].values()) == 321
+
+
+def test_windows_reproduce_the_stream_and_targets_are_next_tokens(sample):
+    dcfg, tok, out = sample
+    corpus = data.load_prepared(out, dcfg, tok.fingerprint)
+    expect = _stream(tok, sources.find_splits("slimpajama", dcfg.path)["train"])
+    for name, windows in corpus.train_by_source.items():
+        stream = np.asarray(expect[name])
+        w = np.stack([windows[i] for i in range(len(windows))])
+        assert w.dtype == np.int32 and w.shape == (len(windows), BLOCK + 1)
+        assert len(windows) == (len(stream) - 1) // BLOCK
+        # Dropping each window's last token (the next window's first) gives the stream back.
+        np.testing.assert_array_equal(w[:, :-1].reshape(-1), stream[:len(w) * BLOCK])
+        # Every target is the token after its input in the stream.
+        np.testing.assert_array_equal(w[:, 1:].reshape(-1),
+                                      stream[1:len(w) * BLOCK + 1])
+    assert corpus.n_val_tokens == sum(len(v) for v in _stream(
+        tok, sources.find_splits("slimpajama", dcfg.path)["val"]).values())
+
+
+@pytest.mark.parametrize("n_proc", [1, 2, 4])
+def test_each_window_once_per_epoch_across_processes(sample, n_proc):
+    dcfg, tok, out = sample
+    corpus = data.load_prepared(out, dcfg, tok.fingerprint)
+    n, batch = len(corpus.train), 8
+    ids = np.arange(n)[:, None]      # the same pipeline over window indices
+    parts = [data.make_train_dataset(ids, global_batch=batch, seed=5, process_index=p,
+                                     process_count=n_proc) for p in range(n_proc)]
+    steps = n // batch
+    seen = np.concatenate([p[s][:, 0] for s in range(steps) for p in parts])
+    assert len(set(seen)) == len(seen) == steps * batch       # no window twice in an epoch
+    single = data.make_train_dataset(ids, global_batch=batch, seed=5)
+    np.testing.assert_array_equal(np.sort(seen),
+                                  np.sort(np.concatenate([single[s][:, 0]
+                                                          for s in range(steps)])))
+    # The real windows served for those indices are the corpus's.
+    real = data.make_train_dataset(corpus, global_batch=batch, seed=5, process_index=n_proc - 1,
+                                   process_count=n_proc)
+    np.testing.assert_array_equal(real[n_proc - 1],
+                                  np.stack([corpus.train[i] for i in parts[-1][n_proc - 1][:, 0]]))
+
+
+@pytest.mark.parametrize("mixture", [{}, {"RedPajamaBook": 3.0, "RedPajamaWikipedia": 1.0}])
+def test_resume_continues_the_batch_stream_bitwise(sample, mixture):
+    dcfg, tok, out = sample
+    dcfg = data.DataConfig(**{**dcfg.__dict__, "read_threads": 2, "prefetch": 3,
+                              "mixture": mixture})
+
+    def fresh():
+        corpus = data.load_prepared(out, dcfg, tok.fingerprint)
+        ds = data.make_train_dataset(corpus, global_batch=16, seed=1, mixture=mixture)
+        return data.make_iterator(ds, dcfg), len(corpus.train)
+
+    it, n = fresh()
+    k = n // 16 + 3                    # past the first epoch boundary
+    for _ in range(k):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))   # as the checkpoint stores it
+    expect = [next(it) for _ in range(4)]
+    again, _ = fresh()
+    again.set_state(state)
+    for e in expect:
+        np.testing.assert_array_equal(next(again), e)
+
+
+def test_mixture_draws_sources_by_weight(sample):
+    dcfg, tok, out = sample
+    corpus = data.load_prepared(out, dcfg, tok.fingerprint)
+    book = {corpus.train_by_source["RedPajamaBook"][i].tobytes()
+            for i in range(len(corpus.train_by_source["RedPajamaBook"]))}
+    ds = data.make_train_dataset(corpus, global_batch=20, seed=0,
+                                 mixture={"RedPajamaBook": 3, "RedPajamaWikipedia": 1})
+    rows = np.concatenate([ds[s] for s in range(10)])
+    assert sum(r.tobytes() in book for r in rows) == 150       # 3:1 of 200 windows
+    with pytest.raises(ValueError, match=r"no weight for source\(s\) \['RedPajamaWikipedia'\]"):
+        data.make_train_dataset(corpus, global_batch=20, seed=0, mixture={"RedPajamaBook": 1})
+
+
+def test_prepared_data_refuses_another_tokenizer_and_existing_output(sample):
+    dcfg, tok, out = sample
+    with pytest.raises(ValueError, match="not by this run's tokenizer spm:other"):
+        data.load_prepared(out, dcfg, "spm:other")
+    with pytest.raises(FileExistsError, match="not empty"):
+        data.prepare(dcfg, tok, out)
+
+
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+@pytest.mark.parametrize("corpus", ["tinyshakespeare/input.txt", "wikitext-2/valid.txt"])
+def test_sentencepiece_round_trip_on_shared_corpora(shared_data, corpus, model_type):
+    text = pathlib.Path(shared_data, corpus).read_text(encoding="utf-8")
+    tok = tokenizer.SentencePiece(tokenizer.train_sentencepiece(
+        [text[:300_000]], 800, model_type=model_type, max_sentences=20_000))
+    for piece in (text[300_000:340_000], "ünïcødé → 日本語 🙂\n\ttab"):   # unseen too
+        ids = tok.encode(piece)
+        assert tok.decode(ids) == piece
+        assert max(ids) < tok.vocab_size
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, *args], cwd=helpers.REPO, capture_output=True,
+                          text=True, timeout=240, check=False)
+
+
+@pytest.mark.slow
+def test_prepare_and_tokenizer_command_lines(shared_data, tmp_path):
+    model = tmp_path / "wt.model"
+    proc = _run("-m", "jaxgpt.tokenizer", "train",
+                f"--input={shared_data}/wikitext-2/valid.txt", "--vocab_size=600",
+                "--model_type=unigram", f"--out={model}")
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "shards"
+    proc = _run("-m", "jaxgpt.data", "prepare", "--config=configs/wikitext.py",
+                f"--config.data.path={shared_data}/wikitext-2", "--config.data.tokenizer="
+                "sentencepiece", f"--config.data.tokenizer_path={model}", f"--out={out}")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / data.MANIFEST).read_text())
+    tok = tokenizer.SentencePiece.load(str(model))
+    assert manifest["tokenizer"]["fingerprint"] == tok.fingerprint
+    assert manifest["splits"]["train"]["documents"] == {"wikitext": 60}
+    stream = []
+    for d in sources.read_wikitext(f"{shared_data}/wikitext-2/valid.txt",
+                                   sources.BadRecords("error")):
+        stream += tok.encode(d.text) + [tok.eot_id]
+    shard = np.fromfile(out / manifest["splits"]["train"]["shards"][0]["path"], np.uint16)
+    np.testing.assert_array_equal(shard, stream)
+    # Training reads the shards through data.prepared, never touching its cache folder.
+    dcfg = data.DataConfig(source="wikitext", prepared=str(out), block_size=BLOCK)
+    corpus = data.load_corpus(dcfg, tok, cache_dir=str(tmp_path / "unused"))
+    assert corpus.n_train_tokens + corpus.n_val_tokens == len(stream)
+    assert not os.path.exists(tmp_path / "unused")
+    with pytest.raises(FileNotFoundError, match="has no manifest.json"):
+        data.DataConfig(prepared=str(tmp_path))
+
+
+def test_gpt2_bpe_shards_decode_to_the_articles(shared_data, tmp_path):
+    pytest.importorskip("transformers")
+    path = os.path.join(shared_data, "wikitext-2", "valid.txt")
+    tok = tokenizer.load("gpt2", os.path.join(shared_data, "gpt2-bpe"))
+    dcfg = data.DataConfig(source="wikitext", path=path, tokenizer="gpt2", block_size=64)
+    manifest = data.prepare(dcfg, tok, str(tmp_path / "out"))
+    assert manifest["dtype"] == "uint16" and manifest["tokenizer"]["eot_id"] == 50256
+    shard = np.fromfile(tmp_path / "out" / manifest["splits"]["train"]["shards"][0]["path"],
+                        np.uint16)
+    assert shard[-1] == 50256 and int((shard == 50256).sum()) == 60      # one per article
+    pieces = np.split(shard, np.flatnonzero(shard == 50256) + 1)[:-1]
+    assert "".join(tok.decode(p[:-1]) for p in pieces) == pathlib.Path(path).read_text(encoding="utf-8")
+    corpus = data.load_prepared(str(tmp_path / "out"), dcfg, tok.fingerprint)
+    assert corpus.n_train_tokens + corpus.n_val_tokens == len(shard)
+    np.testing.assert_array_equal(corpus.val[len(corpus.val) - 1][1:],
+                                  shard[len(shard) - corpus.n_val_tokens:][
+                                      (len(corpus.val) - 1) * 64 + 1:len(corpus.val) * 64 + 1])

@@ -1,0 +1,208 @@
+"""Document readers: SlimPajama layout and sharding, WikiText articles, every bad input."""
+
+import json
+import os
+import pathlib
+import sys
+import types
+
+import numpy as np
+import pytest
+import zstandard
+
+from jaxgpt import data, sources
+
+
+def _raw_records(path):
+    """Independent reference: decompress the whole file and parse every line."""
+    with open(path, "rb") as f:
+        text = zstandard.ZstdDecompressor().stream_reader(f).read().decode("utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_slimpajama_layout_splits_and_records(shared_data):
+    root = os.path.join(shared_data, "slimpajama-sample")
+    splits = sources.find_splits("slimpajama", root)
+    assert [os.path.basename(f) for f in splits["train"]] == [
+        f"example_train_{i}.jsonl.zst" for i in range(4)]
+    assert [os.path.basename(f) for f in splits["val"]] == ["example_holdout_0.jsonl.zst"]
+    bad = sources.BadRecords("error")
+    for path in splits["train"] + splits["val"]:
+        docs = list(sources.read_jsonl(path, bad))
+        expect = _raw_records(path)
+        assert [d.text for d in docs] == [r["text"] for r in expect]
+        assert [d.source for d in docs] == [r["meta"]["redpajama_set_name"] for r in expect]
+    total = sum(len(_raw_records(p)) for p in splits["train"] + splits["val"])
+    assert total == 321   # the sample's README
+
+
+@pytest.mark.parametrize("n_proc", [1, 2, 4])
+def test_every_document_exactly_once_per_epoch_across_processes(shared_data, n_proc):
+    files = sources.find_splits("slimpajama",
+                                os.path.join(shared_data, "slimpajama-sample"))["train"]
+    single = [d.where for d in sources.iter_documents("slimpajama", files,
+                                                      sources.BadRecords("error"))]
+    per_proc = [[d.where for d in sources.iter_documents(
+        "slimpajama", sources.shard_files(files, p, n_proc), sources.BadRecords("error"))]
+        for p in range(n_proc)]
+    union = [w for proc in per_proc for w in proc]
+    assert len(union) == len(set(union)) == len(single)       # no overlap, nothing lost
+    assert sorted(union) == sorted(single)
+    assert all(per_proc)                                       # every process has work
+    with pytest.raises(ValueError, match="4 input files cannot be shared by 8"):
+        sources.shard_files(files, 0, 8)
+
+
+def test_wikitext_articles_split_at_level_one_titles(shared_data):
+    path = os.path.join(shared_data, "wikitext-2", "valid.txt")
+    docs = list(sources.read_wikitext(path, sources.BadRecords("error")))
+    text = pathlib.Path(path).read_text(encoding="utf-8")
+    titles = [line for line in text.splitlines(keepends=True)
+              if line.startswith(" = ") and not line.startswith(" = = ")]
+    assert len(docs) == len(titles) == 60       # the README's 60 articles
+    assert "".join(d.text for d in docs) == text
+    assert docs[0].text.lstrip().startswith("= Homarus gammarus =")
+    assert sources.find_splits("wikitext", os.path.dirname(path)) == {"train": [path]}
+
+
+def test_wikitext_dir_with_train_and_valid_files(tmp_path):
+    for name in ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"):
+        (tmp_path / name).write_text(" = A = \n text\n")
+    splits = sources.find_splits("wikitext", str(tmp_path))
+    assert splits == {"train": [str(tmp_path / "wiki.train.tokens")],
+                      "val": [str(tmp_path / "wiki.valid.tokens")]}
+
+
+# ---- bad input: each case raises naming file and line, or is skipped and counted ----
+
+
+def _zst(path, lines: list[bytes]):
+    path.write_bytes(zstandard.ZstdCompressor().compress(b"\n".join(lines) + b"\n"))
+    return str(path)
+
+
+GOOD = b'{"text": "fine", "meta": {"redpajama_set_name": "RedPajamaBook"}}'
+BAD_LINES = {
+    "malformed_json": (b'{"text": "cut', "bad.jsonl.zst:2: malformed JSON"),
+    "no_text": (b'{"meta": {"redpajama_set_name": "X"}}', "bad.jsonl.zst:2: record has no"),
+    "non_utf8": (b'{"text": "\xff\xfe"}', "bad.jsonl.zst:2: not valid UTF-8"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_LINES))
+def test_bad_record_errors_or_is_skipped_and_counted(tmp_path, kind):
+    line, message = BAD_LINES[kind]
+    path = _zst(tmp_path / "bad.jsonl.zst", [GOOD, line, GOOD])
+    with pytest.raises(ValueError, match=message):
+        list(sources.read_jsonl(path, sources.BadRecords("error")))
+    bad = sources.BadRecords("skip")
+    assert [d.text for d in sources.read_jsonl(path, bad)] == ["fine", "fine"]
+    assert bad.counts == {kind: 1}
+
+
+def test_truncated_zst_names_the_file_and_keeps_complete_lines_on_skip(tmp_path):
+    rng = np.random.default_rng(0)
+    lines = [json.dumps({"text": rng.bytes(300).hex()}).encode() for _ in range(2000)]
+    full = _zst(tmp_path / "full.jsonl.zst", lines)
+    cut = tmp_path / "cut.jsonl.zst"
+    cut.write_bytes(pathlib.Path(full).read_bytes()[:os.path.getsize(full) // 2])
+    with pytest.raises(ValueError, match=r"cut.jsonl.zst: truncated zstd stream after line"):
+        list(sources.read_jsonl(str(cut), sources.BadRecords("error")))
+    bad = sources.BadRecords("skip")
+    kept = list(sources.read_jsonl(str(cut), bad))
+    assert 0 < len(kept) < 2000 and bad.counts == {"truncated_file": 1}
+    assert [d.text for d in kept] == [json.loads(x)["text"] for x in lines[:len(kept)]]
+
+
+@pytest.mark.parametrize("content", [b"", zstandard.ZstdCompressor().compress(b"")])
+def test_file_without_documents(tmp_path, content):
+    path = tmp_path / "empty.jsonl.zst"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="empty.jsonl.zst: holds no documents"):
+        list(sources.read_jsonl(str(path), sources.BadRecords("error")))
+    bad = sources.BadRecords("skip")
+    assert list(sources.read_jsonl(str(path), bad)) == [] and bad.counts == {"empty_file": 1}
+
+
+def test_missing_path_and_unknown_policy(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        sources.find_splits("slimpajama", str(tmp_path / "nope"))
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(FileNotFoundError, match="holds no .jsonl.zst files"):
+        sources.find_splits("slimpajama", str(tmp_path))
+    with pytest.raises(ValueError, match="data.on_bad_record must be one of error|skip"):
+        sources.BadRecords("ignore")
+
+
+def test_bad_record_inside_a_grain_worker_thread_surfaces_with_its_line(tmp_path):
+    """prepare reads files on grain threads: the error must reach the caller intact."""
+    src = tmp_path / "src"
+    src.mkdir()
+    _zst(src / "a.jsonl.zst", [GOOD] * 3)
+    _zst(src / "b.jsonl.zst", [GOOD, b"not json", GOOD])
+    tok = _ByteTokenizer()
+    dcfg = data.DataConfig(source="slimpajama", path=str(src), read_threads=2)
+    with pytest.raises(ValueError, match="b.jsonl.zst:2: malformed JSON"):
+        data.prepare(dcfg, tok, str(tmp_path / "out"))
+    assert sorted(os.listdir(tmp_path)) == ["src"]       # nothing half-written is left
+    dcfg = data.DataConfig(source="slimpajama", path=str(src), on_bad_record="skip")
+    manifest = data.prepare(dcfg, tok, str(tmp_path / "out"))
+    assert manifest["bad_records"] == {"malformed_json": 1}
+    assert manifest["splits"]["train"]["documents"] == {"RedPajamaBook": 5}
+    # 5 documents of "fine" (4 bytes) + one end-of-text each.
+    assert manifest["splits"]["train"]["tokens"] == {"RedPajamaBook": 25}
+
+
+def test_truncated_token_shard_is_named(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    _zst(src / "a.jsonl.zst", [GOOD] * 40)
+    dcfg = data.DataConfig(source="slimpajama", path=str(src), block_size=8)
+    data.prepare(dcfg, _ByteTokenizer(), str(tmp_path / "out"))
+    shard = tmp_path / "out" / "train" / "RedPajamaBook" / "00000.bin"
+    shard.write_bytes(shard.read_bytes()[:10])
+    with pytest.raises(ValueError, match="00000.bin has 10 bytes"):
+        data.load_prepared(str(tmp_path / "out"), dcfg, _ByteTokenizer.fingerprint)
+    shard.write_bytes(b"")
+    with pytest.raises(ValueError, match="00000.bin has 0 bytes"):
+        data.load_prepared(str(tmp_path / "out"), dcfg, _ByteTokenizer.fingerprint)
+
+
+class _ByteTokenizer:
+    """UTF-8 bytes as ids, 256 = end of text: a tokenizer whose output is known exactly."""
+
+    vocab_size, eot_id, fingerprint, path = 257, 256, "bytes:v1", "<bytes>"
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts):
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode("utf-8", "replace")
+
+
+def test_hf_streams_through_a_stand_in_datasets_module(tmp_path, monkeypatch):
+    """The hub path offline: a stand-in `datasets.load_dataset` records what it was asked."""
+    calls = []
+
+    def load_dataset(name, config=None, *, split, streaming):
+        calls.append((name, config, split, streaming))
+        if name == "cerebras/SlimPajama-627B":
+            return [{"text": f"doc {i}", "meta": {"redpajama_set_name": "RedPajamaC4"}}
+                    for i in range(5)]
+        return [{"text": t} for t in (" = A = \n", " a\n", " = = s = = \n", " = B = \n", " b\n")]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    docs = list(sources.hf_documents("slimpajama", "val"))
+    assert [d.text for d in docs] == [f"doc {i}" for i in range(5)]
+    assert {d.source for d in docs} == {"RedPajamaC4"}
+    arts = list(sources.hf_documents("wikitext", "train"))
+    assert [a.text for a in arts] == [" = A = \n a\n = = s = = \n", " = B = \n b\n"]
+    assert calls == [("cerebras/SlimPajama-627B", None, "validation", True),
+                     ("wikitext", "wikitext-103-raw-v1", "train", True)]
+    dcfg = data.DataConfig(source="slimpajama", max_documents=3)
+    manifest = data.prepare(dcfg, _ByteTokenizer(), str(tmp_path / "out"))
+    assert manifest["splits"]["train"]["documents"] == {"RedPajamaC4": 3}
+    assert manifest["inputs"] == {"hf": ["slimpajama"]}

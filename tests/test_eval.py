@@ -1,0 +1,196 @@
+"""Evaluation: perplexity vs numpy, sliding windows vs brute force, per-source weighting,
+generation metrics and cloze scoring vs hand-computed values."""
+
+import functools
+import math
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxgpt import eval as evaluation
+from jaxgpt import model, train
+
+
+def _numpy_logp(logits):
+    logits = np.asarray(logits, np.float64)
+    m = logits.max(-1, keepdims=True)
+    return logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    cfg = model.GPTConfig(vocab_size=97, n_positions=32, n_embd=48, n_layer=2, n_head=4)
+    params = nnx.state(model.GPT(cfg, rngs=nnx.Rngs(params=jax.random.key(1))), nnx.Param)
+    graphdef = nnx.graphdef(model.GPT(cfg, rngs=nnx.Rngs(0)))
+    logits_fn = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x)[0])
+
+    def last_logits(prefixes):
+        """The plain model's logits after each prefix [P, V]. Prefixes are right-padded to
+        n_positions: causal attention keeps padding out of earlier positions."""
+        x = np.zeros((len(prefixes), cfg.n_positions), np.int32)
+        for i, p in enumerate(prefixes):
+            x[i, :len(p)] = p
+        logits = np.asarray(logits_fn(params, x))
+        return logits[np.arange(len(prefixes)), [len(p) - 1 for p in prefixes]]
+
+    return cfg, params, graphdef, last_logits
+
+
+def test_perplexity_is_exp_of_numpy_mean_nll(tiny_lm):
+    cfg, params, graphdef, last_logits = tiny_lm
+    windows = np.random.default_rng(0).integers(0, 97, size=(12, 17)).astype(np.int32)
+    prefixes = [list(w[:t]) for w in windows for t in range(1, 17)]
+    targets = [int(w[t]) for w in windows for t in range(1, 17)]
+    logp = _numpy_logp(last_logits(prefixes))
+    nll = -logp[np.arange(len(targets)), targets]
+    expect = math.exp(np.mean(nll))
+    step_fn = jax.jit(functools.partial(train.eval_step, graphdef=graphdef))
+    got = evaluation.evaluate_windows(functools.partial(step_fn, params), windows, batch=4)
+    np.testing.assert_allclose(got["val_ppl"], expect, rtol=1e-5)
+    assert got["val_tokens"] == 12 * 16
+    # The standalone path (padded, bucketed log-probs) gives the same per-token numbers.
+    lps = evaluation.target_logprobs(cfg, params, [list(w) for w in windows], batch_size=5)
+    np.testing.assert_allclose(-np.concatenate(lps), nll, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("context,stride", [(16, 16), (16, 5), (32, 32)])
+def test_sliding_window_equals_brute_force(tiny_lm, context, stride):
+    cfg, params, _, last_logits = tiny_lm
+    ids = [int(i) for i in np.random.default_rng(1).integers(0, 97, size=50)]
+    got = evaluation.stream_nll(functools.partial(evaluation.target_logprobs, cfg, params),
+                                ids, context=context, stride=stride)
+    # Brute force from the protocol's definition: window k reads ids[k * stride:end_k] with
+    # end_k = min(k * stride + context, N - 1) and predicts ids up to end_k; token t is
+    # scored by the first window that predicts it, with exactly ids[k * stride:t] as context.
+    prefixes = []
+    for t in range(1, len(ids)):
+        k = next(k for k in range(len(ids)) if min(k * stride + context, len(ids) - 1) >= t)
+        prefixes.append(ids[k * stride:t])
+        if k > 0:
+            assert len(prefixes[-1]) >= context - stride + 1
+    logp = _numpy_logp(last_logits(prefixes))
+    expect = -logp[np.arange(len(ids) - 1), ids[1:]]
+    assert got.shape == (len(ids) - 1,)
+    np.testing.assert_allclose(got, expect, rtol=1e-4, atol=1e-5)
+
+
+def test_sliding_window_rejects_bad_stride():
+    with pytest.raises(ValueError, match="stride must be in \\[1, context=8\\], got 9"):
+        evaluation.sliding_windows(100, 8, 9)
+
+
+def test_per_source_perplexities_weight_average_to_the_global_one(tiny_lm):
+    _, params, graphdef, _ = tiny_lm
+    rng = np.random.default_rng(2)
+    windows = rng.integers(0, 97, size=(20, 9)).astype(np.int32)
+    source_ids = np.array([0] * 8 + [1] * 4 + [2] * 8)
+    by_source = evaluation.group_by_source(windows, source_ids, ["Book", "Wiki", "Code"])
+    assert {k: len(v) for k, v in by_source.items()} == {"Book": 8, "Wiki": 4, "Code": 8}
+    step_fn = functools.partial(jax.jit(functools.partial(train.eval_step, graphdef=graphdef)),
+                                params)
+    got = evaluation.evaluate_windows(step_fn, by_source, batch=4)
+    names = ("Book", "Wiki", "Code")
+    tokens = np.array([got[f"val_tokens/{n}"] for n in names])
+    log_ppl = np.array([math.log(got[f"val_ppl/{n}"]) for n in names])
+    np.testing.assert_allclose(math.log(got["val_ppl"]), (tokens * log_ppl).sum() / tokens.sum(),
+                               rtol=1e-10)
+    assert got["val_tokens"] == tokens.sum() == 20 * 8
+    # All sources together equal the unsplit windows scored as one source.
+    whole = evaluation.evaluate_windows(step_fn, np.concatenate(list(by_source.values())),
+                                        batch=4)
+    np.testing.assert_allclose(whole["val_loss"], got["val_loss"], rtol=1e-6)
+
+
+def test_a_source_smaller_than_a_batch_is_skipped_but_none_at_all_is_an_error(tiny_lm):
+    _, params, graphdef, _ = tiny_lm
+    step_fn = functools.partial(jax.jit(functools.partial(train.eval_step, graphdef=graphdef)),
+                                params)
+    w = np.zeros((4, 9), np.int32)
+    got = evaluation.evaluate_windows(step_fn, {"big": w, "tiny": w[:1]}, batch=4)
+    assert "val_loss/big" in got and "val_loss/tiny" not in got
+    with pytest.raises(ValueError, match="1 validation windows are fewer than one eval batch"):
+        evaluation.evaluate_windows(step_fn, w[:1], batch=4)
+
+
+# A bigram "model" with fixed logits over the vocabulary {0: end-of-text, 1: a, 2: b, 3: c}.
+BIGRAM = np.array([[0.0, 1.0, 2.0, 0.5],
+                   [1.0, 0.0, 3.0, 1.0],
+                   [0.5, 2.0, 0.0, 1.5],
+                   [2.0, 1.0, 1.0, 0.0]])
+LOGP = _numpy_logp(BIGRAM)
+
+
+def _bigram_logprobs(rows):
+    return [LOGP[np.asarray(r[:-1]), np.asarray(r[1:])] for r in rows]
+
+
+class _Chars:
+    eot_id = 0
+    vocab_size = 4
+
+    def encode(self, text):
+        return [" abc".index(ch) for ch in text]
+
+
+def test_coherence_and_pmi_match_hand_computed_values():
+    lp = lambda prev, nxt: LOGP[" abc".index(prev), " abc".index(nxt)]
+    eot = " "
+    scores = evaluation.continuation_scores(_bigram_logprobs, _Chars(), ["ab", "c"],
+                                            ["ca", "b"], limit=32)
+    # prompt "ab" + "ca": cond log p(c|b) + log p(a|c); uncond log p(c|eot) + log p(a|c)
+    # prompt "c" + "b":   cond log p(b|c);               uncond log p(b|eot)
+    cond = lp("b", "c") + lp("c", "a") + lp("c", "b")
+    uncond = lp(eot, "c") + lp("c", "a") + lp(eot, "b")
+    got = evaluation.coherence_pmi(scores)
+    np.testing.assert_allclose(got["coherence_ppl"], math.exp(-cond / 3), rtol=1e-12)
+    np.testing.assert_allclose(got["pmi"], (cond - uncond) / 3, rtol=1e-12)
+    assert got["scored_tokens"] == 3
+
+
+def test_continuation_scores_cut_the_prompt_from_the_left_and_skip_empty_ones():
+    scores = evaluation.continuation_scores(_bigram_logprobs, _Chars(), ["abcab", "a"],
+                                            ["cc", ""], limit=4)
+    # "abcab" + "cc" does not fit 4 ids: the prompt keeps its last 2 ("ab").
+    np.testing.assert_allclose(scores[0][0], [LOGP[2, 3], LOGP[3, 3]])
+    np.testing.assert_allclose(scores[0][1], [LOGP[0, 3], LOGP[3, 3]])
+    assert scores[1][0].size == scores[1][1].size == 0
+
+
+def test_distinct_n_and_repeated_ngrams_match_hand_counts():
+    seqs = [[1, 2, 1, 2], [1, 2, 3]]
+    assert evaluation.distinct_n(seqs, 1) == 3 / 7
+    assert evaluation.distinct_n(seqs, 2) == 3 / 5     # 12 21 12 | 12 23
+    assert evaluation.distinct_n(seqs, 3) == 3 / 3     # 121 212 | 123
+    # 1234 2341 3412 4123 1234 2341: the last two are repeats; [5, 6, 7] has no 4-gram.
+    assert evaluation.repeated_ngram_rate([[1, 2, 3, 4, 1, 2, 3, 4, 1], [5, 6, 7]], 4) == 2 / 6
+    assert math.isnan(evaluation.distinct_n([[1]], 2))
+
+
+def test_cloze_ranks_match_hand_computed_log_likelihoods():
+    facts = [{"prompt": "a", "answer": "b", "candidates": ["c", "b", "aa"]},
+             {"prompt": "ca", "answer": "cc", "candidates": ["cc", "b"]}]
+    # Fact 1 after "a": c: 1.0, b: 3.0, aa: 0.0 + 0.0 (logits, one softmax row) -> b first.
+    # Fact 2 after "a": cc = log p(c|a) + log p(c|c); b = log p(b|a).
+    cc, b = LOGP[1, 3] + LOGP[3, 3], LOGP[1, 2]
+    assert b > cc
+    assert evaluation.cloze_ranks(_bigram_logprobs, _Chars(), facts) == [1, 2]
+
+
+def test_prompt_suite_and_cloze_set_ship_with_the_package():
+    suite = evaluation.load_prompt_file(evaluation.SUITE)
+    kinds = {p["kind"] for p in suite["prompts"]}
+    assert kinds == {"narrative", "factual", "technical", "dialogue"}
+    assert len(suite["prompts"]) >= 20
+    assert any(p["text"] == "In the year 2100, artificial intelligence had evolved to become"
+               for p in suite["prompts"])
+    assert len({p["id"] for p in suite["prompts"]}) == len(suite["prompts"])
+    facts = evaluation.load_prompt_file(evaluation.CLOZE)["facts"]
+    assert len(facts) >= 20 and all(f["answer"] in f["candidates"] for f in facts)
+
+
+def test_slimpajama_sources_are_read_by_set_name(shared_data):
+    sources = evaluation.read_sources(f"{shared_data}/slimpajama-sample/validation")
+    assert set(sources) == {"RedPajamaBook", "RedPajamaWikipedia"}
+    assert all(isinstance(d, str) and d for docs in sources.values() for d in docs)
