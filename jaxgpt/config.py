@@ -54,6 +54,18 @@ def base_config(size: str = "small", **model_overrides) -> ml_collections.Config
     config.train.batch_size = 32           # windows per optimizer step (global)
     config.train.grad_accum = 1            # micro-batches per step (batch_size divisible)
     config.train.log_every = 50            # steps between metrics lines
+    config.train.nonfinite = "halt"        # NaN/Inf loss or grads: halt | skip (the update)
+    config.train.max_consecutive_skips = 3  # skip mode: halt after this many in a row
+    # Step watchdog: exit when no step finishes for max(min_s, factor * median step time);
+    # watchdog_min_s = 0 disables it.
+    config.train.watchdog_min_s = 60.0
+    config.train.watchdog_factor = 10.0
+    # Fault injection for tests only: poison loss and grads of steps
+    # [inject_nan_at_step, inject_nan_at_step + inject_nan_steps); hang before step
+    # inject_hang_at_step. -1 = off.
+    config.train.inject_nan_at_step = -1
+    config.train.inject_nan_steps = 1
+    config.train.inject_hang_at_step = -1
 
     config.optim = ml_collections.ConfigDict()
     config.optim.learning_rate = 2e-3      # peak
@@ -73,7 +85,13 @@ def base_config(size: str = "small", **model_overrides) -> ml_collections.Config
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every = 200          # steps between checkpoints (the last is saved)
-    config.checkpoint.keep = 3             # newest checkpoints kept
+    config.checkpoint.keep = 3             # newest checkpoints kept (plus the best val_loss)
+    config.checkpoint.async_save = True    # write in the background while training goes on
+    # Resume from this step instead of the latest; newer steps are moved aside to
+    # WORKDIR/checkpoints.rolledback/. None = the latest good step.
+    config.checkpoint.restore_step = ml_collections.config_dict.placeholder(int)
+    # Resume even if model/data/tokenizer/seed/batch fields differ from the checkpoint's.
+    config.checkpoint.allow_config_change = False
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.shape = (-1, 1, 1)         # (data, fsdp, tensor); one -1 = the rest

@@ -18,7 +18,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxgpt import train
+from jaxgpt import faults, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:size]).",
@@ -56,7 +56,8 @@ flags.DEFINE_integer("heartbeat_timeout", None, "Seconds without a heartbeat aft
                      "(default: $JAXGPT_HEARTBEAT_TIMEOUT or 100).")
 
 # Errors that mean "your input is wrong": reported in one line, exit status 2.
-USER_ERRORS = (ValueError, FileNotFoundError, NotImplementedError, UnicodeDecodeError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError,
+               UnicodeDecodeError)
 
 
 class _QuietLibraries(logging.Filter):
@@ -111,11 +112,18 @@ def main(argv):
     logging.info("JAX %s: %d %s device(s), %d process(es)", jax.__version__,
                  jax.device_count(), jax.default_backend(), jax.process_count())
     try:
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except USER_ERRORS as e:
         logging.error("%s: %s", type(e).__name__, e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except faults.Halt as e:
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    if result["preempted"] is not None:
+        print(f"preempted: checkpoint at step {result['preempted']} in {FLAGS.workdir}; "
+              f"rerun the same command to resume", file=sys.stderr)
 
 
 if __name__ == "__main__":

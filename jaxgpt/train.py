@@ -6,11 +6,13 @@ ConfigDict stops at `train_and_evaluate`, which validates it and passes typed va
 
 import dataclasses
 import functools
+import hashlib
 import importlib.util
 import json
 import logging
 import math
 import os
+import threading
 import time
 
 import jax
@@ -21,7 +23,7 @@ import optax
 from flax import nnx, struct
 from jax.experimental import multihost_utils
 
-from jaxgpt import checkpoint, data, mfu, model, report, sample, sharding, tokenizer
+from jaxgpt import checkpoint, data, faults, mfu, model, report, sample, sharding, tokenizer
 from jaxgpt import eval as evaluation
 
 Batch = jax.Array  # int32 [A, B, T + 1]: A micro-batches of B windows of T + 1 tokens
@@ -85,22 +87,30 @@ def cross_entropy(logits, targets, mask=None):
     return (nll * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
-def loss_fn(params, graphdef, windows, rngs=None):
+def loss_fn(params, graphdef, windows, dropout_key=None):
     """Next-token loss of one micro-batch of windows [B, T + 1]."""
+    # The Rngs object is built inside the differentiated function: nnx refuses to advance
+    # an Rngs created at an outer trace level.
+    rngs = None if dropout_key is None else nnx.Rngs(dropout=dropout_key)
     logits, _ = nnx.merge(graphdef, params)(windows[:, :-1], rngs=rngs)
     return cross_entropy(logits, windows[:, 1:])
 
 
-def train_step(state: TrainState, batch: Batch, *, graphdef, tx):
-    """One optimizer step over A micro-batches (gradients averaged by a lax.scan)."""
+def train_step(state: TrainState, batch: Batch, *, graphdef, tx, skip_nonfinite=False,
+               inject_nan=(-1, 0)):
+    """One optimizer step over A micro-batches (gradients averaged by a lax.scan).
+
+    With `skip_nonfinite`, a step whose loss or gradient norm is NaN/Inf leaves params and
+    optimizer state unchanged (a select, so the step stays one compiled program).
+    `inject_nan=(first_step, count)` poisons those steps' loss and gradients (tests only).
+    """
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     grad_fn = jax.value_and_grad(loss_fn)
 
     def micro(carry, xs):
         loss_sum, grad_sum = carry
         i, windows = xs
-        rngs = nnx.Rngs(dropout=jax.random.fold_in(step_key, i))
-        loss, grads = grad_fn(state.params, graphdef, windows, rngs)
+        loss, grads = grad_fn(state.params, graphdef, windows, jax.random.fold_in(step_key, i))
         return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -108,9 +118,21 @@ def train_step(state: TrainState, batch: Batch, *, graphdef, tx):
     (loss, grads), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros),
                                     (jnp.arange(n_micro), batch))
     loss, grads = loss / n_micro, jax.tree.map(lambda g: g / n_micro, grads)
+    if inject_nan[1]:
+        done = state.step + 1
+        poison = jnp.where((done >= inject_nan[0]) & (done < inject_nan[0] + inject_nan[1]),
+                           jnp.float32(jnp.nan), jnp.float32(1))
+        loss = loss * poison
+        grads = jax.tree.map(lambda g: g * poison.astype(g.dtype), grads)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    if skip_nonfinite:
+        keep_old = lambda new, old: jnp.where(finite, new, old)
+        params = jax.tree.map(keep_old, params, state.params)
+        opt_state = jax.tree.map(keep_old, opt_state, state.opt_state)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -143,7 +165,8 @@ class Trainer:
     eval_step: callable
 
 
-def make_trainer(cfg: model.GPTConfig, tx, mesh, rules, seed: int) -> Trainer:
+def make_trainer(cfg: model.GPTConfig, tx, mesh, rules, seed: int, *,
+                 skip_nonfinite: bool = False, inject_nan=(-1, 0)) -> Trainer:
     """jax.eval_shape(init_state) -> shardings from logical names -> jitted functions."""
     abstract = jax.eval_shape(functools.partial(init_state, cfg, tx, seed))
     state_sh = sharding.tree_shardings(abstract, mesh, rules)
@@ -152,7 +175,8 @@ def make_trainer(cfg: model.GPTConfig, tx, mesh, rules, seed: int) -> Trainer:
         mesh, sharding.logical_to_spec((None, "batch", None), rules))
     windows_sh = sharding.batch_sharding(mesh, rules)
     init = jax.jit(functools.partial(init_state, cfg, tx, seed), out_shardings=state_sh)
-    step = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx),
+    step = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx,
+                                     skip_nonfinite=skip_nonfinite, inject_nan=inject_nan),
                    in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
                    donate_argnums=0)
     evaluate = jax.jit(functools.partial(eval_step, graphdef=graphdef),
@@ -292,60 +316,165 @@ def _sample_text(config, trainer: Trainer, params, tok, step: int) -> list[str]:
     return [tok.decode(o) for o in out]
 
 
+# Groups and fields a checkpoint must share with the run resuming it (the rest, e.g.
+# train.steps, eval, sample, mesh, may change between segments).
+_RESUME_FIELDS = ("model.", "data.", "train.seed", "train.batch_size", "train.grad_accum")
+_NONFINITE_MODES = ("halt", "skip")
+_SCAN_LIMIT = 1 << 28   # tokens: a full id-range check at start-up reads this much at most
+
+
+def _validate_faults(config: ml_collections.ConfigDict):
+    if config.train.nonfinite not in _NONFINITE_MODES:
+        raise ValueError(f"train.nonfinite must be one of {'|'.join(_NONFINITE_MODES)}, "
+                         f"got {config.train.nonfinite!r}")
+    if config.train.max_consecutive_skips < 1:
+        raise ValueError(f"train.max_consecutive_skips must be >= 1, got "
+                         f"{config.train.max_consecutive_skips}")
+    if config.train.watchdog_min_s < 0 or config.train.watchdog_factor < 0:
+        raise ValueError("train.watchdog_min_s and train.watchdog_factor must be >= 0")
+    for name in ("every", "keep"):
+        if config.checkpoint[name] < 1:
+            raise ValueError(f"checkpoint.{name} must be >= 1, got {config.checkpoint[name]}")
+    if config.checkpoint.restore_step is not None and config.checkpoint.restore_step < 0:
+        raise ValueError(f"checkpoint.restore_step must be >= 0, got "
+                         f"{config.checkpoint.restore_step}")
+
+
+def _max_token(windows) -> int:
+    """Largest token id under a Windows view (one pass over its memory-mapped shards)."""
+    top = -1
+    for path, lo, hi in windows.segments:
+        if hi > lo:
+            top = max(top, int(np.memmap(path, dtype=windows.dtype, mode="r")[lo:hi].max()))
+    return top
+
+
+def _check_inputs(config, workdir: str, corpus, tok, cfg: model.GPTConfig):
+    """Out-of-range ids are clamped by JAX gathers instead of raising: check them here
+    (corpora over _SCAN_LIMIT tokens only per batch, in the training loop)."""
+    for name, windows in (("train", corpus.train), ("validation", corpus.val)):
+        top = _max_token(windows) if windows.n_tokens <= _SCAN_LIMIT else -1
+        if top >= cfg.vocab_size:
+            raise ValueError(f"{name} data holds token id {top} >= model.vocab_size "
+                             f"{cfg.vocab_size} (token cache {os.path.join(workdir, 'data')}"
+                             f" or tokenizer {tok.path})")
+    if config.sample.max_new_tokens:
+        for i, prompt in enumerate(config.sample.prompts):
+            n = len(tok.encode(prompt))
+            if n + config.sample.max_new_tokens > cfg.n_positions:
+                raise ValueError(f"sample.prompts[{i}] is {n} tokens; with "
+                                 f"sample.max_new_tokens {config.sample.max_new_tokens} it "
+                                 f"exceeds the context model.n_positions {cfg.n_positions}")
+
+
+def _resume_guard(config, meta: dict):
+    """check_meta for `Checkpoints.restore`: refuse a checkpoint of another model, tokenizer
+    or data pipeline unless checkpoint.allow_config_change is set."""
+    def check(step, saved):
+        diff = faults.config_diff(saved.get("config", {}), meta["config"], _RESUME_FIELDS)
+        for key in ("tokenizer", "pipeline"):
+            if saved.get(key) != meta[key]:
+                diff.append(f"{key}: {saved.get(key)!r} -> {meta[key]!r}")
+        if diff and not config.checkpoint.allow_config_change:
+            raise ValueError(f"checkpoint at step {step} was written by an incompatible run; "
+                             f"differing fields: {'; '.join(diff)} (pass --config.checkpoint."
+                             f"allow_config_change=True to resume anyway)")
+        if diff:
+            logging.warning("resuming step %d despite differing fields: %s", step,
+                            "; ".join(diff))
+    return check
+
+
+def _restore_or_init(config, trainer, ckpts, meta, train_iter):
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            jax.eval_shape(trainer.init), trainer.state_shardings)
+    out = ckpts.restore(abstract, check_meta=_resume_guard(config, meta),
+                        rollback_to=config.checkpoint.restore_step)
+    if out is None:
+        return _init_from(config.init_from, trainer, trainer.init())
+    state, data_state, saved_meta = out
+    # Test-only mutation controls: prove the resume tests catch a broken restore.
+    broken = os.environ.get("JAXGPT_TEST_BREAK_RESTORE", "")
+    if saved_meta.get("pipeline") != meta["pipeline"]:
+        logging.warning("data pipeline changed: the iterator starts from its beginning")
+    elif broken != "data":
+        train_iter.set_state(data_state)
+    if broken == "rng":
+        fresh = jax.random.fold_in(jax.random.key(config.train.seed), int(state.step))
+        state = state.replace(rng=jax.random.key_data(fresh))
+    if broken == "opt":
+        state = state.replace(opt_state=trainer.init().opt_state)
+    logging.info("resumed from step %d in %s", int(state.step), ckpts.workdir)
+    return state
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Train per `config` in `workdir`, resuming from its latest checkpoint if any.
+    """Train per `config` in `workdir`, resuming from its latest good checkpoint if any.
 
     Everything that can be checked is checked before the workdir is touched, so bad input
-    leaves an existing run intact. Returns the last metrics and eval records.
+    leaves an existing run intact. Returns the last metrics and eval records, and
+    `preempted` (the step saved on SIGTERM/SIGINT, else None).
     """
     cfg = model.GPTConfig(**config.model)
     optim = OptimConfig(**config.optim)
     _validate(config, cfg, jax.device_count())
+    _validate_faults(config)
+    faults.assert_same_config_everywhere(config.to_dict())
     mesh = sharding.make_mesh(config.mesh.shape)
     rules = sharding.RULES[config.mesh.rules]
     micro_batch = config.train.batch_size // config.train.grad_accum
     _check_batch_divisible(micro_batch, config, mesh, rules)
     dcfg = data.DataConfig.from_config(config.data)
     data.find_inputs(dcfg)   # a missing path fails here, before the workdir is touched
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise FileExistsError(f"workdir {workdir} exists and is not a directory")
 
     os.makedirs(workdir, exist_ok=True)
-    # Process 0 trains/caches the tokenizer and tokens first; the others then read its files.
-    if jax.process_index() != 0:
-        multihost_utils.sync_global_devices("jaxgpt: workdir prepared")
-    tok = _make_tokenizer(dcfg, workdir, cfg)
-    corpus = data.load_corpus(dcfg, tok, cache_dir=os.path.join(workdir, "data"))
-    if isinstance(tok, tokenizer.SentencePiece) and not os.path.exists(tok.path):
-        tok.save(tok.path)
-    if jax.process_index() == 0 and jax.process_count() > 1:
-        multihost_utils.sync_global_devices("jaxgpt: workdir prepared")
-    total = config.train.steps
-    tx = make_optimizer(optim, total)
-    trainer = make_trainer(cfg, tx, mesh, rules, config.train.seed)
-    train_ds = data.make_train_dataset(
-        corpus, global_batch=config.train.batch_size, seed=config.train.seed,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        mixture=dcfg.mixture)
-    train_iter = data.make_iterator(train_ds, dcfg)
-    manager = checkpoint.make_manager(workdir, keep=config.checkpoint.keep)
-    meta = {"config": config.to_dict(), "data": corpus.fingerprint,
-            "tokenizer": {"kind": config.data.tokenizer, "path": _tokenizer_location(tok.path),
-                          "fingerprint": tok.fingerprint}}
-    if checkpoint.latest_step(manager) is not None:
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                jax.eval_shape(trainer.init), trainer.state_shardings)
-        state, data_state, saved_meta = checkpoint.restore(manager, abstract)
-        train_iter.set_state(data_state)
-        logging.info("resumed from step %d in %s", int(state.step), workdir)
-    else:
-        state = _init_from(config.init_from, trainer, trainer.init())
-    # Tokens and documents per source and split, and bad records skipped while preparing.
-    MetricsWriter(workdir).write({"step": int(state.step), "data": corpus.stats})
-    n_params = model.count_params(state.params)
-    logging.info("model: %s parameters; %d train windows of %d tokens; mesh %s",
-                 f"{n_params:,}", len(corpus.train), config.data.block_size,
-                 dict(mesh.shape))
-    return _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, manager,
-                       meta, schedule=make_schedule(optim, total))
+    lock = faults.WorkdirLock(workdir)
+    if jax.process_index() == 0:
+        lock.acquire()
+    try:
+        # Process 0 trains/caches the tokenizer and tokens first; the others then read them.
+        if jax.process_index() != 0:
+            multihost_utils.sync_global_devices("jaxgpt: workdir prepared")
+        tok = _make_tokenizer(dcfg, workdir, cfg)
+        corpus = data.load_corpus(dcfg, tok, cache_dir=os.path.join(workdir, "data"))
+        if isinstance(tok, tokenizer.SentencePiece) and not os.path.exists(tok.path):
+            tok.save(tok.path)
+        if jax.process_index() == 0 and jax.process_count() > 1:
+            multihost_utils.sync_global_devices("jaxgpt: workdir prepared")
+        _check_inputs(config, workdir, corpus, tok, cfg)
+        total = config.train.steps
+        tx = make_optimizer(optim, total)
+        trainer = make_trainer(
+            cfg, tx, mesh, rules, config.train.seed,
+            skip_nonfinite=config.train.nonfinite == "skip",
+            inject_nan=(config.train.inject_nan_at_step, config.train.inject_nan_steps))
+        train_ds = data.make_train_dataset(
+            corpus, global_batch=config.train.batch_size, seed=config.train.seed,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            mixture=dcfg.mixture)
+        train_iter = data.make_iterator(train_ds, dcfg)
+        pipeline = [corpus.fingerprint, tok.fingerprint, config.train.seed,
+                    config.train.batch_size, config.data.block_size, jax.process_count()]
+        meta = {"config": config.to_dict(), "data": corpus.fingerprint,
+                "tokenizer": {"kind": config.data.tokenizer, "path": _tokenizer_location(tok.path),
+                              "fingerprint": tok.fingerprint},
+                "pipeline": hashlib.sha256(json.dumps(pipeline).encode()).hexdigest()[:16],
+                **checkpoint.provenance()}
+        ckpts = checkpoint.Checkpoints(workdir, keep=config.checkpoint.keep,
+                                       async_save=config.checkpoint.async_save)
+        state = _restore_or_init(config, trainer, ckpts, meta, train_iter)
+        # Tokens and documents per source and split, and bad records skipped while preparing.
+        MetricsWriter(workdir).write({"step": int(state.step), "data": corpus.stats})
+        n_params = model.count_params(state.params)
+        logging.info("model: %s parameters; %d train windows of %d tokens; mesh %s",
+                     f"{n_params:,}", len(corpus.train), config.data.block_size,
+                     dict(mesh.shape))
+        return _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts,
+                           meta, schedule=make_schedule(optim, total))
+    finally:
+        lock.release()
 
 
 def _init_from(source: str | None, trainer: Trainer, state: TrainState) -> TrainState:
@@ -360,7 +489,24 @@ def _init_from(source: str | None, trainer: Trainer, state: TrainState) -> Train
     return state.replace(params=jax.device_put(params, trainer.state_shardings.params))
 
 
-def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, manager, meta,
+def _flush(pending: list, ledger, guard) -> dict:
+    """Pull pending steps' metrics to the host, judge non-finite ones, extend the ledger.
+    Returns the newest step's host metrics."""
+    host = jax.device_get([m for _, _, m in pending])
+    hashes = faults.global_digests([d for _, d, _ in pending])
+    records = []
+    try:
+        for (step, _, _), m, h in zip(pending, host, hashes):
+            skipped = guard.check(step, m)
+            records.append({"step": step, "batch": h, "loss": float(m["loss"]),
+                             "skipped": skipped})
+    finally:
+        ledger.write(records)
+        pending.clear()
+    return host[-1]
+
+
+def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts, meta,
                 *, schedule) -> dict:
     writer = MetricsWriter(workdir, tensorboard=config.report.tensorboard,
                            wandb_project=config.report.wandb_project, config=config.to_dict())
@@ -370,43 +516,82 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, manage
     # MFU's numerator and denominator, from the model shape and the devices' peak FLOP/s.
     flops_per_token = mfu.flops_per_token(trainer.cfg, config.data.block_size)
     peak = mfu.peak_flops(list(trainer.mesh.devices.flat))
-    last_log, last_eval = {}, {}
+    last_log, last_eval, preempted = {}, {}, None
     t_last, step_last, t_first = time.time(), start, None
-    for step in range(start, total):
-        local = next(train_iter)                                   # [B_local, T + 1]
-        local = local.reshape(accum, -1, local.shape[-1])          # [A, B_local / A, T + 1]
-        batch = to_global(local, trainer.mesh, (None, "batch", None), trainer.rules)
-        state, metrics = trainer.train_step(state, batch)
-        done = step + 1
-        if done % config.train.log_every == 0 or done == total or done == start + 1:
-            metrics = jax.device_get(metrics)
-            now = time.time()
-            t_first = t_first or now   # ETA and throughput exclude the first (compiling) step
-            rate = (done - step_last) / max(now - t_last, 1e-9)
-            last_log = {
-                "step": done, "total_steps": total, "loss": float(metrics["loss"]),
-                "grad_norm": float(metrics["grad_norm"]), "lr": float(schedule(done - 1)),
-                "tokens_per_s": rate * tokens_per_step,
-                "mfu": rate * tokens_per_step * flops_per_token / peak if peak else None,
-                "samples_per_s": rate * config.train.batch_size,
-                "epoch": done * config.train.batch_size / len(corpus.train),
-                "eta_s": (total - done) / rate, "time": now}
-            writer.write(last_log)
-            if not math.isfinite(last_log["loss"]):
-                raise FloatingPointError(f"loss is {last_log['loss']} at step {done}")
-            logging.info(report.progress_line(last_log))
-            t_last, step_last = now, done
-        if config.eval.every and (done % config.eval.every == 0 or done == total):
-            # Several sources (a SlimPajama mixture): also a loss and perplexity per source.
-            val = corpus.val_by_source if len(corpus.val_by_source) > 1 else corpus.val
-            last_eval = {"step": done, **evaluate(trainer, state.params, val,
-                                                  config.eval.batch_size, config.eval.batches)}
-            writer.write(last_eval)
-            logging.info(report.eval_line(last_eval))
-        if done % config.checkpoint.every == 0 or done == total:
-            checkpoint.save(manager, state, train_iter.get_state(), meta)
-    if config.sample.prompts and config.sample.max_new_tokens:
-        # Every process samples (the params are sharded over all of them); process 0 writes.
+    ledger = faults.Ledger(workdir, start)
+    guard = faults.NonFiniteGuard(config.train.nonfinite, config.train.max_consecutive_skips)
+    stop = faults.StopRequest()
+    watchdog = faults.Watchdog(config.train.watchdog_min_s, config.train.watchdog_factor)
+    pending = []   # (step, batch digest, device metrics) not yet checked on the host
+    try:
+        for step in range(start, total):
+            if step + 1 == config.train.inject_hang_at_step:   # tests only: a stuck host
+                threading.Event().wait()
+            local = next(train_iter)                                # [B_local, T + 1]
+            if int(local.max()) >= trainer.cfg.vocab_size:
+                raise ValueError(f"batch of step {step + 1} holds token id {int(local.max())}"
+                                 f" >= model.vocab_size {trainer.cfg.vocab_size}")
+            digest = faults.batch_digest(local)
+            local = local.reshape(accum, -1, local.shape[-1])       # [A, B_local / A, T + 1]
+            batch = to_global(local, trainer.mesh, (None, "batch", None), trainer.rules)
+            state, metrics = trainer.train_step(state, batch)
+            done = step + 1
+            pending.append((done, digest, metrics))
+            if done == start + 1:
+                watchdog.start()   # armed once the first (compiling) step is dispatched
+            watchdog.beat(done)
+            stopping = stop.should_stop(done)
+            is_log = done % config.train.log_every == 0 or done == total or done == start + 1
+            is_eval = bool(config.eval.every) and (done % config.eval.every == 0 or done == total)
+            is_save = done % config.checkpoint.every == 0 or done == total or stopping
+            if is_log or is_eval or is_save or len(pending) >= 1024:
+                metrics = _flush(pending, ledger, guard)
+            if is_log:
+                now = time.time()
+                t_first = t_first or now   # ETA and throughput exclude the compiling step
+                rate = (done - step_last) / max(now - t_last, 1e-9)
+                last_log = {
+                    "step": done, "total_steps": total, "loss": float(metrics["loss"]),
+                    "grad_norm": float(metrics["grad_norm"]), "lr": float(schedule(done - 1)),
+                    "tokens_per_s": rate * tokens_per_step,
+                    "mfu": rate * tokens_per_step * flops_per_token / peak if peak else None,
+                    "samples_per_s": rate * config.train.batch_size,
+                    "epoch": done * config.train.batch_size / len(corpus.train),
+                    "eta_s": (total - done) / rate, "time": now,
+                    "skipped_steps": guard.skipped}
+                writer.write(last_log)
+                logging.info(report.progress_line(last_log))
+                t_last, step_last = now, done
+            if is_eval:
+                # Several sources (a SlimPajama mixture): also a loss and perplexity per source.
+                val = corpus.val_by_source if len(corpus.val_by_source) > 1 else corpus.val
+                with watchdog.paused():
+                    last_eval = {"step": done, **evaluate(
+                        trainer, state.params, val, config.eval.batch_size,
+                        config.eval.batches)}
+                writer.write(last_eval)
+                logging.info(report.eval_line(last_eval))
+            if is_save:
+                with watchdog.paused():
+                    best = last_eval.get("val_loss") if last_eval.get("step") == done else None
+                    ckpts.save(state, train_iter.get_state(), meta, val_loss=best)
+            if stopping:
+                preempted = done
+                break
+        with watchdog.paused():
+            ckpts.close()
+    except BaseException:
+        watchdog.stop()
+        ckpts.abandon()
+        raise
+    finally:
+        watchdog.stop()
+        stop.restore_handlers()
+    if preempted is not None:
+        logging.warning("stopped by %s after step %d; checkpoint saved in %s; run the same "
+                        "command to resume from step %d", stop.signal_name, preempted,
+                        ckpts.root, preempted)
+    elif config.sample.prompts and config.sample.max_new_tokens:
         completions = _sample_text(config, trainer, state.params, tok, int(state.step))
         block = report.samples_block(int(state.step), list(config.sample.prompts),
                                      completions)
@@ -416,4 +601,5 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, manage
             logging.info(block)
             writer.write_text("samples", block, int(state.step))
     writer.close()
-    return {"train": last_log, "eval": last_eval, "state": state}
+    return {"train": last_log, "eval": last_eval, "state": state, "preempted": preempted,
+            "skipped_steps": guard.skipped}

@@ -1,0 +1,341 @@
+"""Run-level fault handling: workdir lock, stop requests, step watchdog, batch ledger,
+cross-process config check, and the `Halt` error that ends a run with a chosen exit code.
+
+Everything here is host-side bookkeeping around the training loop in `train.py`; nothing
+touches the jitted steps.
+"""
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import signal
+import socket
+import statistics
+import threading
+import time
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+EXIT_HALTED = 3      # non-finite loss/gradients or too many skipped steps
+EXIT_STALLED = 4     # the watchdog saw no step finish in time
+EXIT_LOCKED = 75     # another trainer holds the workdir (EX_TEMPFAIL: retry later)
+
+
+class Halt(RuntimeError):
+    """A run that must stop with `exit_code` and one explanatory line (no traceback)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# ---------------------------------------------------------------- workdir lock
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # exists, owned by someone else
+        return True
+    return True
+
+
+class WorkdirLock:
+    """`WORKDIR/LOCK` holds {"pid", "host"} of the one trainer allowed to write there.
+
+    orbax has no single-writer lock, and two trainers on one workdir delete each other's
+    checkpoints. A lock left by a dead pid on this host is taken over with a warning; a
+    lock from another host cannot be checked and must be removed by hand.
+    """
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, "LOCK")
+        self.held = False
+
+    def acquire(self) -> None:
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if (owner.get("host") == me["host"] and isinstance(owner.get("pid"), int)
+                        and not _pid_alive(owner["pid"])):
+                    logging.warning("taking over stale workdir lock %s of dead pid %d",
+                                    self.path, owner["pid"])
+                    os.unlink(self.path)
+                    continue
+                raise Halt(f"workdir locked by pid {owner.get('pid')} on host "
+                           f"{owner.get('host')} ({self.path}); if that trainer is gone, "
+                           f"delete the file", EXIT_LOCKED) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return
+        raise Halt(f"could not take the workdir lock {self.path}", EXIT_LOCKED)
+
+    def _owner(self) -> dict:
+        try:
+            with open(self.path) as f:
+                owner = json.load(f)
+        except (OSError, ValueError):
+            return {}   # unreadable (half-written by a killed trainer): treat as unknown
+        return owner if isinstance(owner, dict) else {}
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+
+# ---------------------------------------------------------------- preemption
+
+class StopRequest:
+    """SIGTERM/SIGINT -> finish the current step, save, exit 0.
+
+    Single process: our own handler sets a flag. After `jax.distributed.initialize` JAX
+    owns SIGTERM and `reached_preemption_sync_point` makes every process stop at the same
+    step (it must be called at every step by all processes).
+    """
+
+    def __init__(self):
+        self.signal_name = None
+        self.distributed = jax.process_count() > 1
+        self._previous = {}
+        signals = (signal.SIGINT,) if self.distributed else (signal.SIGTERM, signal.SIGINT)
+        if threading.current_thread() is threading.main_thread():
+            for sig in signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+
+    def should_stop(self, step: int) -> bool:
+        if self.distributed:
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.signal_name = self.signal_name or "preemption notice"
+                return True
+            # SIGINT is ours on every process; agree on it so all stop at the same step.
+            flag = np.int32(self.signal_name is not None)
+            return bool(multihost_utils.process_allgather(flag).max())
+        return self.signal_name is not None
+
+    def restore_handlers(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+# ---------------------------------------------------------------- watchdog
+
+class Watchdog:
+    """Kills the process when no step finishes for max(min_s, factor * median step time).
+
+    A peer that is alive but stuck hangs every other process in its next collective
+    forever; each process's watchdog then fires and `os._exit` ends it (Python cleanup
+    would block on the same collective). Armed after the first step (compilation).
+    """
+
+    def __init__(self, min_s: float, factor: float, *, poll_s: float = 0.5):
+        self.min_s, self.factor, self.poll_s = min_s, factor, poll_s
+        self.enabled = min_s > 0
+        self._lock = threading.Lock()
+        self._last = None          # (step, time) of the latest beat
+        self._times = []           # recent step durations
+        self._paused = 0
+        self._stop = threading.Event()
+        self._thread = None
+
+    def start(self) -> None:
+        if self.enabled:
+            self._thread = threading.Thread(target=self._run, name="step-watchdog",
+                                            daemon=True)
+            self._thread.start()
+
+    def beat(self, step: int) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if self._last is not None and step > self._last[0]:
+                self._times = (self._times + [(now - self._last[1]) / (step - self._last[0])]
+                               )[-100:]
+            self._last = (step, now)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Evaluation, sampling and checkpoint waits are not steps; don't time them."""
+        with self._lock:
+            self._paused += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._paused -= 1
+                if self._last is not None:
+                    self._last = (self._last[0], time.monotonic())
+
+    def timeout(self) -> float:
+        median = statistics.median(self._times) if self._times else 0.0
+        return max(self.min_s, self.factor * median)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            with self._lock:
+                if self._last is None or self._paused:
+                    continue
+                step, since = self._last
+                limit = self.timeout()
+            waited = time.monotonic() - since
+            if waited > limit:
+                msg = (f"watchdog: stalled after step {step}: no progress for {waited:.1f} s "
+                       f"(limit {limit:.1f} s) on process {jax.process_index()}; exiting")
+                logging.error(msg)
+                print(f"error: {msg}", flush=True)
+                os._exit(EXIT_STALLED)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+# ---------------------------------------------------------------- batch ledger
+
+def batch_digest(local: np.ndarray) -> bytes:
+    """16-byte digest of this process's rows of a batch (shape and dtype included)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{local.shape}{local.dtype}".encode())
+    h.update(np.ascontiguousarray(local).tobytes())
+    return h.digest()
+
+
+def global_digests(digests: list[bytes]) -> list[str]:
+    """Combine every process's per-step digests into one hex hash per global batch."""
+    local = np.frombuffer(b"".join(digests), np.uint8).reshape(len(digests), 16)
+    if jax.process_count() > 1:
+        local = multihost_utils.process_allgather(local)      # [P, n, 16]
+        local = np.moveaxis(np.asarray(local), 0, 1).reshape(len(digests), -1)
+    return [hashlib.blake2b(row.tobytes(), digest_size=16).hexdigest() for row in local]
+
+
+class Ledger:
+    """WORKDIR/ledger.jsonl: {"step", "batch", "loss", "skipped"} per optimizer step, so a
+    resumed run can be checked bit for bit against an uninterrupted one. Truncated to the
+    restored step on every start, so it always describes the run that produced the
+    latest checkpoint."""
+
+    def __init__(self, workdir: str, start_step: int):
+        self.path = os.path.join(workdir, "ledger.jsonl")
+        self.enabled = jax.process_index() == 0
+        if self.enabled:
+            self._truncate(start_step)
+
+    def _truncate(self, step: int) -> None:
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            lines = f.readlines()
+        keep = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                break      # a line cut short by a kill; everything after it is newer
+            if record["step"] <= step:
+                keep.append(line)
+        if len(keep) != len(lines):
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(keep)
+            os.replace(self.path + ".tmp", self.path)
+
+    def write(self, records: list[dict]) -> None:
+        if self.enabled and records:
+            with open(self.path, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def read_ledger(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "ledger.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# ---------------------------------------------------------------- config agreement
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(a: dict, b: dict, prefixes: tuple[str, ...] = ("",)) -> list[str]:
+    """Dotted names of the fields under `prefixes` whose values differ: 'x.y: a -> b'."""
+    fa, fb = _flatten(json.loads(json.dumps(a))), _flatten(json.loads(json.dumps(b)))
+    names = sorted(n for n in set(fa) | set(fb) if n.startswith(prefixes))
+    return [f"{n}: {fa.get(n, '<absent>')!r} -> {fb.get(n, '<absent>')!r}"
+            for n in names if fa.get(n, "<absent>") != fb.get(n, "<absent>")]
+
+
+def assert_same_config_everywhere(config_dict: dict) -> None:
+    """Every process must run the same config; a mismatch stops all of them, naming the
+    fields that differ from process 0's."""
+    if jax.process_count() == 1:
+        return
+    # The train.inject_* test hooks may differ per process (a stuck rank, say).
+    config_dict = dict(config_dict, train={k: v for k, v in config_dict["train"].items()
+                                           if not k.startswith("inject_")})
+    blob = json.dumps(config_dict, sort_keys=True).encode()
+    digest = np.frombuffer(hashlib.sha256(blob).digest(), np.uint8)
+    digests = np.asarray(multihost_utils.process_allgather(digest))
+    if (digests == digests[0]).all():
+        return
+    # Every process gets every config, so each one names the same differing fields.
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(len(blob))))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:len(blob)] = np.frombuffer(blob, np.uint8)
+    blobs = np.asarray(multihost_utils.process_allgather(padded))
+    configs = [json.loads(bytes(b[:n])) for b, n in zip(blobs, sizes)]
+    diffs = [f"process {i}: {'; '.join(config_diff(configs[0], c))}"
+             for i, c in enumerate(configs) if i and (digests[i] != digests[0]).any()]
+    raise ValueError(f"processes run different configs (vs process 0): {' | '.join(diffs)}")
+
+
+# ---------------------------------------------------------------- non-finite steps
+
+class NonFiniteGuard:
+    """Host-side verdict on each step's `finite` flag: halt at the first NaN/Inf (default)
+    or, in skip mode (the jitted step already kept the old params), count skips and halt
+    after `max_consecutive` in a row."""
+
+    def __init__(self, mode: str, max_consecutive: int):
+        self.mode, self.max_consecutive = mode, max_consecutive
+        self.consecutive = 0
+        self.skipped = 0
+
+    def check(self, step: int, metrics: dict) -> bool:
+        """True if the step was skipped; raises `Halt` when the run must stop."""
+        if bool(metrics["finite"]):
+            self.consecutive = 0
+            return False
+        loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+        what = (f"loss {loss}" if not np.isfinite(loss) else f"grad_norm {grad_norm}")
+        if self.mode == "halt":
+            raise Halt(f"non-finite {what} at step {step}; halting with no checkpoint at or "
+                       f"after it (train.nonfinite='skip' skips such steps)", EXIT_HALTED)
+        self.consecutive += 1
+        self.skipped += 1
+        logging.warning("step %d skipped: non-finite %s (%d in a row, %d in total)", step, what,
+                        self.consecutive, self.skipped)
+        if self.consecutive >= self.max_consecutive:
+            raise Halt(f"{self.consecutive} consecutive non-finite steps up to step {step} "
+                       f"(last: {what}); halting (train.max_consecutive_skips="
+                       f"{self.max_consecutive})", EXIT_HALTED)
+        return True

@@ -1,0 +1,432 @@
+"""Fault tolerance: verified checkpoints, exact resume, guards, preemption, NaN, watchdog,
+bad input. Subprocess tests (kill -9, SIGTERM, watchdog, CLI errors) are marked slow."""
+
+import glob
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxgpt import checkpoint, faults, sharding, train
+from tests import helpers
+
+sys.path.insert(0, os.path.join(helpers.REPO, "bench"))
+import faults as bench  # noqa: E402  (bench/faults.py)
+
+# ---------------------------------------------------------------- Checkpoints, no training
+
+
+def _state(cfg, step: int, tx=optax.adam(1e-3)):
+    return train.init_state(cfg, tx, seed=step).replace(step=jnp.int32(step))
+
+
+def _abstract(state):
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        state)
+
+
+def _saved(tmp_path, cfg, steps, val_losses=None, keep=5):
+    ckpts = checkpoint.Checkpoints(str(tmp_path), keep=keep)
+    for i, s in enumerate(steps):
+        ckpts.save(_state(cfg, s), {"pos": s}, {"config": {}},
+                   val_loss=val_losses[i] if val_losses else None)
+    ckpts.close()
+    return os.path.join(str(tmp_path), "checkpoints")
+
+
+def _biggest_file(directory):
+    files = [p for p in glob.glob(f"{directory}/**/*", recursive=True) if os.path.isfile(p)]
+    return max(files, key=os.path.getsize)
+
+
+def _truncate(root):
+    path = _biggest_file(f"{root}/2/state")
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _flip(root):
+    path = _biggest_file(f"{root}/2/state")
+    raw = bytearray(open(path, "rb").read())
+    raw[len(raw) // 2] ^= 0xFF
+    open(path, "wb").write(bytes(raw))
+
+
+CORRUPTIONS = {
+    "truncated file": (_truncate, 2, "bytes, not"),
+    "flipped bytes": (_flip, 2, "CRC32"),
+    "missing metadata": (lambda r: os.remove(f"{r}/2/_CHECKPOINT_METADATA"), 2,
+                         "missing _CHECKPOINT_METADATA"),
+    "unchecksummed, bad meta": (lambda r: (os.remove(f"{r}/2/{checkpoint.INTEGRITY}"),
+                                           open(f"{r}/2/meta/metadata", "w").write("{")),
+                                2, "unreadable meta/metadata"),
+    "empty dir": (lambda r: os.makedirs(f"{r}/3"), 3, "empty directory"),
+    "leftover tmp dir": (lambda r: os.makedirs(f"{r}/3.orbax-checkpoint-tmp-17/state"), 3,
+                         "unfinished save"),
+}
+
+
+@pytest.mark.parametrize("mode", CORRUPTIONS)
+def test_corrupt_newest_checkpoint_falls_back(tmp_path, tiny_cfg, caplog, mode):
+    corrupt, bad_step, cause = CORRUPTIONS[mode]
+    root = _saved(tmp_path, tiny_cfg, [1, 2])
+    corrupt(root)
+    ckpts = checkpoint.Checkpoints(str(tmp_path), keep=5)
+    with caplog.at_level(logging.WARNING):
+        state, data_state, meta = ckpts.restore(_abstract(_state(tiny_cfg, 0)),
+                                                check_meta=lambda s, m: None)
+    ckpts.close()
+    expect = 1 if bad_step == 2 else 2
+    assert int(state.step) == expect and data_state == {"pos": expect}
+    helpers.assert_trees_close(jax.device_get(state.params),
+                               jax.device_get(_state(tiny_cfg, expect).params), rtol=0, atol=0)
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    assert f"checkpoint {bad_step}" in warning and cause in warning, warning
+    moved = os.listdir(tmp_path / checkpoint.CORRUPT_DIR)   # moved aside, not deleted
+    assert len(moved) == 1 and moved[0].startswith(f"{bad_step}")
+
+
+def test_keeps_newest_plus_best_and_never_saves_nonfinite(tmp_path, tiny_cfg):
+    root = _saved(tmp_path, tiny_cfg, [1, 2, 3, 4, 5], [3.0, 1.0, 2.0, 4.0, 5.0], keep=2)
+    assert sorted(os.listdir(root)) == ["2", "4", "5"]
+    ckpts = checkpoint.Checkpoints(str(tmp_path), keep=2)
+    bad = _state(tiny_cfg, 6)
+    bad = bad.replace(params=jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan),
+                                          bad.params))
+    with pytest.raises(faults.Halt, match="refusing to checkpoint step 6"):
+        ckpts.save(bad, {}, {})
+    ckpts.close()
+    assert sorted(os.listdir(root)) == ["2", "4", "5"]
+
+
+def test_workdir_lock(tmp_path):
+    first = faults.WorkdirLock(str(tmp_path))
+    first.acquire()
+    with pytest.raises(faults.Halt, match=r"workdir locked by pid \d+ on host \S+") as e:
+        faults.WorkdirLock(str(tmp_path)).acquire()
+    assert e.value.exit_code == faults.EXIT_LOCKED
+    first.release()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "LOCK").write_text(f'{{"pid": {dead.pid}, "host": "{os.uname().nodename}"}}')
+    taker = faults.WorkdirLock(str(tmp_path))
+    taker.acquire()                       # stale: its pid is gone on this host
+    assert str(os.getpid()) in (tmp_path / "LOCK").read_text()
+    taker.release()
+    assert not (tmp_path / "LOCK").exists()
+
+
+# ---------------------------------------------------------------- in-process training runs
+
+
+@pytest.fixture(scope="module")
+def shared_tok(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tok")
+    return bench.prepare(str(root))   # (corpus, tokenizer path) shared by every run
+
+
+def _config(shared_tok, **changes):
+    corpus, tok = shared_tok
+    base = dict(model__resid_pdrop=0.1, data__tokenizer_path=tok, sample__max_new_tokens=0,
+                checkpoint__every=2, checkpoint__keep=3, eval__every=0)
+    return helpers.tiny_run_config(corpus, **{**base, **changes})
+
+
+def _host(state):
+    return jax.device_get((state.params, state.opt_state, state.rng))
+
+
+def _bits_equal(a, b) -> bool:
+    return all(np.asarray(x).tobytes() == np.asarray(y).tobytes()
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.slow
+def test_exact_resume_and_mutation_controls(tmp_path, shared_tok, monkeypatch):
+    straight = train.train_and_evaluate(_config(shared_tok), str(tmp_path / "straight"))
+    train.train_and_evaluate(_config(shared_tok, train__steps=3), str(tmp_path / "seg"))
+    ledger = faults.read_ledger(str(tmp_path / "straight"))
+    assert [r["step"] for r in ledger] == [1, 2, 3, 4, 5, 6]
+    caught = {}
+    for mutation in ("", "data", "rng", "opt"):
+        workdir = str(tmp_path / f"resume-{mutation or 'ok'}")
+        shutil.copytree(tmp_path / "seg", workdir)
+        monkeypatch.setenv("JAXGPT_TEST_BREAK_RESTORE", mutation)
+        resumed = train.train_and_evaluate(_config(shared_tok), workdir)
+        same = (_bits_equal(_host(straight["state"]), _host(resumed["state"]))
+                and faults.read_ledger(workdir) == ledger)
+        if not mutation:
+            assert same, "a clean resume must be bit-identical to the straight run"
+        else:
+            caught[mutation] = not same
+    assert caught == {"data": True, "rng": True, "opt": True}
+
+
+@pytest.mark.slow
+def test_nonfinite_halt_skip_and_consecutive_skips(tmp_path, shared_tok):
+    with pytest.raises(faults.Halt, match="non-finite loss nan at step 4"):
+        train.train_and_evaluate(_config(shared_tok, train__inject_nan_at_step=4),
+                                 str(tmp_path / "halt"))
+    assert os.listdir(tmp_path / "halt" / "checkpoints") == ["2"]   # none at or after 4
+    out = train.train_and_evaluate(
+        _config(shared_tok, train__inject_nan_at_step=3, train__nonfinite="skip",
+                checkpoint__every=1, checkpoint__keep=6), str(tmp_path / "skip"))
+    assert out["skipped_steps"] == 1
+    assert [r["skipped"] for r in faults.read_ledger(str(tmp_path / "skip"))] == \
+        [False, False, True, False, False, False]
+    p2, p3, p4 = (checkpoint.load_params(str(tmp_path / "skip"), s)[1] for s in (2, 3, 4))
+    assert _bits_equal(p2, p3) and not _bits_equal(p3, p4)   # step 3's update was dropped
+    with pytest.raises(faults.Halt, match="2 consecutive non-finite steps up to step 3"):
+        train.train_and_evaluate(
+            _config(shared_tok, train__inject_nan_at_step=2, train__inject_nan_steps=9,
+                    train__nonfinite="skip", train__max_consecutive_skips=2),
+            str(tmp_path / "skip2"))
+
+
+@pytest.mark.slow
+def test_rollback_guards_and_lock_in_a_run(tmp_path, shared_tok, caplog):
+    workdir = str(tmp_path / "run")
+    first = train.train_and_evaluate(_config(shared_tok), workdir)
+    assert sorted(os.listdir(f"{workdir}/checkpoints")) == ["2", "4", "6"]
+    # Rollback: newer steps are moved aside and the replay saves 4 and 6 again (orbax
+    # alone would decline them) and ends bit-identical.
+    again = train.train_and_evaluate(_config(shared_tok, checkpoint__restore_step=2), workdir)
+    assert _bits_equal(_host(first["state"]), _host(again["state"]))
+    assert sorted(os.listdir(f"{workdir}/checkpoints")) == ["2", "4", "6"]
+    assert sorted(n.split("-")[0] for n in os.listdir(f"{workdir}/checkpoints.rolledback")) \
+        == ["4", "6"]
+    before = helpers.tree_hash(workdir)
+    with pytest.raises(ValueError, match=r"model.n_layer: 2 -> 3"):
+        train.train_and_evaluate(_config(shared_tok, model__n_layer=3), workdir)
+    with pytest.raises(ValueError, match=r"train.seed: 0 -> 1.*pipeline"):
+        train.train_and_evaluate(_config(shared_tok, train__seed=1), workdir)
+    (tmp_path / "run" / "LOCK").write_text(f'{{"pid": {os.getppid()}, "host": '
+                                           f'"{os.uname().nodename}"}}')
+    with pytest.raises(faults.Halt, match=f"workdir locked by pid {os.getppid()} on host"):
+        train.train_and_evaluate(_config(shared_tok), workdir)
+    os.remove(tmp_path / "run" / "LOCK")
+    assert helpers.tree_hash(workdir) == before
+    with caplog.at_level(logging.WARNING):
+        train.train_and_evaluate(_config(shared_tok, train__seed=1, train__steps=7,
+                                         checkpoint__allow_config_change=True), workdir)
+    assert "despite differing fields: train.seed" in caplog.text
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _bad_inputs(tmp_path, shared_tok):
+    non_utf8 = tmp_path / "latin1.txt"
+    non_utf8.write_bytes(b"fine line\ncaf\xe9\n")
+    a_file = tmp_path / "plain_file"
+    a_file.write_text("not a directory")
+    return [  # (changes, workdir or None for the run's, text the error must contain)
+        (dict(train__batch_size=0), None, "train.batch_size"),
+        (dict(data__path=str(tmp_path / "missing.txt")), None, "missing.txt"),
+        (dict(data__block_size=1000), None, "data.block_size"),
+        (dict(data__path=str(non_utf8)), None, "latin1.txt:2"),
+        (dict(data__val_fraction=1.5), None, "data.val_fraction"),
+        (dict(model__n_layer=3), None, "model.n_layer"),
+        (dict(train__seed=3), None, "train.seed"),
+        (dict(sample__prompts=("x " * 80,), sample__max_new_tokens=8), None,
+         "sample.prompts[0]"),
+        (dict(checkpoint__restore_step=5), None, "checkpoint.restore_step 5"),
+        (dict(checkpoint__keep=0), None, "checkpoint.keep"),
+        (dict(train__nonfinite="explode"), None, "train.nonfinite"),
+        (dict(mesh__rules="bogus"), None, "mesh.rules"),
+        ({}, str(a_file), "not a directory"),
+    ]
+
+
+@pytest.mark.slow
+def test_bad_inputs_are_rejected_and_change_nothing(tmp_path, shared_tok):
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(_config(shared_tok, train__steps=2), workdir)
+
+    def corrupt_cache():   # an id the model cannot embed (JAX would clamp it silently)
+        shard = sorted(glob.glob(f"{workdir}/data/*/train/**/*.bin", recursive=True))[0]
+        tokens = np.memmap(shard, dtype=np.uint16, mode="r+")
+        tokens[5] = 999
+        tokens.flush()
+
+    cases = _bad_inputs(tmp_path, shared_tok)
+    cases.append(({}, None, "token id 999 >= model.vocab_size 384"))
+    for i, (changes, target, expect) in enumerate(cases):
+        if i == len(cases) - 1:
+            corrupt_cache()
+        target = target or workdir
+        before = helpers.tree_hash(target) if os.path.isdir(target) else open(target).read()
+        t0 = time.time()
+        with pytest.raises((ValueError, FileNotFoundError, FileExistsError)) as e:
+            train.train_and_evaluate(_config(shared_tok, **changes), target)
+        assert time.time() - t0 < 10, changes
+        assert expect in str(e.value), (changes, str(e.value))
+        after = helpers.tree_hash(target) if os.path.isdir(target) else open(target).read()
+        assert after == before, f"{changes} changed {target}"
+
+
+@pytest.mark.slow
+def test_cli_bad_input_exits_nonzero_naming_it(tmp_path):
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    (workdir / "keep.txt").write_text("existing run")
+    before = helpers.tree_hash(workdir)
+    cases = [(["--config=configs/default.py", "--config.train.bogus=1"], "bogus"),
+             (["--config=configs/nope.py"], "nope.py"),
+             (["--config=configs/default.py", "--config.train.batch_size=0"],
+              "train.batch_size")]
+    procs = [(subprocess.Popen([sys.executable, "-m", "jaxgpt.main", *args,
+                                f"--workdir={workdir}"], cwd=helpers.REPO, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT), expect)
+             for args, expect in cases]
+    for proc, expect in procs:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode != 0 and expect in out, out[-2000:]
+    assert helpers.tree_hash(workdir) == before
+
+
+# ---------------------------------------------------------------- subprocess faults
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, shared_tok):
+    """An uninterrupted 12-step CLI run: what every interrupted run must reproduce."""
+    root = os.path.dirname(shared_tok[0])
+    workdir = os.path.join(root, "reference")
+    bench.run_to_end(bench.run_args(workdir, *shared_tok, steps=12))
+    return workdir
+
+
+@pytest.mark.slow
+def test_chaos_kill9_resume_is_bit_identical(reference, shared_tok):
+    root = os.path.dirname(shared_tok[0])
+    out = bench.chaos(root, kills=3, steps=12, seed=1, reference=reference)
+    assert out["identical"], out["why"]
+    assert out["survived"] == 3 and max(out["resumes"]) > 0, out   # a restore happened
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_zero_and_resumes_identically(reference, shared_tok, tmp_path):
+    workdir = str(tmp_path / "term")
+    args = bench.run_args(workdir, *shared_tok, steps=12)
+    proc = subprocess.Popen(args, cwd=helpers.REPO, stderr=subprocess.PIPE, text=True,
+                            stdout=subprocess.DEVNULL)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "step 3/12" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, rest[-2000:]
+    step = int(rest.split("preempted: checkpoint at step ")[1].split()[0])
+    assert 3 <= step < 12 and str(step) in os.listdir(f"{workdir}/checkpoints")
+    bench.run_to_end(args)
+    same, why = bench.identical(reference, workdir)
+    assert same, why
+
+
+@pytest.mark.slow
+def test_watchdog_exits_a_stuck_trainer(tmp_path, shared_tok):
+    args = bench.run_args(str(tmp_path / "hang"), *shared_tok, steps=12)
+    args += ["--config.train.inject_hang_at_step=4", "--config.train.watchdog_min_s=2"]
+    t0 = time.time()
+    out = subprocess.run(args, cwd=helpers.REPO, capture_output=True, text=True, timeout=180)
+    assert out.returncode == faults.EXIT_STALLED, out.stderr[-2000:]
+    assert "stalled after step 3:" in out.stdout + out.stderr
+    assert time.time() - t0 < 120
+
+
+# ---------------------------------------------------------------- two local processes
+
+
+def _launch(workdir, shared_tok, steps, extra=((), ())):
+    """Two jax.distributed CPU processes running jaxgpt.main; extra[i]: rank i's flags."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    args = bench.run_args(workdir, *shared_tok, steps=steps)[3:]
+    return [subprocess.Popen([sys.executable, "tests/multiprocess.py", str(i), "2", str(port),
+                              "--", *args, *extra[i]], cwd=helpers.REPO, text=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            for i in range(2)]
+
+
+def _finish(procs, timeout=180):
+    outs = []
+    for p in procs:
+        outs.append(p.stderr.read())
+        p.wait(timeout=timeout)
+    return [p.returncode for p in procs], outs
+
+
+@pytest.mark.slow
+def test_two_processes_sigterm_to_one_rank_stops_both_at_one_step(tmp_path, shared_tok):
+    workdir = str(tmp_path / "mp")
+    procs = _launch(workdir, shared_tok, steps=10)
+    for line in procs[1].stderr:
+        if "step 3/10" in line:
+            procs[1].send_signal(signal.SIGTERM)   # rank 1 only
+            break
+    codes, outs = _finish(procs)
+    assert codes == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    stops = [int(o.split("preempted: checkpoint at step ")[1].split()[0]) for o in outs]
+    assert stops[0] == stops[1] < 10, stops
+    codes, outs = _finish(_launch(workdir, shared_tok, steps=10))
+    assert codes == [0, 0], outs[0][-2000:]
+    assert [r["step"] for r in faults.read_ledger(workdir)] == list(range(1, 11))
+
+
+@pytest.mark.slow
+def test_two_processes_config_mismatch_and_stuck_rank_exit_all(tmp_path, shared_tok):
+    codes, outs = _finish(_launch(str(tmp_path / "a"), shared_tok, steps=4,
+                                  extra=((), ("--config.train.seed=1",))))
+    assert codes[0] != 0 and codes[1] != 0
+    assert all("process 1: train.seed: 0 -> 1" in o for o in outs), outs[0][-2000:]
+    assert not os.path.exists(tmp_path / "a" / "checkpoints")
+    t0 = time.time()
+    codes, outs = _finish(_launch(str(tmp_path / "b"), shared_tok, steps=12, extra=(
+        ("--config.train.watchdog_min_s=15",),
+        ("--config.train.watchdog_min_s=15", "--config.train.inject_hang_at_step=4"))))
+    # Both ranks stop at step 4 (rank 1 stuck, rank 0 blocked in a collective): the first
+    # watchdog to fire ends its process and JAX aborts the other on the lost peer
+    # (heartbeat timeout), unless its own watchdog fires first.
+    assert faults.EXIT_STALLED in codes and 0 not in codes, codes
+    assert re.search(r"stalled after step [34]:", outs[0] + outs[1])
+    assert time.time() - t0 < 150
+
+
+def test_checkpoint_saved_on_2_devices_restores_onto_1_and_4(tmp_path, tiny_cfg):
+    tx = optax.adam(1e-3)
+
+    def trainer(n):
+        mesh = sharding.make_mesh((1, n, 1), jax.devices()[:n])
+        return train.make_trainer(tiny_cfg, tx, mesh, sharding.RULES["fsdp"], seed=0)
+
+    two = trainer(2)
+    state = two.init()
+    ckpts = checkpoint.Checkpoints(str(tmp_path), keep=2)
+    ckpts.save(state, {"pos": 1}, {})
+    ckpts.close()
+    expect = jax.device_get(state)
+    for n in (1, 4):
+        target = trainer(n)
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                jax.eval_shape(target.init), target.state_shardings)
+        ckpts = checkpoint.Checkpoints(str(tmp_path), keep=2)
+        restored, _, _ = ckpts.restore(abstract, check_meta=lambda s, m: None)
+        ckpts.close()
+        assert restored.params["wte"]["embedding"].value.sharding == \
+            target.state_shardings.params["wte"]["embedding"].value
+        assert _bits_equal(expect, jax.device_get(restored))
