@@ -455,8 +455,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             process_index=jax.process_index(), process_count=jax.process_count(),
             mixture=dcfg.mixture)
         train_iter = data.make_iterator(train_ds, dcfg)
+        # The iterator position counts global batches (every process reads the same global
+        # batch and keeps its rows), so it is valid for any process count; the worker count
+        # changes the state's format, so it is part of the fingerprint.
         pipeline = [corpus.fingerprint, tok.fingerprint, config.train.seed,
-                    config.train.batch_size, config.data.block_size, jax.process_count()]
+                    config.train.batch_size, config.data.block_size, config.data.worker_count]
         meta = {"config": config.to_dict(), "data": corpus.fingerprint,
                 "tokenizer": {"kind": config.data.tokenizer, "path": _tokenizer_location(tok.path),
                               "fingerprint": tok.fingerprint},
