@@ -17,7 +17,9 @@ import sys
 import time
 
 
-def format_duration(seconds: float) -> str:
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:   # not known yet (the first, compiling step)
+        return "--"
     seconds = max(0, int(seconds))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
@@ -121,7 +123,7 @@ def status_rows(train: list[dict], evals: list[dict],
     rows += [("samples/s", f"{t['samples_per_s']:.1f}"),
              ("tokens/s", f"{t['tokens_per_s']:,.0f}"),
              ("learning rate", f"{t['lr']:.2e}")]
-    if "mfu" in t:
+    if t.get("mfu") is not None:
         rows.append(("MFU", f"{100 * t['mfu']:.1f}%"))
     if "time" in t and "time" in train[0]:
         rows.append(("wall time logged", format_duration(t["time"] - train[0]["time"])))

@@ -520,7 +520,7 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts,
     flops_per_token = mfu.flops_per_token(trainer.cfg, config.data.block_size)
     peak = mfu.peak_flops(list(trainer.mesh.devices.flat))
     last_log, last_eval, preempted = {}, {}, None
-    t_last, step_last, t_first = time.time(), start, None
+    t_last, step_last = time.time(), start
     ledger = faults.Ledger(workdir, start)
     guard = faults.NonFiniteGuard(config.train.nonfinite, config.train.max_consecutive_skips)
     stop = faults.StopRequest()
@@ -551,7 +551,6 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts,
                 metrics = _flush(pending, ledger, guard)
             if is_log:
                 now = time.time()
-                t_first = t_first or now   # ETA and throughput exclude the compiling step
                 rate = (done - step_last) / max(now - t_last, 1e-9)
                 last_log = {
                     "step": done, "total_steps": total, "loss": float(metrics["loss"]),
@@ -560,7 +559,8 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts,
                     "mfu": rate * tokens_per_step * flops_per_token / peak if peak else None,
                     "samples_per_s": rate * config.train.batch_size,
                     "epoch": done * config.train.batch_size / len(corpus.train),
-                    "eta_s": (total - done) / rate, "time": now,
+                    # The first step after a (re)start includes compiling: no ETA from it.
+                    "eta_s": None if done == start + 1 else (total - done) / rate, "time": now,
                     "skipped_steps": guard.skipped}
                 writer.write(last_log)
                 logging.info(report.progress_line(last_log))
