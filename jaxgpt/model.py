@@ -337,10 +337,12 @@ class Attention(nnx.Module):
         return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
     def __call__(self, x, mask_BTS, kv=None, *, rope=None, rngs=None):
-        """x [B, T, D]; mask_BTS bool [B, T, S]; kv: (k, v, index) cache slices or None;
-        rope: rope_tables(...) of the tokens' positions when cfg.rotary.
+        """x [B, T, D]; mask_BTS bool [B, T, S]; kv: (k, v, layer, index) with the whole
+        stacked cache k, v [L, B, S, G, K], or None; rope: rope_tables(...) of the tokens'
+        positions when cfg.rotary.
 
-        Returns the output [B, T, D] and the updated (k, v) [B, S, G, K] (or None).
+        Returns the output [B, T, D] and the updated stacked (k, v) (or None). Only the T new
+        slots of this layer are written, in place, so a decode step never copies the cache.
         """
         dtype = self.cfg.compute_dtype
         q, k, v = self._qkv(x)
@@ -350,11 +352,12 @@ class Attention(nnx.Module):
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         new_kv = None
         if kv is not None:
-            cache_k, cache_v, index = kv
-            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
-            new_kv = (k, v)
-            k, v = k.astype(dtype), v.astype(dtype)
+            cache_k, cache_v, layer, index = kv
+            at = (layer, 0, index, 0, 0)
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype)[None], at)
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype)[None], at)
+            new_kv = (cache_k, cache_v)
+            k, v = cache_k[layer].astype(dtype), cache_v[layer].astype(dtype)
         if self.cfg.attention == "dot_product":
             out = _fused_attention(q, k, v, mask_BTS)
         else:
@@ -510,25 +513,21 @@ class GPT(nnx.Module):
             x = x + self.wpe(positions)
         x = self.drop(x, deterministic=rngs is None, rngs=rngs)
         hidden = [x]
-        new_k, new_v = [], []
+        cache_kv = None if cache is None else (cache.k, cache.v)
         # Training-shaped calls (no cache, no per-layer outputs) may remat and/or scan.
         stacked = cache is None and not return_hidden and (self.cfg.scan_layers or
                                                             self.cfg.remat != "none")
         if stacked:
             x = _run_blocks(self.h, x, mask_BTS, self.cfg, rngs, rope)
         for i, block in enumerate(() if stacked else self.h):
-            kv = None if cache is None else (cache.k[i], cache.v[i], start)
-            x, layer_kv = block(x, mask_BTS, kv, rope=rope, rngs=rngs)
-            if cache is not None:
-                new_k.append(layer_kv[0])
-                new_v.append(layer_kv[1])
+            kv = None if cache is None else (*cache_kv, i, start)
+            x, cache_kv = block(x, mask_BTS, kv, rope=rope, rngs=rngs)
             hidden.append(x)
         x = self.ln_f(x)
         hidden[-1] = x
         logits = self._logits(x)
         if cache is not None:
-            cache = KVCache(k=jnp.stack(new_k), v=jnp.stack(new_v), valid=valid_BS,
-                            index=start + T)
+            cache = KVCache(k=cache_kv[0], v=cache_kv[1], valid=valid_BS, index=start + T)
         if return_hidden:
             return logits, cache, hidden
         return logits, cache
