@@ -17,7 +17,6 @@ validation loss.
 import json
 import logging
 import os
-import shutil
 import subprocess
 import time
 import zlib

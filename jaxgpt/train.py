@@ -10,7 +10,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import math
 import os
 import threading
 import time

@@ -1,14 +1,10 @@
 """Training: optimizer, schedule, steps, grad accumulation, overfitting, resume."""
 
-import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
-from flax import nnx
 
 from jaxgpt import checkpoint, model, sharding, tokenizer, train
 from tests import helpers
