@@ -248,8 +248,11 @@ class KVCache:
     Keys are stored after RoPE, so cached slots never need re-rotating.
     """
 
-    k: jax.Array       # [L, B, S, G, K]
-    v: jax.Array       # [L, B, S, G, K]
+    # One [B, G, S, K] buffer per layer, heads before slots: a decode step writes each
+    # layer's new slots in place and attention reads them with no slice or transpose copy
+    # (a stacked [L, ...] array would be copied per layer to take its slice).
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     valid: jax.Array   # [B, S] bool
     index: jax.Array   # int32 scalar: the next slot to write
 
@@ -257,14 +260,16 @@ class KVCache:
     def create(cls, cfg: GPTConfig, batch: int, length: int, dtype=None) -> "KVCache":
         if length > cfg.n_positions:
             raise ValueError(f"cache length {length} exceeds n_positions {cfg.n_positions}")
-        shape = (cfg.n_layer, batch, length, cfg.kv_heads, cfg.head_dim)
+        shape = (batch, cfg.kv_heads, length, cfg.head_dim)
         dtype = dtype or cfg.compute_dtype
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+        layers = range(cfg.n_layer)
+        return cls(k=tuple(jnp.zeros(shape, dtype) for _ in layers),
+                   v=tuple(jnp.zeros(shape, dtype) for _ in layers),
                    valid=jnp.zeros((batch, length), bool), index=jnp.zeros((), jnp.int32))
 
     @property
     def length(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[2]
 
 
 class Dense(nnx.Module):
@@ -286,23 +291,26 @@ class Dense(nnx.Module):
         return out + b.reshape((1,) * (out.ndim - b.ndim) + b.shape)
 
 
-def _attend(q_BTHK, k_BSGK, v_BSGK, mask_BTS, dropout, rngs):
+def _attend(q_BTHK, k, v, mask_BTS, dropout, rngs, *, kv_layout: str = "BSGK"):
     """Softmax attention where each of the G key/value heads serves R = H/G query heads
-    (R = 1 is plain multi-head attention); mask_BTS None = plain causal. Returns [B, T, H, K]."""
+    (R = 1 is plain multi-head attention); mask_BTS None = plain causal. Returns [B, T, H, K].
+
+    k, v are [B, S, G, K] (kv_layout "BSGK", as projected) or [B, G, S, K] ("BGSK", the
+    cache's layout, which both einsums read without a transpose)."""
     B, T, H, K = q_BTHK.shape
-    G = k_BSGK.shape[2]
+    G, S = k.shape[kv_layout.index("G")], k.shape[kv_layout.index("S")]
     dtype = q_BTHK.dtype
     if mask_BTS is None:
-        mask_BTS = jnp.tril(jnp.ones((T, k_BSGK.shape[1]), bool))[None]
+        mask_BTS = jnp.tril(jnp.ones((T, S), bool))[None]
     q = q_BTHK.reshape(B, T, G, H // G, K)   # query head h uses key/value head h // R
-    scores = jnp.einsum("BTGRK,BSGK->BGRTS", q, k_BSGK) / jnp.sqrt(K).astype(dtype)
+    scores = jnp.einsum(f"BTGRK,{kv_layout}->BGRTS", q, k) / jnp.sqrt(K).astype(dtype)
     # Softmax in float32; masked scores get the most negative float, not -inf, so a fully
     # masked (padding) query row stays finite.
     scores = scores.astype(jnp.float32)
     scores = jnp.where(mask_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     probs = dropout(probs, deterministic=rngs is None, rngs=rngs)
-    return jnp.einsum("BGRTS,BSGK->BTGRK", probs, v_BSGK).reshape(B, T, H, K)
+    return jnp.einsum(f"BGRTS,{kv_layout}->BTGRK", probs, v).reshape(B, T, H, K)
 
 
 class Attention(nnx.Module):
@@ -337,12 +345,12 @@ class Attention(nnx.Module):
         return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
     def __call__(self, x, mask_BTS, kv=None, *, rope=None, rngs=None):
-        """x [B, T, D]; mask_BTS bool [B, T, S]; kv: (k, v, layer, index) with the whole
-        stacked cache k, v [L, B, S, G, K], or None; rope: rope_tables(...) of the tokens'
-        positions when cfg.rotary.
+        """x [B, T, D]; mask_BTS bool [B, T, S]; kv: (k, v, index) with this layer's cache
+        k, v [B, G, S, K], or None; rope: rope_tables(...) of the tokens' positions when
+        cfg.rotary.
 
-        Returns the output [B, T, D] and the updated stacked (k, v) (or None). Only the T new
-        slots of this layer are written, in place, so a decode step never copies the cache.
+        Returns the output [B, T, D] and the updated (k, v) (or None). Only the T new slots
+        are written, in place, so a decode step never copies the cache.
         """
         dtype = self.cfg.compute_dtype
         q, k, v = self._qkv(x)
@@ -350,18 +358,22 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.cfg.rotary:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        new_kv = None
+        new_kv, kv_layout = None, "BSGK"
         if kv is not None:
-            cache_k, cache_v, layer, index = kv
-            at = (layer, 0, index, 0, 0)
-            cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype)[None], at)
-            cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype)[None], at)
-            new_kv = (cache_k, cache_v)
-            k, v = cache_k[layer].astype(dtype), cache_v[layer].astype(dtype)
+            cache_k, cache_v, index = kv
+
+            def write(cache, x_BTGK):
+                x = x_BTGK.transpose(0, 2, 1, 3).astype(cache.dtype)   # [B, G, T, K]
+                return jax.lax.dynamic_update_slice(cache, x, (0, 0, index, 0))
+            cache_k, cache_v = write(cache_k, k), write(cache_v, v)
+            new_kv, kv_layout = (cache_k, cache_v), "BGSK"
+            k, v = cache_k.astype(dtype), cache_v.astype(dtype)
         if self.cfg.attention == "dot_product":
+            if kv_layout == "BGSK":   # the kernel takes [B, S, G, K]
+                k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
             out = _fused_attention(q, k, v, mask_BTS)
         else:
-            out = _attend(q, k, v, mask_BTS, self.attn_dropout, rngs)
+            out = _attend(q, k, v, mask_BTS, self.attn_dropout, rngs, kv_layout=kv_layout)
         out = self.c_proj.project("BTHK,HKD->BTD", out, dtype)
         return self.resid_dropout(out, deterministic=rngs is None, rngs=rngs), new_kv
 
@@ -513,21 +525,24 @@ class GPT(nnx.Module):
             x = x + self.wpe(positions)
         x = self.drop(x, deterministic=rngs is None, rngs=rngs)
         hidden = [x]
-        cache_kv = None if cache is None else (cache.k, cache.v)
+        new_k, new_v = [], []
         # Training-shaped calls (no cache, no per-layer outputs) may remat and/or scan.
         stacked = cache is None and not return_hidden and (self.cfg.scan_layers or
                                                             self.cfg.remat != "none")
         if stacked:
             x = _run_blocks(self.h, x, mask_BTS, self.cfg, rngs, rope)
         for i, block in enumerate(() if stacked else self.h):
-            kv = None if cache is None else (*cache_kv, i, start)
-            x, cache_kv = block(x, mask_BTS, kv, rope=rope, rngs=rngs)
+            kv = None if cache is None else (cache.k[i], cache.v[i], start)
+            x, layer_kv = block(x, mask_BTS, kv, rope=rope, rngs=rngs)
+            if cache is not None:
+                new_k.append(layer_kv[0])
+                new_v.append(layer_kv[1])
             hidden.append(x)
         x = self.ln_f(x)
         hidden[-1] = x
         logits = self._logits(x)
         if cache is not None:
-            cache = KVCache(k=cache_kv[0], v=cache_kv[1], valid=valid_BS, index=start + T)
+            cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid_BS, index=start + T)
         if return_hidden:
             return logits, cache, hidden
         return logits, cache

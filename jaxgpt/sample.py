@@ -153,12 +153,24 @@ def draw(key, logits_BV):
     return jnp.minimum((cdf_BV <= u_B1).sum(-1), logits_BV.shape[-1] - 1).astype(jnp.int32)
 
 
+def argmax(logits_BV):
+    """jnp.argmax over the last axis (first maximum; first NaN if any), as a max then a min
+    over matching indices: two vectorized reductions, ~3x faster on CPU than XLA's
+    single-pass (value, index) reduction at GPT-2's vocabulary size."""
+    V = logits_BV.shape[-1]
+    ids_V = jnp.arange(V, dtype=jnp.int32)
+    # NaNs rank before maxima (the max reduction need not propagate NaN), others after both.
+    rank = jnp.where(jnp.isnan(logits_BV), ids_V,
+                     jnp.where(logits_BV == logits_BV.max(-1, keepdims=True), V + ids_V, 2 * V))
+    return rank.min(-1) % V
+
+
 @dataclasses.dataclass(frozen=True)
 class Greedy:
     """The most likely token (HF `do_sample=False`, `num_beams=1`)."""
 
     def __call__(self, logits_BV, key, step=0, n_steps=1):
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        return argmax(logits_BV)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,8 +385,8 @@ def _beam_decode(params, logits_BV, cache, hist_BS, pos_B, key, never_V, pad_V, 
         improvable = improvable & (best_run[:, None] > worst_fin).any(-1)
         # Reorder the cache and history to the surviving beams, then feed their tokens.
         flat = (jnp.arange(B)[:, None] * N + src_beam).reshape(BN)
-        cache = dataclasses.replace(cache, k=cache.k[:, flat], v=cache.v[:, flat],
-                                    valid=cache.valid[flat])
+        cache = dataclasses.replace(cache, k=tuple(k[flat] for k in cache.k),
+                                    v=tuple(v[flat] for v in cache.v), valid=cache.valid[flat])
         hist_BS = hist_BS[flat]
         token_B = run_seq[:, :, t].reshape(BN)
         hist_BS = jax.lax.dynamic_update_slice(hist_BS, token_B[:, None], (0, cache.index))
@@ -507,9 +519,7 @@ def generate(cfg: model.GPTConfig, params, prompts: list[list[int]], *, max_new_
         decode = _beam_jit
         n = method.num_beams   # every prompt starts as N identical beams
         logits, hist, pos = (jnp.repeat(x, n, axis=0) for x in (logits, hist, pos))
-        cache = dataclasses.replace(cache, k=jnp.repeat(cache.k, n, axis=1),
-                                    v=jnp.repeat(cache.v, n, axis=1),
-                                    valid=jnp.repeat(cache.valid, n, axis=0))
+        cache = jax.tree.map(lambda x: jnp.repeat(x, n, axis=0) if x.ndim else x, cache)
     compile_before = stats.get("compile_s", 0.0)
     t1 = time.perf_counter()
     _SINK[0] = stream

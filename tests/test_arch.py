@@ -78,7 +78,7 @@ def test_cached_decode_equals_full_forward(name, key):
     tokens = jax.random.randint(key, (4, 12), 0, cfg.vocab_size)
     full, _ = forward(tokens)
     cache = model.KVCache.create(cfg, 4, 16)
-    assert cache.k.shape == (2, 4, 16, cfg.kv_heads, 12)
+    assert [k.shape for k in cache.k] == [(4, cfg.kv_heads, 16, 12)] * 2
     logits, cache = forward(tokens[:, :8], cache)    # prefill, then one token at a time
     parts = [logits]
     for t in range(8, 12):

@@ -256,6 +256,19 @@ def test_processors_match_numpy_reference():
                                    jnp.asarray(cur), n), _np_no_repeat(x, seqs, n))
 
 
+def test_argmax_equals_numpy_with_ties_infinities_and_nan():
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 4, size=(7, 50257)).astype(np.float32)   # many tied maxima
+    x[1, [10, 20]] = np.inf
+    x[2] = np.finfo(np.float32).min
+    x[3, [9, 40000]] = np.nan                # NaN wins, first one first (numpy, jnp)
+    x[4, 123] = np.nan
+    x[4, 5] = np.inf
+    got = np.asarray(sample.argmax(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+    assert got[3] == 9 and got[4] == 123
+
+
 @pytest.mark.parametrize("method,expected", [
     (sample.Sampling(), lambda p: p),
     (sample.Sampling(temperature=2.0, top_k=4), lambda p: _np_softmax(_np_top_k(
