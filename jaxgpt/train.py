@@ -76,10 +76,38 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
     return adamw
 
 
+@jax.custom_vjp
+def token_nll(logits, targets):
+    """-log softmax(logits)[target] per token, in float32; logits [..., V], targets int [...].
+
+    The gradient is written out, softmax - one_hot(target), as one elementwise pass over the
+    logits: autodiff of log_softmax + take_along_axis instead builds a zero array, scatters
+    into it, and (on CPU) recomputes the result in a second layout.
+    """
+    return _token_nll_fwd(logits, targets)[0]
+
+
+def _token_nll_fwd(logits, targets):
+    logits32 = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits32, axis=-1)
+    nll = lse - jnp.take_along_axis(logits32, targets[..., None], axis=-1)[..., 0]
+    return nll, (logits, lse, targets)
+
+
+def _token_nll_bwd(res, g):
+    logits, lse, targets = res
+    one_hot = targets[..., None] == jax.lax.broadcasted_iota(targets.dtype, logits.shape,
+                                                             logits.ndim - 1)
+    probs = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
+    return ((probs - one_hot) * g[..., None]).astype(logits.dtype), None
+
+
+token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
+
+
 def cross_entropy(logits, targets, mask=None):
     """Mean token NLL in float32; logits [B, T, V], targets int [B, T], mask [B, T]."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    nll = token_nll(logits, targets)
     if mask is None:
         return nll.mean()
     mask = mask.astype(jnp.float32)

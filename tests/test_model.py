@@ -121,3 +121,72 @@ def test_unknown_size_is_rejected():
 def test_cache_longer_than_context_is_rejected(tiny_cfg):
     with pytest.raises(ValueError, match="exceeds n_positions"):
         model.KVCache.create(tiny_cfg, 1, tiny_cfg.n_positions + 1)
+
+
+# The hand-written backward passes (layer_norm, softmax, tied_head, token_nll) against
+# autodiff of the library reference each one replaces: flax's LayerNorm, jax.nn.softmax
+# differentiated through its division, a plain einsum, log_softmax + take_along_axis.
+
+def _value_and_grads(fn, *args):
+    """fn(*args), and the gradient of sum(fn(*args) * w) for a fixed random cotangent w."""
+    out = fn(*args)
+    w = jax.random.normal(jax.random.key(7), out.shape, jnp.float32)
+    grads = jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * w),
+                     argnums=tuple(range(len(args))))(*args)
+    return out, grads
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)])
+def test_layer_norm_equals_flax_value_and_grads(key, bias, dtype, tol):
+    import flax.linen
+    features = 48
+    k1, k2, k3 = jax.random.split(key, 3)
+    scale = 1 + 0.3 * jax.random.normal(k1, (features,))
+    shift = 0.3 * jax.random.normal(k2, (features,))
+    x = (3 + 2 * jax.random.normal(k3, (4, 5, features))).astype(dtype)
+    ref = flax.linen.LayerNorm(epsilon=1e-5, dtype=dtype, use_bias=bias, use_fast_variance=False)
+
+    def flax_ln(x, scale, shift):
+        params = {"scale": scale} | ({"bias": shift} if bias else {})
+        return ref.apply({"params": params}, x)
+
+    def our_ln(x, scale, shift):
+        cast = lambda v: v.astype(dtype)     # what model.LayerNorm passes in
+        return model.layer_norm(x, cast(scale), cast(shift) if bias else None, 1e-5)
+
+    want, want_g = _value_and_grads(flax_ln, x, scale, shift)
+    got, got_g = _value_and_grads(our_ln, x, scale, shift)
+    assert got.dtype == want.dtype == dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=tol, atol=tol)
+    for g, w in zip(got_g, want_g):
+        assert g.dtype == w.dtype
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                                   rtol=tol, atol=tol * float(jnp.abs(w).max()))
+    # The module (as the model builds it) computes the same as the function.
+    module = model.LayerNorm(features, epsilon=1e-5, dtype=dtype, use_bias=bias,
+                             use_fast_variance=False, rngs=nnx.Rngs(0))
+    module.scale.set_value(scale)
+    if bias:
+        module.bias.set_value(shift)
+    np.testing.assert_array_equal(np.asarray(module(x), np.float32), np.asarray(got, np.float32))
+
+
+def test_softmax_equals_jax_value_and_grads(key):
+    x = 4 * jax.random.normal(key, (3, 2, 7, 11))
+    x = jnp.where(jnp.arange(11) > 8, jnp.finfo(jnp.float32).min, x)   # masked columns
+    want, (want_g,) = _value_and_grads(lambda x: jax.nn.softmax(x, axis=-1), x)
+    got, (got_g,) = _value_and_grads(model.softmax, x)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got_g, want_g, rtol=1e-5, atol=1e-6)
+
+
+def test_tied_head_grads_equal_plain_einsum(key):
+    k1, k2 = jax.random.split(key)
+    x, w = jax.random.normal(k1, (2, 5, 16)), jax.random.normal(k2, (37, 16))
+    want, want_g = _value_and_grads(lambda x, w: jnp.einsum("BTD,VD->BTV", x, w), x, w)
+    got, got_g = _value_and_grads(model.tied_head, x, w)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for g, r in zip(got_g, want_g):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)

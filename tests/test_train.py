@@ -57,6 +57,23 @@ def test_cross_entropy_matches_numpy():
     np.testing.assert_allclose(train.cross_entropy(logits, targets), expect, rtol=1e-6)
 
 
+def test_cross_entropy_gradient_equals_autodiff_of_log_softmax():
+    rng = np.random.default_rng(1)
+    logits = jnp.asarray(rng.normal(size=(3, 4, 13)).astype(np.float32) * 3)
+    targets = jnp.asarray(rng.integers(0, 13, size=(3, 4)))
+    mask = jnp.asarray(rng.random((3, 4)) > 0.3)
+
+    def reference(logits):
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+        return (nll * mask).sum() / mask.sum()
+
+    want, want_g = jax.value_and_grad(reference)(logits)
+    got, got_g = jax.value_and_grad(lambda x: train.cross_entropy(x, targets, mask))(logits)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(got_g, want_g, rtol=1e-5, atol=1e-7)
+
+
 def test_overfitting_one_batch_halves_the_loss(tiny_cfg, key):
     tx = train.make_optimizer(train.OptimConfig(learning_rate=3e-3, warmup_steps=5), 60)
     trainer = _trainer(tiny_cfg, tx)
