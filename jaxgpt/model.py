@@ -15,12 +15,13 @@ Every weight records logical axis names; only `sharding.py` maps them to mesh ax
 """
 
 import dataclasses
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+
+from jaxgpt import ops
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Activation rematerialisation per block: what the backward pass may keep instead of
@@ -208,50 +209,6 @@ def _const(init, *names: str | None):
     return nnx.with_partitioning(init, names, eager_sharding=False)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def layer_norm(x, scale, bias, eps: float):
-    """(x - mean) / sqrt(var + eps) * scale + bias over the last axis, statistics in float32;
-    the same arithmetic as flax's LayerNorm (use_fast_variance=False), in x's dtype.
-
-    The backward pass is the closed form dx = rstd * (gy - mean(gy) - xhat * mean(gy * xhat))
-    with gy = g * scale, two row reductions and one elementwise pass. Autodiff's version
-    broadcasts the scale to the activation's shape and leaves a chain of elementwise terms
-    that XLA's CPU fusion re-derives in every consumer, across layers.
-    """
-    return _layer_norm_fwd(x, scale, bias, eps)[0]
-
-
-def _layer_norm_fwd(x, scale, bias, eps):
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    centered = x32 - mean
-    rstd = jax.lax.rsqrt((centered * centered).mean(-1, keepdims=True) + eps)
-    y = centered * (rstd * _features(scale, x))
-    if bias is not None:
-        y = y + _features(bias, x)
-    return y.astype(x.dtype), (x, mean, rstd, scale, bias)
-
-
-def _features(v_D, x):
-    """A per-feature vector as float32, shaped to broadcast against x [..., D]."""
-    return v_D.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + v_D.shape)
-
-
-def _layer_norm_bwd(eps, res, g):
-    x, mean, rstd, scale, bias = res
-    g32 = g.astype(jnp.float32)
-    xhat = (x.astype(jnp.float32) - mean) * rstd
-    gy = g32 * _features(scale, x)
-    dx = rstd * (gy - gy.mean(-1, keepdims=True) - xhat * (gy * xhat).mean(-1, keepdims=True))
-    batch_axes = tuple(range(x.ndim - 1))
-    dscale = (g32 * xhat).sum(batch_axes).astype(scale.dtype)
-    dbias = None if bias is None else g32.sum(batch_axes).astype(bias.dtype)
-    return dx.astype(x.dtype), dscale, dbias
-
-
-layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
-
-
 class LayerNorm(nnx.LayerNorm):
     """flax's LayerNorm (same parameters, same arithmetic) through `layer_norm`."""
 
@@ -261,7 +218,7 @@ class LayerNorm(nnx.LayerNorm):
             return super().__call__(x, mask=mask)
         scale = self.scale[...].astype(self.dtype or x.dtype)
         bias = self.bias[...].astype(self.dtype or x.dtype) if self.bias else None
-        return layer_norm(x.astype(self.dtype or x.dtype), scale, bias, self.epsilon)
+        return ops.layer_norm(x.astype(self.dtype or x.dtype), scale, bias, self.epsilon)
 
 
 def _norm(cfg: GPTConfig, rngs: nnx.Rngs, features: int | None = None,
@@ -329,31 +286,6 @@ class KVCache:
         return self.k[0].shape[2]
 
 
-@jax.custom_vjp
-def tied_head(x_BTD, w_VD):
-    """Logits x @ w.T through the tied embedding [V, D].
-
-    The same product as autodiff's, with the weight gradient taken as (x.T @ g).T: XLA's CPU
-    dot wants the contraction on g's rows, and the transposed form otherwise makes it copy
-    the whole [B*T, V] gradient into column-major order each step.
-    """
-    return jnp.einsum("BTD,VD->BTV", x_BTD, w_VD)
-
-
-def _tied_head_fwd(x_BTD, w_VD):
-    return tied_head(x_BTD, w_VD), (x_BTD, w_VD)
-
-
-def _tied_head_bwd(res, g_BTV):
-    x_BTD, w_VD = res
-    dx = jnp.einsum("BTV,VD->BTD", g_BTV, w_VD)
-    dw = jnp.einsum("BTD,BTV->DV", x_BTD, g_BTV).T
-    return dx, dw
-
-
-tied_head.defvjp(_tied_head_fwd, _tied_head_bwd)
-
-
 class Dense(nnx.Module):
     """A weight of any shape plus (with bias=True) a bias over its last `bias_rank` dims (HF's
     Conv1D split into head axes); `project` does the caller's einsum."""
@@ -373,30 +305,6 @@ class Dense(nnx.Module):
         return out + b.reshape((1,) * (out.ndim - b.ndim) + b.shape)
 
 
-@jax.custom_vjp
-def softmax(x):
-    """Softmax over the last axis, with the closed-form backward y * (g - sum(g * y)).
-
-    jax.nn.softmax differentiates through its division unless the global
-    `jax_softmax_custom_jvp` flag is set, which costs an extra pass over the [B, H, T, S]
-    scores in the backward pass.
-    """
-    return _softmax_fwd(x)[0]
-
-
-def _softmax_fwd(x):
-    e = jnp.exp(x - x.max(-1, keepdims=True))
-    y = e / e.sum(-1, keepdims=True)
-    return y, y
-
-
-def _softmax_bwd(y, g):
-    return (y * (g - (g * y).sum(-1, keepdims=True)),)
-
-
-softmax.defvjp(_softmax_fwd, _softmax_bwd)
-
-
 def _attend(q_BTHK, k, v, mask_BTS, dropout, rngs, *, kv_layout: str = "BSGK"):
     """Softmax attention where each of the G key/value heads serves R = H/G query heads
     (R = 1 is plain multi-head attention); mask_BTS None = plain causal. Returns [B, T, H, K].
@@ -414,7 +322,7 @@ def _attend(q_BTHK, k, v, mask_BTS, dropout, rngs, *, kv_layout: str = "BSGK"):
     # masked (padding) query row stays finite.
     scores = scores.astype(jnp.float32)
     scores = jnp.where(mask_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = softmax(scores).astype(dtype)
+    probs = ops.softmax(scores).astype(dtype)
     probs = dropout(probs, deterministic=rngs is None, rngs=rngs)
     return jnp.einsum(f"BGRTS,{kv_layout}->BTGRK", probs, v).reshape(B, T, H, K)
 
@@ -594,7 +502,7 @@ class GPT(nnx.Module):
         """Final hidden [B, T, D] -> logits float32 [B, T, V] (the loss is in float32)."""
         if self.cfg.tie_embeddings:
             w = self.wte.embedding[...].astype(self.cfg.compute_dtype)
-            return tied_head(x, w).astype(jnp.float32)
+            return ops.tied_head(x, w).astype(jnp.float32)
         w = self.lm_head[...].astype(self.cfg.compute_dtype)
         return jnp.einsum("BTD,DV->BTV", x, w).astype(jnp.float32)
 

@@ -7,7 +7,6 @@ ConfigDict stops at `train_and_evaluate`, which validates it and passes typed va
 import dataclasses
 import functools
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -22,7 +21,19 @@ import optax
 from flax import nnx, struct
 from jax.experimental import multihost_utils
 
-from jaxgpt import checkpoint, data, faults, mfu, model, report, sample, sharding, tokenizer
+from jaxgpt import (
+    checkpoint,
+    checks,
+    data,
+    faults,
+    mfu,
+    model,
+    ops,
+    report,
+    sample,
+    sharding,
+    tokenizer,
+)
 from jaxgpt import eval as evaluation
 
 Batch = jax.Array  # int32 [A, B, T + 1]: A micro-batches of B windows of T + 1 tokens
@@ -76,38 +87,9 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
     return adamw
 
 
-@jax.custom_vjp
-def token_nll(logits, targets):
-    """-log softmax(logits)[target] per token, in float32; logits [..., V], targets int [...].
-
-    The gradient is written out, softmax - one_hot(target), as one elementwise pass over the
-    logits: autodiff of log_softmax + take_along_axis instead builds a zero array, scatters
-    into it, and (on CPU) recomputes the result in a second layout.
-    """
-    return _token_nll_fwd(logits, targets)[0]
-
-
-def _token_nll_fwd(logits, targets):
-    logits32 = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits32, axis=-1)
-    nll = lse - jnp.take_along_axis(logits32, targets[..., None], axis=-1)[..., 0]
-    return nll, (logits, lse, targets)
-
-
-def _token_nll_bwd(res, g):
-    logits, lse, targets = res
-    one_hot = targets[..., None] == jax.lax.broadcasted_iota(targets.dtype, logits.shape,
-                                                             logits.ndim - 1)
-    probs = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
-    return ((probs - one_hot) * g[..., None]).astype(logits.dtype), None
-
-
-token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
-
-
 def cross_entropy(logits, targets, mask=None):
     """Mean token NLL in float32; logits [B, T, V], targets int [B, T], mask [B, T]."""
-    nll = token_nll(logits, targets)
+    nll = ops.token_nll(logits, targets)
     if mask is None:
         return nll.mean()
     mask = mask.astype(jnp.float32)
@@ -228,38 +210,6 @@ def evaluate(trainer: Trainer, params, windows, batch: int, max_batches: int):
     return evaluation.evaluate_windows(step_fn, windows, batch=batch, max_batches=max_batches)
 
 
-def _validate(config: ml_collections.ConfigDict, cfg: model.GPTConfig, n_devices: int):
-    data.DataConfig.from_config(config.data)
-    if not 1 <= config.data.block_size <= cfg.n_positions:
-        raise ValueError(f"data.block_size {config.data.block_size} must be in "
-                         f"[1, model.n_positions={cfg.n_positions}]")
-    for name in ("batch_size", "grad_accum", "steps", "log_every"):
-        if config.train[name] < 1:
-            raise ValueError(f"train.{name} must be >= 1, got {config.train[name]}")
-    if config.train.batch_size % config.train.grad_accum:
-        raise ValueError(f"train.batch_size {config.train.batch_size} is not divisible by "
-                         f"train.grad_accum {config.train.grad_accum}")
-    if config.mesh.rules not in sharding.RULES:
-        raise ValueError(f"mesh.rules must be one of {'|'.join(sharding.RULES)}, "
-                         f"got {config.mesh.rules!r}")
-    sharding.resolve_mesh_shape(config.mesh.shape, n_devices)
-    if config.report.wandb_project and importlib.util.find_spec("wandb") is None:
-        raise ValueError(f"report.wandb_project is {config.report.wandb_project!r} but wandb "
-                         f"is not installed (pip install wandb)")
-
-
-def _check_batch_divisible(micro_batch: int, config, mesh, rules):
-    ways = sharding.batch_divisor(mesh, rules)
-    if micro_batch % ways:
-        raise ValueError(
-            f"micro-batch {micro_batch} (train.batch_size {config.train.batch_size} / "
-            f"grad_accum {config.train.grad_accum}) is not divisible by the {ways} devices "
-            f"the batch is split over (mesh.shape {tuple(mesh.devices.shape)})")
-    if config.eval.batch_size % ways:
-        raise ValueError(f"eval.batch_size {config.eval.batch_size} is not divisible by "
-                         f"the {ways} devices the batch is split over")
-
-
 def _tokenizer_location(path: str) -> str:
     """Absolute path for local tokenizer files; hub names (`gpt2`, `hf:gpt2`) stay as given."""
     return os.path.abspath(path) if os.path.exists(path) else path
@@ -300,7 +250,7 @@ class MetricsWriter:
             import tensorboardX
             self.tb = tensorboardX.SummaryWriter(logdir=workdir, flush_secs=30)
         if self.enabled and wandb_project:
-            import wandb   # train._validate checked that it is installed
+            import wandb  # checks.validate_config checked that it is installed
             self.wandb = wandb.init(project=wandb_project, dir=workdir, config=config,
                                     name=os.path.basename(os.path.abspath(workdir)))
 
@@ -343,79 +293,10 @@ def _sample_text(config, trainer: Trainer, params, tok, step: int) -> list[str]:
     return [tok.decode(o) for o in out]
 
 
-# Groups and fields a checkpoint must share with the run resuming it (the rest, e.g.
-# train.steps, eval, sample, mesh, may change between segments).
-_RESUME_FIELDS = ("model.", "data.", "train.seed", "train.batch_size", "train.grad_accum")
-_NONFINITE_MODES = ("halt", "skip")
-_SCAN_LIMIT = 1 << 28   # tokens: a full id-range check at start-up reads this much at most
-
-
-def _validate_faults(config: ml_collections.ConfigDict):
-    if config.train.nonfinite not in _NONFINITE_MODES:
-        raise ValueError(f"train.nonfinite must be one of {'|'.join(_NONFINITE_MODES)}, "
-                         f"got {config.train.nonfinite!r}")
-    if config.train.max_consecutive_skips < 1:
-        raise ValueError(f"train.max_consecutive_skips must be >= 1, got "
-                         f"{config.train.max_consecutive_skips}")
-    if config.train.watchdog_min_s < 0 or config.train.watchdog_factor < 0:
-        raise ValueError("train.watchdog_min_s and train.watchdog_factor must be >= 0")
-    for name in ("every", "keep"):
-        if config.checkpoint[name] < 1:
-            raise ValueError(f"checkpoint.{name} must be >= 1, got {config.checkpoint[name]}")
-    if config.checkpoint.restore_step is not None and config.checkpoint.restore_step < 0:
-        raise ValueError(f"checkpoint.restore_step must be >= 0, got "
-                         f"{config.checkpoint.restore_step}")
-
-
-def _max_token(windows) -> int:
-    """Largest token id under a Windows view (one pass over its memory-mapped shards)."""
-    top = -1
-    for path, lo, hi in windows.segments:
-        if hi > lo:
-            top = max(top, int(np.memmap(path, dtype=windows.dtype, mode="r")[lo:hi].max()))
-    return top
-
-
-def _check_inputs(config, workdir: str, corpus, tok, cfg: model.GPTConfig):
-    """Out-of-range ids are clamped by JAX gathers instead of raising: check them here
-    (corpora over _SCAN_LIMIT tokens only per batch, in the training loop)."""
-    for name, windows in (("train", corpus.train), ("validation", corpus.val)):
-        top = _max_token(windows) if windows.n_tokens <= _SCAN_LIMIT else -1
-        if top >= cfg.vocab_size:
-            raise ValueError(f"{name} data holds token id {top} >= model.vocab_size "
-                             f"{cfg.vocab_size} (token cache {os.path.join(workdir, 'data')}"
-                             f" or tokenizer {tok.path})")
-    if config.sample.max_new_tokens:
-        for i, prompt in enumerate(config.sample.prompts):
-            n = len(tok.encode(prompt))
-            if n + config.sample.max_new_tokens > cfg.n_positions:
-                raise ValueError(f"sample.prompts[{i}] is {n} tokens; with "
-                                 f"sample.max_new_tokens {config.sample.max_new_tokens} it "
-                                 f"exceeds the context model.n_positions {cfg.n_positions}")
-
-
-def _resume_guard(config, meta: dict):
-    """check_meta for `Checkpoints.restore`: refuse a checkpoint of another model, tokenizer
-    or data pipeline unless checkpoint.allow_config_change is set."""
-    def check(step, saved):
-        diff = faults.config_diff(saved.get("config", {}), meta["config"], _RESUME_FIELDS)
-        for key in ("tokenizer", "pipeline"):
-            if saved.get(key) != meta[key]:
-                diff.append(f"{key}: {saved.get(key)!r} -> {meta[key]!r}")
-        if diff and not config.checkpoint.allow_config_change:
-            raise ValueError(f"checkpoint at step {step} was written by an incompatible run; "
-                             f"differing fields: {'; '.join(diff)} (pass --config.checkpoint."
-                             f"allow_config_change=True to resume anyway)")
-        if diff:
-            logging.warning("resuming step %d despite differing fields: %s", step,
-                            "; ".join(diff))
-    return check
-
-
 def _restore_or_init(config, trainer, ckpts, meta, train_iter):
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             jax.eval_shape(trainer.init), trainer.state_shardings)
-    out = ckpts.restore(abstract, check_meta=_resume_guard(config, meta),
+    out = ckpts.restore(abstract, check_meta=checks.resume_guard(config, meta),
                         rollback_to=config.checkpoint.restore_step)
     if out is None:
         return _init_from(config.init_from, trainer, trainer.init())
@@ -444,13 +325,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """
     cfg = model.GPTConfig(**config.model)
     optim = OptimConfig(**config.optim)
-    _validate(config, cfg, jax.device_count())
-    _validate_faults(config)
+    checks.validate_config(config, cfg, jax.device_count())
+    checks.validate_faults(config)
     faults.assert_same_config_everywhere(config.to_dict())
     mesh = sharding.make_mesh(config.mesh.shape)
     rules = sharding.RULES[config.mesh.rules]
     micro_batch = config.train.batch_size // config.train.grad_accum
-    _check_batch_divisible(micro_batch, config, mesh, rules)
+    checks.check_batch_divisible(micro_batch, config, mesh, rules)
     dcfg = data.DataConfig.from_config(config.data)
     data.find_inputs(dcfg)   # a missing path fails here, before the workdir is touched
     if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -470,7 +351,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             tok.save(tok.path)
         if jax.process_index() == 0 and jax.process_count() > 1:
             multihost_utils.sync_global_devices("jaxgpt: workdir prepared")
-        _check_inputs(config, workdir, corpus, tok, cfg)
+        checks.check_inputs(config, workdir, corpus, tok, cfg)
         total = config.train.steps
         tx = make_optimizer(optim, total)
         trainer = make_trainer(

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxgpt import model
+from jaxgpt import model, ops
 
 # Parameter counts of HF's GPT2LMHeadModel with the LM head tied to wte (published figures:
 # `sum(p.numel() for p in GPT2LMHeadModel.from_pretrained(name).parameters())`).
@@ -153,7 +153,7 @@ def test_layer_norm_equals_flax_value_and_grads(key, bias, dtype, tol):
 
     def our_ln(x, scale, shift):
         cast = lambda v: v.astype(dtype)     # what model.LayerNorm passes in
-        return model.layer_norm(x, cast(scale), cast(shift) if bias else None, 1e-5)
+        return ops.layer_norm(x, cast(scale), cast(shift) if bias else None, 1e-5)
 
     want, want_g = _value_and_grads(flax_ln, x, scale, shift)
     got, got_g = _value_and_grads(our_ln, x, scale, shift)
@@ -177,7 +177,7 @@ def test_softmax_equals_jax_value_and_grads(key):
     x = 4 * jax.random.normal(key, (3, 2, 7, 11))
     x = jnp.where(jnp.arange(11) > 8, jnp.finfo(jnp.float32).min, x)   # masked columns
     want, (want_g,) = _value_and_grads(lambda x: jax.nn.softmax(x, axis=-1), x)
-    got, (got_g,) = _value_and_grads(model.softmax, x)
+    got, (got_g,) = _value_and_grads(ops.softmax, x)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(got_g, want_g, rtol=1e-5, atol=1e-6)
 
@@ -186,7 +186,7 @@ def test_tied_head_grads_equal_plain_einsum(key):
     k1, k2 = jax.random.split(key)
     x, w = jax.random.normal(k1, (2, 5, 16)), jax.random.normal(k2, (37, 16))
     want, want_g = _value_and_grads(lambda x, w: jnp.einsum("BTD,VD->BTV", x, w), x, w)
-    got, got_g = _value_and_grads(model.tied_head, x, w)
+    got, got_g = _value_and_grads(ops.tied_head, x, w)
     np.testing.assert_allclose(got, want, rtol=1e-6)
     for g, r in zip(got_g, want_g):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,112 @@
+"""Start-up checks of a training run: config values, batch divisibility, token ids in range,
+and the guard that refuses to resume a checkpoint of an incompatible run."""
+
+import importlib.util
+import logging
+import os
+
+import ml_collections
+import numpy as np
+
+from jaxgpt import data, faults, model, sharding
+
+
+def validate_config(config: ml_collections.ConfigDict, cfg: model.GPTConfig, n_devices: int):
+    data.DataConfig.from_config(config.data)
+    if not 1 <= config.data.block_size <= cfg.n_positions:
+        raise ValueError(f"data.block_size {config.data.block_size} must be in "
+                         f"[1, model.n_positions={cfg.n_positions}]")
+    for name in ("batch_size", "grad_accum", "steps", "log_every"):
+        if config.train[name] < 1:
+            raise ValueError(f"train.{name} must be >= 1, got {config.train[name]}")
+    if config.train.batch_size % config.train.grad_accum:
+        raise ValueError(f"train.batch_size {config.train.batch_size} is not divisible by "
+                         f"train.grad_accum {config.train.grad_accum}")
+    if config.mesh.rules not in sharding.RULES:
+        raise ValueError(f"mesh.rules must be one of {'|'.join(sharding.RULES)}, "
+                         f"got {config.mesh.rules!r}")
+    sharding.resolve_mesh_shape(config.mesh.shape, n_devices)
+    if config.report.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ValueError(f"report.wandb_project is {config.report.wandb_project!r} but wandb "
+                         f"is not installed (pip install wandb)")
+
+
+def check_batch_divisible(micro_batch: int, config, mesh, rules):
+    ways = sharding.batch_divisor(mesh, rules)
+    if micro_batch % ways:
+        raise ValueError(
+            f"micro-batch {micro_batch} (train.batch_size {config.train.batch_size} / "
+            f"grad_accum {config.train.grad_accum}) is not divisible by the {ways} devices "
+            f"the batch is split over (mesh.shape {tuple(mesh.devices.shape)})")
+    if config.eval.batch_size % ways:
+        raise ValueError(f"eval.batch_size {config.eval.batch_size} is not divisible by "
+                         f"the {ways} devices the batch is split over")
+
+
+# Groups and fields a checkpoint must share with the run resuming it (the rest, e.g.
+# train.steps, eval, sample, mesh, may change between segments).
+RESUME_FIELDS = ("model.", "data.", "train.seed", "train.batch_size", "train.grad_accum")
+NONFINITE_MODES = ("halt", "skip")
+SCAN_LIMIT = 1 << 28   # tokens: a full id-range check at start-up reads this much at most
+
+
+def validate_faults(config: ml_collections.ConfigDict):
+    if config.train.nonfinite not in NONFINITE_MODES:
+        raise ValueError(f"train.nonfinite must be one of {'|'.join(NONFINITE_MODES)}, "
+                         f"got {config.train.nonfinite!r}")
+    if config.train.max_consecutive_skips < 1:
+        raise ValueError(f"train.max_consecutive_skips must be >= 1, got "
+                         f"{config.train.max_consecutive_skips}")
+    if config.train.watchdog_min_s < 0 or config.train.watchdog_factor < 0:
+        raise ValueError("train.watchdog_min_s and train.watchdog_factor must be >= 0")
+    for name in ("every", "keep"):
+        if config.checkpoint[name] < 1:
+            raise ValueError(f"checkpoint.{name} must be >= 1, got {config.checkpoint[name]}")
+    if config.checkpoint.restore_step is not None and config.checkpoint.restore_step < 0:
+        raise ValueError(f"checkpoint.restore_step must be >= 0, got "
+                         f"{config.checkpoint.restore_step}")
+
+
+def _max_token(windows) -> int:
+    """Largest token id under a Windows view (one pass over its memory-mapped shards)."""
+    top = -1
+    for path, lo, hi in windows.segments:
+        if hi > lo:
+            top = max(top, int(np.memmap(path, dtype=windows.dtype, mode="r")[lo:hi].max()))
+    return top
+
+
+def check_inputs(config, workdir: str, corpus, tok, cfg: model.GPTConfig):
+    """Out-of-range ids are clamped by JAX gathers instead of raising: check them here
+    (corpora over SCAN_LIMIT tokens only per batch, in the training loop)."""
+    for name, windows in (("train", corpus.train), ("validation", corpus.val)):
+        top = _max_token(windows) if windows.n_tokens <= SCAN_LIMIT else -1
+        if top >= cfg.vocab_size:
+            raise ValueError(f"{name} data holds token id {top} >= model.vocab_size "
+                             f"{cfg.vocab_size} (token cache {os.path.join(workdir, 'data')}"
+                             f" or tokenizer {tok.path})")
+    if config.sample.max_new_tokens:
+        for i, prompt in enumerate(config.sample.prompts):
+            n = len(tok.encode(prompt))
+            if n + config.sample.max_new_tokens > cfg.n_positions:
+                raise ValueError(f"sample.prompts[{i}] is {n} tokens; with "
+                                 f"sample.max_new_tokens {config.sample.max_new_tokens} it "
+                                 f"exceeds the context model.n_positions {cfg.n_positions}")
+
+
+def resume_guard(config, meta: dict):
+    """check_meta for `Checkpoints.restore`: refuse a checkpoint of another model, tokenizer
+    or data pipeline unless checkpoint.allow_config_change is set."""
+    def check(step, saved):
+        diff = faults.config_diff(saved.get("config", {}), meta["config"], RESUME_FIELDS)
+        for key in ("tokenizer", "pipeline"):
+            if saved.get(key) != meta[key]:
+                diff.append(f"{key}: {saved.get(key)!r} -> {meta[key]!r}")
+        if diff and not config.checkpoint.allow_config_change:
+            raise ValueError(f"checkpoint at step {step} was written by an incompatible run; "
+                             f"differing fields: {'; '.join(diff)} (pass --config.checkpoint."
+                             f"allow_config_change=True to resume anyway)")
+        if diff:
+            logging.warning("resuming step %d despite differing fields: %s", step,
+                            "; ".join(diff))
+    return check
