@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxgpt import model, sample
+from jaxgpt import model, sample, sample_cli
 from tests.helpers import REPO
 
 EOT = 0   # an id the tiny random models emit now and then, so rows and beams finish
@@ -399,7 +399,7 @@ def test_cli_streams_and_rejects_bad_files(tmp_path, hf_pair, capsys):
     bad = tmp_path / "prompts.txt"
     bad.write_bytes(b"hello\nwor\xffld\n")
     with pytest.raises(ValueError, match=r"prompts.txt line 2: not UTF-8"):
-        sample.read_prompts(str(bad))
+        sample_cli.read_prompts(str(bad))
 
     class Chars:   # a character tokenizer over the tiny vocabulary
         vocab_size, eot_id = 97, 0
@@ -410,9 +410,9 @@ def test_cli_streams_and_rejects_bad_files(tmp_path, hf_pair, capsys):
         def decode(self, ids):
             return "".join(chr(i + 31) for i in ids)
 
-    args = sample.parse_args(["--hf=unused", "--prompt=ab", "--max_new_tokens=5",
+    args = sample_cli.parse_args(["--hf=unused", "--prompt=ab", "--max_new_tokens=5",
                               "--temperature=0"])
-    sample.run_cli(args, cfg, params, Chars())
+    sample_cli.run_cli(args, cfg, params, Chars())
     out = capsys.readouterr().out
     assert "tokens/s" in out and "compile" in out
     want = sample.generate(cfg, params, [Chars().encode("ab")], max_new_tokens=5,
