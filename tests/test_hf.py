@@ -262,9 +262,9 @@ def _make_run(workdir, cfg, params, tok_spec):
     state = train.TrainState(step=jnp.array(1, jnp.int32), params=params,
                              opt_state=tx.init(params),
                              rng=jax.random.key_data(jax.random.key(0)))
-    manager = checkpoint.make_manager(str(workdir), keep=1)
-    checkpoint.save(manager, state, {}, {"config": {"model": dataclasses.asdict(cfg)},
-                                         "tokenizer": tok_spec})
+    ckpts = checkpoint.Checkpoints(str(workdir), keep=1, async_save=False)
+    ckpts.save(state, {}, {"config": {"model": dataclasses.asdict(cfg)}, "tokenizer": tok_spec})
+    ckpts.close()
 
 
 @pytest.mark.slow
