@@ -5,6 +5,7 @@
 #
 #   bash bench/gpu_train.sh                      # on the GPU machine, from the repo root
 #   bash bench/gpu_train.sh --batch 64 --remat dots_with_no_batch_dims_saveable
+#   bash bench/gpu_train.sh --profile 3          # then: the kernels that take the time
 #   bash bench/gpu_train.sh --layers 2 --embd 64 --heads 4 --vocab 256 --batch 2 --seq 64 \
 #        --steps 2 --dtype float32 --attention einsum      # CPU smoke test of this script
 #

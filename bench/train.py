@@ -45,6 +45,9 @@ def _parse():
     p.add_argument("--attention", default="einsum", help="jaxgpt attention kernel")
     p.add_argument("--remat", default="none", help="jaxgpt remat policy")
     p.add_argument("--scan_layers", action="store_true")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, trace N jaxgpt steps and print where the time goes")
+    p.add_argument("--profile_dir", default="", help="keep the trace here (default: a tmp dir)")
     return p.parse_args()
 
 
@@ -98,7 +101,64 @@ def bench_jax(args, size) -> Result:
     tps = batch * seq / step_s
     peak = mfu.peak_flops(list(mesh.devices.flat))
     util = tps * mfu.flops_per_token(cfg, seq) / peak if peak else None
+    if args.profile:
+        profile(lambda s: trainer.train_step(s, windows), state, args.profile, args.profile_dir)
     return Result(size, "jaxgpt", tps, util, step_s, compile_s)
+
+
+def profile(step, state, n_steps: int, trace_dir: str = "", top: int = 25):
+    """Trace `n_steps` calls of step(state) -> (state, metrics) with jax.profiler and print
+    the ops that took the most time per step: device kernels where the trace has a device
+    (GPU/TPU), else the XLA CPU ops (fusions, dots) of the compiled step."""
+    import collections
+    import glob
+    import gzip
+    import json
+    import re
+    import tempfile
+
+    import jax
+    trace_dir = trace_dir or tempfile.mkdtemp(prefix="jaxgpt_trace_")
+    jax.block_until_ready(state)
+    with jax.profiler.trace(trace_dir):
+        for _ in range(n_steps):
+            state, metrics = step(state)
+        jax.block_until_ready((state, metrics))
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True),
+                   key=os.path.getmtime)
+    if not files:
+        print(f"profile: no trace written under {trace_dir}")
+        return state
+    with gzip.open(files[-1]) as f:
+        events = json.load(f)["traceEvents"]
+    procs = {e["pid"]: e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    device = {pid for pid, name in procs.items() if re.search(r"/device:(GPU|TPU)", name)}
+    # Host-side noise: Python frames ($...), runtime bookkeeping, thread-pool waits.
+    noise = re.compile(r"^\$|Execute|Slinky|ThreadPool|PjitFunction|ParseArguments|^end: ")
+    totals, counts = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("ph") != "X" or (device and e["pid"] not in device):
+            continue
+        if not device and noise.search(e["name"]):
+            continue
+        totals[e["name"]] += e.get("dur", 0)
+        counts[e["name"]] += 1
+    where = "device" if device else "host XLA ops"
+    total = sum(totals.values()) / 1e3 / n_steps
+    print(f"\nprofile ({where}, {n_steps} steps, trace in {trace_dir}): "
+          f"{total:.2f} ms/step of ops; top {top}:")
+    kinds = collections.Counter()
+    for name, us in totals.items():
+        kinds[re.sub(r"[._]?\d+$", "", name)] += us
+    for name, us in totals.most_common(top):
+        print(f"  {us / 1e3 / n_steps:9.3f} ms/step {100 * us / max(sum(totals.values()), 1):5.1f}%"
+              f"  x{counts[name] // n_steps:<3d} {name[:110]}")
+    print("  by kind (names without their numeric suffix):")
+    for name, us in kinds.most_common(12):
+        print(f"  {us / 1e3 / n_steps:9.3f} ms/step {100 * us / max(sum(totals.values()), 1):5.1f}%"
+              f"  {name[:110]}")
+    return state
 
 
 def bench_torch(args, size, compiled: bool) -> Result:
