@@ -507,14 +507,16 @@ class GPT(nnx.Module):
         return jnp.einsum("BTD,DV->BTV", x, w).astype(jnp.float32)
 
     def __call__(self, tokens, *, positions=None, attention_mask=None, cache=None,
-                 rngs=None, return_hidden=False):
+                 rngs=None, return_hidden=False, head=True):
         """tokens int [B, T] -> (logits float32 [B, T, V], cache or None).
 
         positions [B, T]: position ids (default: 0..T-1, after the cache's filled slots).
         attention_mask [B, T]: False marks padding tokens (never attended to).
         cache: a KVCache to read and extend; rngs: nnx.Rngs(dropout=key) to enable dropout.
         With return_hidden, also returns the residual stream after the embeddings and after
-        every block (the last one after ln_f, as HF's `hidden_states`).
+        every block (the last one after ln_f, as HF's `hidden_states`). With head=False the
+        first output is the final hidden state [B, T, D] (after ln_f), not the logits, for a
+        loss that applies the head itself (ops.tied_head_loss).
         """
         cfg = self.cfg
         B, T = tokens.shape
@@ -555,7 +557,7 @@ class GPT(nnx.Module):
             hidden.append(x)
         x = self.ln_f(x)
         hidden[-1] = x
-        logits = self._logits(x)
+        logits = self._logits(x) if head else x
         if cache is not None:
             cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=valid_BS, index=start + T)
         if return_hidden:

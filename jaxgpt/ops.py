@@ -1,4 +1,5 @@
-"""Operations with hand-written backward passes: layer_norm, softmax, tied_head, token_nll.
+"""Operations with hand-written backward passes: layer_norm, softmax, tied_head, token_nll,
+and tied_head_loss (the tied head and the loss fused, chunk by chunk).
 
 Each computes what its library counterpart computes (flax's LayerNorm, jax.nn.softmax, an
 einsum with the embedding, log_softmax + take_along_axis) and differentiates in closed form,
@@ -133,3 +134,80 @@ def _token_nll_bwd(res, g):
 
 
 token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
+
+
+# Elements of one chunk's [rows, V] float32 logits in tied_head_loss: about L3-sized on a
+# CPU (8 MiB); on accelerators large enough that each chunk's matmuls stay efficient. Every
+# chunk reads the whole [V, D] head weight again, so a chunk never has fewer rows than
+# MIN_CHUNK_ROWS (enough that those reads are cheap next to the chunk's matmul FLOPs).
+CHUNK_ELEMENTS = {"cpu": 1 << 21}
+CHUNK_ELEMENTS_ACCELERATOR = 1 << 28
+MIN_CHUNK_ROWS = 512
+
+
+def loss_chunk(batch: int, seq: int, vocab: int) -> int:
+    """Positions per chunk: the largest divisor of `seq` whose logits fit CHUNK_ELEMENTS,
+    raised to the smallest divisor giving MIN_CHUNK_ROWS rows (or `seq`) if it has fewer."""
+    budget = CHUNK_ELEMENTS.get(jax.default_backend(), CHUNK_ELEMENTS_ACCELERATOR)
+    divisors = [c for c in range(1, seq + 1) if seq % c == 0]
+    chunk = max((c for c in divisors if batch * c * vocab <= budget), default=1)
+    if batch * chunk < MIN_CHUNK_ROWS:
+        chunk = min((c for c in divisors if batch * c >= MIN_CHUNK_ROWS), default=seq)
+    return chunk
+
+
+def _chunks(x_BTD, targets_BT, chunk: int):
+    """[B, T, ...] -> [T / chunk, B, chunk, ...], the scan axis first."""
+    B, T = targets_BT.shape
+    xs = x_BTD.reshape(B, T // chunk, chunk, -1).transpose(1, 0, 2, 3)
+    return xs, targets_BT.reshape(B, T // chunk, chunk).transpose(1, 0, 2)
+
+
+def _chunk_nll(x_BCD, w_VD, targets_BC):
+    logits = jnp.einsum("BCD,VD->BCV", x_BCD, w_VD).astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return logits, lse, lse - jnp.take_along_axis(logits, targets_BC[..., None], axis=-1)[..., 0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def tied_head_loss(x_BTD, w_VD, targets_BT, chunk: int):
+    """Mean token NLL of the logits x @ w.T (the tied head) without materializing them:
+    equal to token_nll(tied_head(x, w), targets).mean().
+
+    A lax.scan over `chunk` positions at a time computes each chunk's logits, its loss and,
+    when differentiated, its gradients at once (the loss is the scalar at the end of the
+    graph, so dlogits = (softmax - one_hot) / N is known in the forward pass): no [B, T, V]
+    array is ever stored, and the backward pass only scales the stored dx and dw.
+    """
+    xs, ts = _chunks(x_BTD, targets_BT, chunk)
+    total, _ = jax.lax.scan(lambda acc, xt: (acc + _chunk_nll(xt[0], w_VD, xt[1])[2].sum(),
+                                             None), jnp.float32(0), (xs, ts))
+    return total / targets_BT.size
+
+
+def _tied_head_loss_fwd(x_BTD, w_VD, targets_BT, chunk):
+    xs, ts = _chunks(x_BTD, targets_BT, chunk)
+    scale = 1.0 / targets_BT.size
+
+    def body(carry, xt):
+        total, dw_DV = carry
+        x_BCD, t_BC = xt
+        logits, lse, nll = _chunk_nll(x_BCD, w_VD, t_BC)
+        one_hot = t_BC[..., None] == jax.lax.broadcasted_iota(t_BC.dtype, logits.shape, 2)
+        d = ((jnp.exp(logits - lse[..., None]) - one_hot) * scale).astype(x_BTD.dtype)
+        dx_BCD = jnp.einsum("BCV,VD->BCD", d, w_VD)
+        dw_DV = dw_DV + jnp.einsum("BCD,BCV->DV", x_BCD, d).astype(jnp.float32)
+        return (total + nll.sum(), dw_DV), dx_BCD
+
+    init = (jnp.float32(0), jnp.zeros(w_VD.shape[::-1], jnp.float32))
+    (total, dw_DV), dxs = jax.lax.scan(body, init, (xs, ts))
+    dx_BTD = dxs.transpose(1, 0, 2, 3).reshape(x_BTD.shape)
+    return total * scale, (dx_BTD, dw_DV.T.astype(w_VD.dtype))
+
+
+def _tied_head_loss_bwd(chunk, res, g):
+    dx_BTD, dw_VD = res
+    return (dx_BTD * g).astype(dx_BTD.dtype), (dw_VD * g).astype(dw_VD.dtype), None
+
+
+tied_head_loss.defvjp(_tied_head_loss_fwd, _tied_head_loss_bwd)

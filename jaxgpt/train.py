@@ -101,8 +101,15 @@ def loss_fn(params, graphdef, windows, dropout_key=None):
     # The Rngs object is built inside the differentiated function: nnx refuses to advance
     # an Rngs created at an outer trace level.
     rngs = None if dropout_key is None else nnx.Rngs(dropout=dropout_key)
-    logits, _ = nnx.merge(graphdef, params)(windows[:, :-1], rngs=rngs)
-    return cross_entropy(logits, windows[:, 1:])
+    gpt = nnx.merge(graphdef, params)
+    inputs, targets = windows[:, :-1], windows[:, 1:]
+    if not gpt.cfg.tie_embeddings:
+        return cross_entropy(gpt(inputs, rngs=rngs)[0], targets)
+    # The tied head and the loss fused: the [B, T, V] logits are never stored.
+    hidden, _ = gpt(inputs, rngs=rngs, head=False)
+    w = gpt.wte.embedding[...].astype(gpt.cfg.compute_dtype)
+    chunk = ops.loss_chunk(*targets.shape, gpt.cfg.vocab_size)
+    return ops.tied_head_loss(hidden, w, targets, chunk)
 
 
 def train_step(state: TrainState, batch: Batch, *, graphdef, tx, skip_nonfinite=False,

@@ -190,3 +190,42 @@ def test_tied_head_grads_equal_plain_einsum(key):
     np.testing.assert_allclose(got, want, rtol=1e-6)
     for g, r in zip(got_g, want_g):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 6])
+def test_fused_tied_head_loss_equals_logits_then_loss(key, chunk):
+    k1, k2, k3 = jax.random.split(key, 3)
+    x, w = jax.random.normal(k1, (2, 6, 16)), 0.5 * jax.random.normal(k2, (37, 16))
+    targets = jax.random.randint(k3, (2, 6), 0, 37)
+
+    def reference(x, w):
+        logits = jnp.einsum("BTD,VD->BTV", x, w)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.take_along_axis(logp, targets[..., None], axis=-1).mean()
+
+    want, want_g = jax.value_and_grad(reference, argnums=(0, 1))(x, w)
+    got, got_g = jax.value_and_grad(ops.tied_head_loss, argnums=(0, 1))(x, w, targets, chunk)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(ops.tied_head_loss(x, w, targets, chunk), want, rtol=1e-6)
+    for g, r in zip(got_g, want_g):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7)
+    # Under a scaled loss (as in grad accumulation) the stored gradients scale too.
+    scaled = jax.grad(lambda x: 3.0 * ops.tied_head_loss(x, w, targets, chunk))(x)
+    np.testing.assert_allclose(scaled, 3.0 * want_g[0], rtol=1e-5, atol=1e-7)
+
+
+def test_loss_chunk_divides_the_sequence_within_budget():
+    budget, min_rows = ops.CHUNK_ELEMENTS["cpu"], ops.MIN_CHUNK_ROWS
+    for batch, seq, vocab in [(16, 128, 4096), (2, 256, 50257), (64, 100, 97), (1, 7, 1 << 22),
+                              (32, 1024, 50304)]:
+        c = ops.loss_chunk(batch, seq, vocab)
+        assert seq % c == 0
+        divisors = [d for d in range(1, seq + 1) if seq % d == 0]
+        if batch * c * vocab <= budget:     # the largest that fits, unless too few rows
+            assert all(batch * d * vocab > budget for d in divisors if d > c)
+            assert batch * c >= min_rows or c == seq
+        else:                               # raised: the fewest positions with enough rows
+            assert batch * c >= min_rows or c == seq
+            assert all(batch * d < min_rows for d in divisors if d < c)
+    assert ops.loss_chunk(16, 128, 4096) == 32      # bench/train.py's small config
+    assert ops.loss_chunk(2, 256, 50257) == 256     # one chunk: the head weight is read once
