@@ -214,6 +214,27 @@ def test_fused_tied_head_loss_equals_logits_then_loss(key, chunk):
     np.testing.assert_allclose(scaled, 3.0 * want_g[0], rtol=1e-5, atol=1e-7)
 
 
+def test_fused_tied_head_loss_in_bfloat16_matches_reference(key):
+    """bf16 compute (the GPU setting): logits in bf16, loss and softmax in float32."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    x = jax.random.normal(k1, (4, 8, 32)).astype(jnp.bfloat16)
+    w = (0.5 * jax.random.normal(k2, (53, 32))).astype(jnp.bfloat16)
+    targets = jax.random.randint(k3, (4, 8), 0, 53)
+
+    def reference(x, w):
+        logits = jnp.einsum("BTD,VD->BTV", x, w).astype(jnp.float32)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.take_along_axis(logp, targets[..., None], axis=-1).mean()
+
+    want, want_g = jax.value_and_grad(reference, argnums=(0, 1))(x, w)
+    got, got_g = jax.value_and_grad(ops.tied_head_loss, argnums=(0, 1))(x, w, targets, 2)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, r in zip(got_g, want_g):
+        assert g.dtype == r.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32),
+                                   rtol=2e-2, atol=2e-2 * float(jnp.abs(r).max()))
+
+
 def test_loss_chunk_divides_the_sequence_within_budget():
     budget, min_rows = ops.CHUNK_ELEMENTS["cpu"], ops.MIN_CHUNK_ROWS
     for batch, seq, vocab in [(16, 128, 4096), (2, 256, 50257), (64, 100, 97), (1, 7, 1 << 22),
