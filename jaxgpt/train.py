@@ -101,7 +101,10 @@ def loss_fn(params, graphdef, windows, dropout_key=None):
     # The Rngs object is built inside the differentiated function: nnx refuses to advance
     # an Rngs created at an outer trace level.
     rngs = None if dropout_key is None else nnx.Rngs(dropout=dropout_key)
-    gpt = nnx.merge(graphdef, params)
+    return _mean_nll(nnx.merge(graphdef, params), windows, rngs)
+
+
+def _mean_nll(gpt: model.GPT, windows, rngs=None):
     inputs, targets = windows[:, :-1], windows[:, 1:]
     if not gpt.cfg.tie_embeddings:
         return cross_entropy(gpt(inputs, rngs=rngs)[0], targets)
@@ -154,9 +157,9 @@ def train_step(state: TrainState, batch: Batch, *, graphdef, tx, skip_nonfinite=
 
 def eval_step(params, windows, *, graphdef):
     """Summed token NLL and token count of validation windows [B, T + 1] (no dropout)."""
-    logits, _ = nnx.merge(graphdef, params)(windows[:, :-1])
     n = windows[:, 1:].size
-    return {"nll_sum": cross_entropy(logits, windows[:, 1:]) * n, "tokens": jnp.float32(n)}
+    return {"nll_sum": _mean_nll(nnx.merge(graphdef, params), windows) * n,
+            "tokens": jnp.float32(n)}
 
 
 def init_state(cfg: model.GPTConfig, tx, seed: int) -> TrainState:
