@@ -216,9 +216,9 @@ class LayerNorm(nnx.LayerNorm):
         if (mask is not None or not self.use_scale or self.reduction_axes != -1
                 or self.feature_axes != -1):
             return super().__call__(x, mask=mask)
-        scale = self.scale[...].astype(self.dtype or x.dtype)
-        bias = self.bias[...].astype(self.dtype or x.dtype) if self.bias else None
-        return ops.layer_norm(x.astype(self.dtype or x.dtype), scale, bias, self.epsilon)
+        dtype = self.dtype or x.dtype
+        bias = self.bias[...].astype(dtype) if self.bias else None
+        return ops.layer_norm(x.astype(dtype), self.scale[...].astype(dtype), bias, self.epsilon)
 
 
 def _norm(cfg: GPTConfig, rngs: nnx.Rngs, features: int | None = None,

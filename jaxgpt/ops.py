@@ -1,8 +1,8 @@
-"""Operations with hand-written backward passes: layer_norm, softmax, tied_head, token_nll,
-and tied_head_loss (the tied head and the loss fused, chunk by chunk).
+"""Operations with hand-written backward passes: layer_norm, softmax, token_nll, and
+tied_head_loss (the tied head and the loss fused, chunk by chunk); tied_head (the logits).
 
-Each computes what its library counterpart computes (flax's LayerNorm, jax.nn.softmax, an
-einsum with the embedding, log_softmax + take_along_axis) and differentiates in closed form,
+Each computes what its library counterpart computes (flax's LayerNorm, jax.nn.softmax,
+log_softmax + take_along_axis) and differentiates in closed form,
 which on XLA's CPU backend avoids re-derived fusion chains, scatters and layout copies;
 tests/test_model.py and tests/test_train.py compare values and gradients with autodiff of
 those counterparts.
@@ -58,29 +58,10 @@ def _layer_norm_bwd(eps, res, g):
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
-@jax.custom_vjp
 def tied_head(x_BTD, w_VD):
-    """Logits x @ w.T through the tied embedding [V, D].
-
-    The same product as autodiff's, with the weight gradient taken as (x.T @ g).T: XLA's CPU
-    dot wants the contraction on g's rows, and the transposed form otherwise makes it copy
-    the whole [B*T, V] gradient into column-major order each step.
-    """
+    """Logits x @ w.T through the tied embedding [V, D] (inference; training differentiates
+    the head through tied_head_loss)."""
     return jnp.einsum("BTD,VD->BTV", x_BTD, w_VD)
-
-
-def _tied_head_fwd(x_BTD, w_VD):
-    return tied_head(x_BTD, w_VD), (x_BTD, w_VD)
-
-
-def _tied_head_bwd(res, g_BTV):
-    x_BTD, w_VD = res
-    dx = jnp.einsum("BTV,VD->BTD", g_BTV, w_VD)
-    dw = jnp.einsum("BTD,BTV->DV", x_BTD, g_BTV).T
-    return dx, dw
-
-
-tied_head.defvjp(_tied_head_fwd, _tied_head_bwd)
 
 
 @jax.custom_vjp
@@ -118,19 +99,29 @@ def token_nll(logits, targets):
     return _token_nll_fwd(logits, targets)[0]
 
 
-def _token_nll_fwd(logits, targets):
+def _nll_and_lse(logits, targets):
+    """(per-token NLL, logsumexp), both float32."""
     logits32 = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits32, axis=-1)
-    nll = lse - jnp.take_along_axis(logits32, targets[..., None], axis=-1)[..., 0]
+    return lse - jnp.take_along_axis(logits32, targets[..., None], axis=-1)[..., 0], lse
+
+
+def _nll_grad(logits, lse, targets, g):
+    """d NLL / d logits scaled by the per-token cotangent g: (softmax - one_hot) * g."""
+    one_hot = targets[..., None] == jax.lax.broadcasted_iota(targets.dtype, logits.shape,
+                                                             logits.ndim - 1)
+    probs = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
+    return ((probs - one_hot) * g[..., None]).astype(logits.dtype)
+
+
+def _token_nll_fwd(logits, targets):
+    nll, lse = _nll_and_lse(logits, targets)
     return nll, (logits, lse, targets)
 
 
 def _token_nll_bwd(res, g):
     logits, lse, targets = res
-    one_hot = targets[..., None] == jax.lax.broadcasted_iota(targets.dtype, logits.shape,
-                                                             logits.ndim - 1)
-    probs = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
-    return ((probs - one_hot) * g[..., None]).astype(logits.dtype), None
+    return _nll_grad(logits, lse, targets, g), None
 
 
 token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
@@ -163,12 +154,6 @@ def _chunks(x_BTD, targets_BT, chunk: int):
     return xs, targets_BT.reshape(B, T // chunk, chunk).transpose(1, 0, 2)
 
 
-def _chunk_nll(x_BCD, w_VD, targets_BC):
-    logits = jnp.einsum("BCD,VD->BCV", x_BCD, w_VD).astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    return logits, lse, lse - jnp.take_along_axis(logits, targets_BC[..., None], axis=-1)[..., 0]
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def tied_head_loss(x_BTD, w_VD, targets_BT, chunk: int):
     """Mean token NLL of the logits x @ w.T (the tied head) without materializing them:
@@ -180,8 +165,10 @@ def tied_head_loss(x_BTD, w_VD, targets_BT, chunk: int):
     array is ever stored, and the backward pass only scales the stored dx and dw.
     """
     xs, ts = _chunks(x_BTD, targets_BT, chunk)
-    total, _ = jax.lax.scan(lambda acc, xt: (acc + _chunk_nll(xt[0], w_VD, xt[1])[2].sum(),
-                                             None), jnp.float32(0), (xs, ts))
+    def body(total, xt):
+        return total + _nll_and_lse(tied_head(xt[0], w_VD), xt[1])[0].sum(), None
+
+    total, _ = jax.lax.scan(body, jnp.float32(0), (xs, ts))
     return total / targets_BT.size
 
 
@@ -192,9 +179,9 @@ def _tied_head_loss_fwd(x_BTD, w_VD, targets_BT, chunk):
     def body(carry, xt):
         total, dw_DV = carry
         x_BCD, t_BC = xt
-        logits, lse, nll = _chunk_nll(x_BCD, w_VD, t_BC)
-        one_hot = t_BC[..., None] == jax.lax.broadcasted_iota(t_BC.dtype, logits.shape, 2)
-        d = ((jnp.exp(logits - lse[..., None]) - one_hot) * scale).astype(x_BTD.dtype)
+        logits = tied_head(x_BCD, w_VD)
+        nll, lse = _nll_and_lse(logits, t_BC)
+        d = _nll_grad(logits, lse, t_BC, jnp.full(t_BC.shape, scale))
         dx_BCD = jnp.einsum("BCV,VD->BCD", d, w_VD)
         dw_DV = dw_DV + jnp.einsum("BCD,BCV->DV", x_BCD, d).astype(jnp.float32)
         return (total + nll.sum(), dw_DV), dx_BCD
