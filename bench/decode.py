@@ -20,6 +20,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxgpt import model, sample
+from jaxgpt.convert import hf as hf_convert
 
 METHODS = {"greedy": (sample.Greedy(), {"do_sample": False}),
            "top_p": (sample.Sampling(temperature=1.0, top_p=0.9),
@@ -27,29 +28,16 @@ METHODS = {"greedy": (sample.Greedy(), {"do_sample": False}),
 
 
 def to_hf(cfg, params, device):
-    """A torch GPT2LMHeadModel with these weights (same layout map as convert/hf.py)."""
+    """A torch GPT2LMHeadModel with these weights (through jaxgpt's HF export mapping)."""
     import torch
     import transformers
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd,
         n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function="gelu_new",
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
-    p, d = nnx.to_pure_dict(params), cfg.n_embd
-    sd = {"transformer.wte.weight": p["wte"]["embedding"], "lm_head.weight": p["wte"]["embedding"],
-          "transformer.wpe.weight": p["wpe"]["embedding"],
-          "transformer.ln_f.weight": p["ln_f"]["scale"], "transformer.ln_f.bias": p["ln_f"]["bias"]}
-    for i in range(cfg.n_layer):
-        h, pre = p["h"][i], f"transformer.h.{i}."
-        for ln in ("ln_1", "ln_2"):
-            sd[f"{pre}{ln}.weight"], sd[f"{pre}{ln}.bias"] = h[ln]["scale"], h[ln]["bias"]
-        sd[pre + "attn.c_attn.weight"] = np.reshape(h["attn"]["c_attn"]["kernel"], (d, 3 * d))
-        sd[pre + "attn.c_attn.bias"] = np.reshape(h["attn"]["c_attn"]["bias"], (3 * d,))
-        sd[pre + "attn.c_proj.weight"] = np.reshape(h["attn"]["c_proj"]["kernel"], (d, d))
-        sd[pre + "attn.c_proj.bias"] = h["attn"]["c_proj"]["bias"]
-        for name in ("c_fc", "c_proj"):
-            sd[f"{pre}mlp.{name}.weight"] = h["mlp"][name]["kernel"]
-            sd[f"{pre}mlp.{name}.bias"] = h["mlp"][name]["bias"]
-    hf.load_state_dict({k: torch.tensor(np.asarray(v)) for k, v in sd.items()}, strict=False)
+    sd = hf_convert.hf_tensors(cfg, params)
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    hf.load_state_dict({k: torch.tensor(v) for k, v in sd.items()}, strict=False)
     return hf.to(device)
 
 
