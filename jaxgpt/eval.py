@@ -9,7 +9,6 @@ by summing NLL and token counts, never by averaging per-batch or per-source perp
 import argparse
 import dataclasses
 import functools
-import io
 import json
 import logging
 import math
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxgpt import checkpoint, data, model, sample, tokenizer
+from jaxgpt import checkpoint, data, model, sample, sources, tokenizer
 
 # rows of token ids -> for each row of n ids, the n - 1 log-probs log p(row[t] | row[:t]).
 LogprobFn = Callable[[Sequence[Sequence[int]]], list[np.ndarray]]
@@ -58,7 +57,7 @@ def load_lm(spec: str) -> LM:
     """A run directory (its latest checkpoint; `RUN@STEP` for another one) or `hf:NAME|DIR`
     (an HF GPT-2 through convert.hf, with its GPT-2 BPE tokenizer)."""
     if spec.startswith("hf:"):
-        from jaxgpt.convert import hf   # torch + transformers load only when asked for
+        from jaxgpt.convert import hf  # torch + transformers load only when asked for
         name = spec[3:]
         cfg, params = hf.import_gpt2(name)
         return LM(spec, cfg, params, tokenizer.load("gpt2", name))
@@ -381,24 +380,15 @@ def compare_models(lms: Sequence[LM], scorer: LM, *, settings: GenSettings,
 
 
 def read_sources(path: str) -> dict[str, list[str]]:
-    """{source name: documents}. `.jsonl` / `.jsonl.zst` lines are SlimPajama records
-    (`text`, `meta.redpajama_set_name`); any other file is one document of source `text`."""
-    import zstandard
+    """{source name: documents} of the files at `path`. `.jsonl` / `.jsonl.zst` lines are
+    SlimPajama records (by `meta.redpajama_set_name`); any other file is one document of
+    source `text`. A bad record is an error naming its file and line."""
+    bad = sources.BadRecords("error")
     out: dict[str, list[str]] = {}
-    for f in data.resolve_paths(path):
-        if not f.endswith((".jsonl", ".jsonl.zst")):
-            out.setdefault("text", []).extend(data.read_text_files([f]))
-            continue
-        with open(f, "rb") as raw:
-            stream = (zstandard.ZstdDecompressor().stream_reader(raw) if f.endswith(".zst")
-                      else raw)
-            for line_no, line in enumerate(io.TextIOWrapper(stream, encoding="utf-8"), 1):
-                try:
-                    rec = json.loads(line)
-                    name = rec.get("meta", {}).get("redpajama_set_name", "text")
-                    out.setdefault(name, []).append(rec["text"])
-                except (json.JSONDecodeError, KeyError, AttributeError) as e:
-                    raise ValueError(f"{f}:{line_no}: not a SlimPajama record ({e})") from None
+    for f in sources.resolve_paths(path):
+        reader = sources.read_jsonl if f.endswith((".jsonl", ".jsonl.zst")) else sources.read_text
+        for doc in reader(f, bad):
+            out.setdefault(doc.source, []).append(doc.text)
     return out
 
 
@@ -440,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = {"model": lm.name, "context": context, "stride": stride,
                   **perplexity_of_sources(lm, read_sources(args.data), context=context,
                                           stride=stride, batch_size=args.batch_size)}
-    except (ValueError, FileNotFoundError, NotImplementedError, ImportError) as e:
+    except (ValueError, OSError, NotImplementedError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from jaxgpt import report

@@ -364,7 +364,7 @@ def main(argv=None) -> int:
         r = build_report(args.workdir, compare=[s for s in args.compare.split(",") if s],
                          scorer=args.scorer, settings=settings)
         paths = write_report(r, args.out)
-    except (ValueError, FileNotFoundError, NotImplementedError, ImportError) as e:
+    except (ValueError, OSError, NotImplementedError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print("\n".join(paths))

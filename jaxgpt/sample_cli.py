@@ -156,7 +156,7 @@ def main(argv=None) -> int:
             read_prompts(args.prompts_file)
         cfg, params, tok = load_model(args)
         run_cli(args, cfg, params, tok)
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+    except (ValueError, OSError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

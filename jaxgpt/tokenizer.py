@@ -243,7 +243,7 @@ def _train_main(argv: list[str] | None = None) -> None:
         files = sources.find_splits(args.source, args.input)["train"]
         texts = [d.text for d in sources.iter_documents(args.source, files,
                                                         sources.BadRecords("error"))]
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         parser.error(str(e))
     tok = SentencePiece(train_sentencepiece(texts, args.vocab_size,
                                             model_type=args.model_type,

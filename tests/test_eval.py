@@ -3,6 +3,7 @@ generation metrics and cloze scoring vs hand-computed values."""
 
 import functools
 import math
+import pathlib
 
 import jax
 import numpy as np
@@ -194,3 +195,12 @@ def test_slimpajama_sources_are_read_by_set_name(shared_data):
     sources = evaluation.read_sources(f"{shared_data}/slimpajama-sample/validation")
     assert set(sources) == {"RedPajamaBook", "RedPajamaWikipedia"}
     assert all(isinstance(d, str) and d for docs in sources.values() for d in docs)
+
+
+def test_plain_text_is_one_document_and_a_bad_record_names_its_line(shared_data, tmp_path):
+    path = pathlib.Path(shared_data, "wikitext-2", "valid.txt")
+    assert evaluation.read_sources(str(path)) == {"text": [path.read_text(encoding="utf-8")]}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": \n')
+    with pytest.raises(ValueError, match=f"{bad}:2: malformed JSON"):
+        evaluation.read_sources(str(bad))
