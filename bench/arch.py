@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jaxgpt import data, model, sharding, tokenizer, train
+from jaxgpt import data, model, sharding, shards, tokenizer, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "wikitext-2", "valid.txt")
@@ -53,7 +53,7 @@ def load_windows(args, workdir):
         text = f.read()
     tok = tokenizer.load_or_train_sentencepiece(
         os.path.join(workdir, f"wikitext2-{args.vocab}.model"), [text], args.vocab)
-    tokens = data.tokenize_documents([text], tok)
+    tokens = shards.tokenize_documents([text], tok)
     train_tokens, val_tokens = data.split_tokens(tokens, args.val_fraction, args.block)
     return (data.pack_windows(train_tokens, args.block), data.pack_windows(val_tokens, args.block),
             len(train_tokens), len(val_tokens))

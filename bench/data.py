@@ -3,7 +3,7 @@
     python bench/data.py                       # ~8 MB of shared text, GPT-2 BPE, block 1024
     python bench/data.py --mb=1 --batches=50   # a quick check
 
-Rows: (a) text -> tokens through the pipeline's read+tokenize stage (`data.prepare`,
+Rows: (a) text -> tokens through the pipeline's read+tokenize stage (`shards.prepare`,
 grain threads over files), with GPT-2 BPE and a SentencePiece model, next to the bare
 tokenizers (HF `tokenizers` byte-level BPE and SentencePiece, batch encode) on the same
 text; (b) batches of `block_size + 1` windows from the pre-tokenized shards through the
@@ -21,7 +21,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jaxgpt import data, tokenizer
+from jaxgpt import data, shards, tokenizer
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
                       "shared", "data")
@@ -62,7 +62,7 @@ def timed(fn, repeats: int = 2):
 def bench_prepare(dcfg, tok, tmp, name, threads):
     dcfg = data.DataConfig(**{**dcfg.__dict__, "read_threads": threads})
     counter = iter(range(100))
-    manifest, secs = timed(lambda: data.prepare(dcfg, tok, os.path.join(
+    manifest, secs = timed(lambda: shards.prepare(dcfg, tok, os.path.join(
         tmp, f"{name}-{threads}-{next(counter)}")))
     tokens = sum(manifest["splits"]["train"]["tokens"].values())
     return tokens / secs, manifest
@@ -150,7 +150,7 @@ def main():
             rows.append((f"(a) pipeline read+tokenize, SentencePiece {args.sp_vocab}", threads,
                          rate))
         root = os.path.join(tmp, "shards")
-        manifest = data.prepare(dcfg, gpt2, root)
+        manifest = shards.prepare(dcfg, gpt2, root)
         root = tile_shards(root, os.path.join(tmp, "tiled"), args.shard_mtokens)
         for threads in (1, 2):
             name = (f"(b) {args.shard_mtokens:g}M-token shards -> shuffled batches "

@@ -25,7 +25,7 @@ def base_config(size: str = "small", **model_overrides) -> ml_collections.Config
     # WORKDIR/tokenizer.model), or for gpt2 the folder with encoder.json and vocab.bpe.
     config.data.tokenizer_path = ml_collections.config_dict.placeholder(str)
     config.data.tokenizer = "sentencepiece"   # sentencepiece | gpt2 (tokenizer_path = BPE dir)
-    # A directory written by `python -m jaxgpt.data prepare` (token shards + manifest.json);
+    # A directory written by `python -m jaxgpt.shards prepare` (token shards + manifest.json);
     # when set, source/path are not read. None = prepare the inputs once into WORKDIR/data/.
     config.data.prepared = ml_collections.config_dict.placeholder(str)
     # A malformed/non-UTF-8/text-less record, truncated .zst or file without documents:

@@ -1,16 +1,16 @@
-"""Input pipelines: documents -> token shards -> packed `block_size + 1` windows -> batches.
+"""Input pipelines: token shards -> packed `block_size + 1` windows -> batches.
 
-Stages (all grain): read and tokenize input files (threads, order kept), write token
-shards (`uint16`/`uint32` `.bin` + `manifest.json`) once, then serve windows from
-memory-mapped shards: seeded global shuffle (reshuffled every epoch), optional per-source
-mixture, batch, per-process slice, prefetch. Documents are joined with the tokenizer's
+Token shards (`uint16`/`uint32` `.bin` + `manifest.json`, written once by `shards.py`)
+are served as windows from memory-mapped shards through grain: seeded global shuffle
+(reshuffled every epoch), optional per-source mixture, batch, per-process slice, prefetch.
+Documents are joined with the tokenizer's
 end-of-text id and packed by concatenate-and-split: window i of a shard is
 tokens[i*T : i*T + T + 1], inputs window[:-1], targets window[1:], so no target crosses
 into another window's inputs. Windows never span two shards (a shard's tail of fewer than
 T + 1 tokens is dropped). The train iterator's state is a position that `checkpoint.py`
 saves for exact resume.
 
-`python -m jaxgpt.data prepare --config=configs/slimpajama.py --out=DIR` writes shards;
+`python -m jaxgpt.shards prepare --config=configs/slimpajama.py --out=DIR` writes shards;
 training reads them with `--config.data.prepared=DIR`. Without it, training prepares the
 shards itself into WORKDIR/data/<fingerprint>/ (once).
 """
@@ -18,25 +18,17 @@ shards itself into WORKDIR/data/<fingerprint>/ (once).
 import dataclasses
 import functools
 import hashlib
-import itertools
 import json
 import logging
 import os
-import shutil
-import socket
 
 import grain
 import numpy as np
 
-from jaxgpt import sources, tokenizer
+from jaxgpt import shards, sources, tokenizer
 
 SOURCES = sources.SOURCES
-default_corpus_files = sources.default_corpus_files
-resolve_paths = sources.resolve_paths
-MANIFEST = "manifest.json"
-SHARD_TOKENS = 1 << 27            # tokens per .bin shard (256 MB as uint16)
-_HF_CHUNK_DOCS = 4096             # documents per tokenization task for HF streams
-_TOKENIZER_TRAIN_CHARS = 100_000_000
+MANIFEST = shards.MANIFEST
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,182 +69,16 @@ class DataConfig:
                 raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
         if self.prepared is not None and not os.path.isfile(
                 os.path.join(self.prepared, MANIFEST)):
-            raise FileNotFoundError(f"data.prepared {self.prepared!r} has no {MANIFEST} "
-                                    f"(write it with `python -m jaxgpt.data prepare`)")
+            parts = os.path.isdir(self.prepared) and any(
+                shards.is_part(d) for d in os.listdir(self.prepared))
+            raise FileNotFoundError(
+                f"data.prepared {self.prepared!r} has no {MANIFEST} (" + (
+                    "it holds parts: join them with `python -m jaxgpt.shards merge`)" if parts
+                    else "write it with `python -m jaxgpt.shards prepare`)"))
 
     @classmethod
     def from_config(cls, config_data) -> "DataConfig":
         return cls(**config_data.to_dict())
-
-
-# ---- read + tokenize -------------------------------------------------------------------
-
-
-def _token_dtype(vocab_size: int):
-    return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
-
-
-def tokenize_documents(docs: list[str], tok) -> np.ndarray:
-    """Encode documents and join them, each followed by the end-of-text id."""
-    dtype = _token_dtype(tok.vocab_size)
-    pieces = []
-    for ids in tok.encode_batch(docs):
-        pieces.append(np.asarray(ids, dtype))
-        pieces.append(np.asarray([tok.eot_id], dtype))
-    tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype)
-    if tokens.size and int(tokens.max()) >= tok.vocab_size:
-        raise ValueError(f"token id {int(tokens.max())} >= vocab_size {tok.vocab_size}")
-    return tokens
-
-
-def _tokenize_by_source(docs: list[sources.Document], tok) -> dict:
-    """{source: (tokens, n_documents)} in first-seen source order."""
-    groups: dict[str, list[str]] = {}
-    for d in docs:
-        groups.setdefault(d.source, []).append(d.text)
-    return {s: (tokenize_documents(texts, tok), len(texts)) for s, texts in groups.items()}
-
-
-def _read_and_tokenize(path: str, *, source: str, tok, on_bad_record: str):
-    """One input file -> ({source: (tokens, n_docs)}, bad-record counts): a grain map stage."""
-    bad = sources.BadRecords(on_bad_record)
-    docs = list(sources.READERS[source](path, bad))
-    return _tokenize_by_source(docs, tok), dict(bad.counts)
-
-
-def _tokenized_files(files, dcfg: DataConfig, tok):
-    """Files read and tokenized by `read_threads` grain threads; results in file order."""
-    stage = lambda f: _read_and_tokenize(f, source=dcfg.source, tok=tok,
-                                         on_bad_record=dcfg.on_bad_record)
-    threads = max(dcfg.read_threads, 1)
-    ds = grain.MapDataset.source(files).map(stage)
-    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
-                                                     prefetch_buffer_size=threads)))
-
-
-def _tokenized_stream(split: str, dcfg: DataConfig, tok):
-    """An HF stream in chunks of documents (bad records there are the hub's to fix)."""
-    docs = itertools.islice(sources.hf_documents(dcfg.source, split),
-                            dcfg.max_documents or None)
-    while chunk := list(itertools.islice(docs, _HF_CHUNK_DOCS)):
-        yield _tokenize_by_source(chunk, tok), {}
-
-
-# ---- token shards ----------------------------------------------------------------------
-
-
-class _ShardWriter:
-    """Appends tokens to SPLIT/SOURCE/NNNNN.bin files of at most SHARD_TOKENS tokens."""
-
-    def __init__(self, root: str, split: str, dtype):
-        self.root, self.split, self.dtype = root, split, dtype
-        self.shards: list[dict] = []
-        self.open: dict[str, dict] = {}
-        self.documents: dict[str, int] = {}
-
-    def add(self, name: str, tokens: np.ndarray, n_docs: int) -> None:
-        self.documents[name] = self.documents.get(name, 0) + n_docs
-        while tokens.size:
-            shard = self.open.get(name)
-            if shard is None or shard["tokens"] >= SHARD_TOKENS:
-                safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
-                index = sum(s["source"] == name for s in self.shards)
-                rel = os.path.join(self.split, safe, f"{index:05d}.bin")
-                os.makedirs(os.path.join(self.root, os.path.dirname(rel)), exist_ok=True)
-                shard = {"path": rel, "source": name, "tokens": 0}
-                self.shards.append(shard)
-                self.open[name] = shard
-            take = tokens[:SHARD_TOKENS - shard["tokens"]]
-            with open(os.path.join(self.root, shard["path"]), "ab") as f:
-                f.write(take.astype(self.dtype, copy=False).tobytes())
-            shard["tokens"] += int(take.size)
-            tokens = tokens[take.size:]
-
-
-def prepare(dcfg: DataConfig, tok, out_dir: str) -> dict:
-    """Read, tokenize and write every split's token shards and a manifest into `out_dir`.
-
-    Written into a folder private to this process and renamed at the end, so `out_dir` is
-    complete or absent, also when several hosts prepare the same shared folder at once.
-    Returns the manifest.
-    """
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise FileExistsError(f"{out_dir} exists and is not empty; choose another --out")
-    splits = find_inputs(dcfg)
-    tmp = f"{out_dir.rstrip('/')}.partial-{socket.gethostname()}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    dtype = np.dtype(_token_dtype(tok.vocab_size)).name
-    manifest = {"format": 1, "source": dcfg.source, "dtype": dtype,
-                "tokenizer": {"kind": dcfg.tokenizer, "fingerprint": tok.fingerprint,
-                              "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
-                "inputs": splits or {"hf": [dcfg.source]}, "splits": {}, "bad_records": {}}
-    try:
-        _write_splits(dcfg, tok, splits, tmp, manifest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)   # leave no half-written data behind
-        raise
-    with open(os.path.join(tmp, MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=1)
-    try:
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)   # an empty folder only: anything in it is not ours to delete
-        os.replace(tmp, out_dir)
-    except OSError:
-        if not os.path.exists(os.path.join(out_dir, MANIFEST)):
-            raise
-        shutil.rmtree(tmp)      # another process finished the same preparation first
-        with open(os.path.join(out_dir, MANIFEST)) as f:
-            manifest = json.load(f)
-    return manifest
-
-
-def _write_splits(dcfg: DataConfig, tok, splits: dict, tmp: str, manifest: dict) -> None:
-    dtype = np.dtype(manifest["dtype"])
-    bad_total: dict[str, int] = {}
-    for split in (splits or {"train": None, "val": None}):
-        writer = _ShardWriter(tmp, split, dtype)
-        results = (_tokenized_files(splits[split], dcfg, tok) if splits
-                   else _tokenized_stream(split, dcfg, tok))
-        n_docs = 0
-        for by_source, bad in results:
-            for name, (tokens, docs) in by_source.items():
-                writer.add(name, tokens, docs)
-                n_docs += docs
-            for kind, n in bad.items():
-                bad_total[kind] = bad_total.get(kind, 0) + n
-            if dcfg.max_documents and n_docs >= dcfg.max_documents:
-                break
-        tokens = {}
-        for s in writer.shards:
-            tokens[s["source"]] = tokens.get(s["source"], 0) + s["tokens"]
-        manifest["splits"][split] = {"shards": writer.shards, "tokens": tokens,
-                                     "documents": writer.documents}
-        logging.info("prepared %s: %d documents, tokens per source %s", split,
-                     sum(writer.documents.values()), tokens)
-    manifest["bad_records"] = bad_total
-    if not any(s["tokens"] for s in manifest["splits"]["train"]["shards"]):
-        files = splits.get("train", [])
-        raise ValueError(f"the corpus is empty: {len(files)} {dcfg.source} file(s) hold no "
-                         f"documents (first: {files[0] if files else dcfg.source})")
-
-
-def find_inputs(dcfg: DataConfig) -> dict[str, list[str]]:
-    """Input files per split (checked before anything is written); {} = an HF stream."""
-    if dcfg.prepared is not None:
-        return {}
-    return sources.find_splits(dcfg.source, dcfg.path)
-
-
-def inputs_fingerprint(dcfg: DataConfig, tokenizer_fingerprint: str) -> str:
-    """Hash of the inputs (paths, sizes, mtimes) and everything that shapes their tokens."""
-    h = hashlib.sha256(f"{tokenizer_fingerprint}|{dcfg.source}|{dcfg.on_bad_record}|"
-                       f"{dcfg.max_documents}".encode())
-    for split, files in sorted(find_inputs(dcfg).items()):
-        for path in files:
-            st = os.stat(path)
-            h.update(f"{split}:{os.path.abspath(path)}:{st.st_size}:{int(st.st_mtime)}".encode())
-    return h.hexdigest()[:16]
 
 
 # ---- windows ---------------------------------------------------------------------------
@@ -386,37 +212,14 @@ def load_corpus(dcfg: DataConfig, tok, cache_dir: str) -> Corpus:
     """`data.prepared`, or the inputs prepared once into cache_dir/<fingerprint>/."""
     if dcfg.prepared is not None:
         return load_prepared(dcfg.prepared, dcfg, tok.fingerprint)
-    if not find_inputs(dcfg) and dcfg.source == "slimpajama" and not dcfg.max_documents:
+    if not shards.find_inputs(dcfg) and dcfg.source == "slimpajama" and not dcfg.max_documents:
         raise ValueError("data.path is unset, so SlimPajama would stream from the HF hub into "
                          "WORKDIR/data in full (~1.3 TB of tokens); set data.max_documents, or "
                          "prepare shards once and set data.prepared")
-    root = os.path.join(cache_dir, inputs_fingerprint(dcfg, tok.fingerprint))
+    root = os.path.join(cache_dir, shards.inputs_fingerprint(dcfg, tok.fingerprint))
     if not os.path.exists(os.path.join(root, MANIFEST)):
-        prepare(dcfg, tok, root)
+        shards.prepare(dcfg, tok, root)
     return load_prepared(root, dcfg, tok.fingerprint)
-
-
-def tokenizer_training_texts(dcfg: DataConfig) -> list[str]:
-    """Documents to train a SentencePiece model on: the first ~100M characters of train.
-
-    Read up front, so a bad record raises here with its file and line, not from inside
-    the SentencePiece trainer.
-    """
-    splits = find_inputs(dcfg)
-    docs = (sources.iter_documents(dcfg.source, splits["train"],
-                                   sources.BadRecords(dcfg.on_bad_record)) if splits
-            else sources.hf_documents(dcfg.source, "train"))
-    texts, chars = [], 0
-    for d in docs:
-        texts.append(d.text)
-        chars += len(d.text)
-        if chars >= _TOKENIZER_TRAIN_CHARS:
-            break
-    if not any(t.strip() for t in texts):
-        files = splits.get("train", [])
-        raise ValueError(f"the corpus is empty: {len(files)} {dcfg.source} file(s) hold no "
-                         f"text (first: {files[0] if files else dcfg.source})")
-    return texts
 
 
 # ---- batches ---------------------------------------------------------------------------
@@ -523,33 +326,3 @@ def split_tokens(tokens: np.ndarray, val_fraction: float, block_size: int):
         raise ValueError(f"the corpus has {len(tokens)} tokens: too few for block_size "
                          f"{block_size} with a validation split of {val_fraction}")
     return tokens[:-n_val], tokens[-n_val:]
-
-
-# ---- CLI: python -m jaxgpt.data prepare --config=... --out=DIR -------------------------
-
-
-def _prepare_main(argv):
-    from absl import flags
-    config = flags.FLAGS.config
-    if len(argv) != 2 or argv[1] != "prepare":
-        raise SystemExit("usage: python -m jaxgpt.data prepare --config=CONFIG --out=DIR")
-    dcfg = DataConfig.from_config(config.data)
-    out = flags.FLAGS.out
-    if dcfg.tokenizer == "gpt2" or dcfg.tokenizer_path:
-        tok = tokenizer.load(dcfg.tokenizer, dcfg.tokenizer_path or "gpt2")
-    else:
-        tok = tokenizer.load_or_train_sentencepiece(
-            out.rstrip("/") + ".tokenizer.model", tokenizer_training_texts(dcfg),
-            config.model.vocab_size)
-    manifest = prepare(dcfg, tok, out)
-    print(json.dumps({k: manifest[k] for k in ("tokenizer", "bad_records")}
-                     | {s: v["tokens"] for s, v in manifest["splits"].items()}, indent=1))
-
-
-if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-    config_flags.DEFINE_config_file("config", None, "configs/*.py[:size]", lock_config=True)
-    flags.DEFINE_string("out", None, "directory to write token shards and manifest.json into")
-    flags.mark_flags_as_required(["config", "out"])
-    app.run(_prepare_main)

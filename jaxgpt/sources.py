@@ -234,12 +234,9 @@ def iter_documents(source: str, files: list[str], bad: BadRecords) -> Iterator[D
     return itertools.chain.from_iterable(READERS[source](f, bad) for f in files)
 
 
-def shard_files(files: list[str], process_index: int, process_count: int) -> list[str]:
-    """Process p reads files p, p + n, p + 2n, ...: every file (so every document) is read
-    by exactly one process, as SlimPajama's 59,166 files allow for any host count."""
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    if len(files) < process_count:
-        raise ValueError(f"{len(files)} input files cannot be shared by {process_count} "
-                         f"processes; prepare the data once and train from its shards")
-    return files[process_index::process_count]
+def part_files(files: list[str], index: int, count: int) -> list[str]:
+    """Part `index` of `count` contiguous runs of `files`, sizes differing by at most one:
+    the parts in order are `files` (so their token streams join into the whole one)."""
+    if not 0 <= index < count:
+        raise ValueError(f"part {index} not in [0, {count})")
+    return files[index * len(files) // count:(index + 1) * len(files) // count]

@@ -32,6 +32,7 @@ from jaxgpt import (
     report,
     sample,
     sharding,
+    shards,
     tokenizer,
 )
 from jaxgpt import eval as evaluation
@@ -239,7 +240,7 @@ def _make_tokenizer(dcfg: data.DataConfig, workdir: str, cfg: model.GPTConfig):
             logging.info("training a %d-piece SentencePiece tokenizer -> %s", cfg.vocab_size,
                          path)
             tok = tokenizer.SentencePiece(tokenizer.train_sentencepiece(
-                data.tokenizer_training_texts(dcfg), cfg.vocab_size), path)
+                shards.tokenizer_training_texts(dcfg), cfg.vocab_size), path)
     if tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer {path} has {tok.vocab_size} tokens, more than "
                          f"model.vocab_size {cfg.vocab_size}")
@@ -343,7 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     micro_batch = config.train.batch_size // config.train.grad_accum
     checks.check_batch_divisible(micro_batch, config, mesh, rules)
     dcfg = data.DataConfig.from_config(config.data)
-    data.find_inputs(dcfg)   # a missing path fails here, before the workdir is touched
+    shards.find_inputs(dcfg)   # a missing path fails here, before the workdir is touched
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise FileExistsError(f"workdir {workdir} exists and is not a directory")
 

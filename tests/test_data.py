@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jaxgpt import data, tokenizer
+from jaxgpt import data, shards, sources, tokenizer
 from tests import helpers
 
 
@@ -59,7 +59,7 @@ def test_iterator_state_resumes_exactly():
 
 
 def test_default_corpus_is_the_stdlib_without_tests():
-    files = data.default_corpus_files()
+    files = sources.default_corpus_files()
     assert len(files) > 100
     assert not any("/test/" in f or "/tests/" in f for f in files)
 
@@ -79,7 +79,7 @@ def test_sentencepiece_round_trip_is_exact(tmp_path):
 def test_tokenized_documents_are_separated_by_eot(tmp_path):
     text = open(helpers.small_corpus(tmp_path), encoding="utf-8").read()
     tok = tokenizer.load_or_train_sentencepiece(str(tmp_path / "t.model"), [text], 512)
-    tokens = data.tokenize_documents(["a b", "c d"], tok)
+    tokens = shards.tokenize_documents(["a b", "c d"], tok)
     assert list(tokens).count(tok.eot_id) == 2 and tokens[-1] == tok.eot_id
     assert tokens.dtype == np.uint16
 

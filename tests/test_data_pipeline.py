@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from jaxgpt import data, sources, tokenizer
+from jaxgpt import data, shards, sources, tokenizer
 from tests import helpers
 
 BLOCK = 32
@@ -26,9 +26,9 @@ def sample(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sample")
     dcfg = data.DataConfig(source="slimpajama", path=root, block_size=BLOCK)
     tok = tokenizer.SentencePiece(tokenizer.train_sentencepiece(
-        data.tokenizer_training_texts(dcfg), 512))
+        shards.tokenizer_training_texts(dcfg), 512))
     out = str(tmp / "prepared")
-    data.prepare(dcfg, tok, out)
+    shards.prepare(dcfg, tok, out)
     return dcfg, tok, out
 
 
@@ -135,7 +135,75 @@ def test_prepared_data_refuses_another_tokenizer_and_existing_output(sample):
     with pytest.raises(ValueError, match="not by this run's tokenizer spm:other"):
         data.load_prepared(out, dcfg, "spm:other")
     with pytest.raises(FileExistsError, match="not empty"):
-        data.prepare(dcfg, tok, out)
+        shards.prepare(dcfg, tok, out)
+
+
+def _source_stream(root, manifest, split, source):
+    return np.concatenate([np.fromfile(os.path.join(root, s["path"]), manifest["dtype"])
+                           for s in manifest["splits"][split]["shards"]
+                           if s["source"] == source])
+
+
+def test_parts_merged_are_the_whole_token_stream(sample, tmp_path):
+    dcfg, tok, whole = sample
+    splits = sources.find_splits("slimpajama", dcfg.path)
+    out = str(tmp_path / "parts")
+    for i in (2, 0, 1):                      # in any order, as the jobs of an array finish
+        assert shards.prepare(dcfg, tok, out, part=(i, 3))["part"]["index"] == i
+    with pytest.raises(FileNotFoundError, match="it holds parts: join them"):
+        data.DataConfig(source="slimpajama", prepared=out)
+    merged = shards.merge(out)
+    assert merged["parts"] == 3 and merged["inputs"] == splits
+    single = json.loads(pathlib.Path(whole, data.MANIFEST).read_text())
+    assert merged["bad_records"] == single["bad_records"] == {}
+    for split in ("train", "val"):
+        expect = _stream(tok, splits[split])          # independent of shards.py
+        assert merged["splits"][split]["tokens"] == {k: len(v) for k, v in expect.items()}
+        assert merged["splits"][split]["documents"] == single["splits"][split]["documents"]
+        for name, stream in expect.items():
+            np.testing.assert_array_equal(_source_stream(out, merged, split, name), stream)
+    corpus = data.load_prepared(out, dcfg, tok.fingerprint)
+    reference = data.load_prepared(whole, dcfg, tok.fingerprint)
+    assert (corpus.n_train_tokens, corpus.n_val_tokens) == (reference.n_train_tokens,
+                                                            reference.n_val_tokens)
+    batch = data.make_train_dataset(corpus, global_batch=8, seed=0)[0]
+    assert batch.shape == (8, BLOCK + 1) and batch.max() < tok.vocab_size
+    with pytest.raises(FileExistsError, match="complete already"):
+        shards.merge(out)
+
+
+def test_parts_missing_mismatched_or_unsplittable_are_refused(sample, tmp_path):
+    dcfg, tok, _ = sample
+    out = str(tmp_path / "parts")
+    first = shards.prepare(dcfg, tok, out, part=(0, 2))
+    shard = pathlib.Path(out, shards.part_name(0, 2), first["splits"]["train"]["shards"][0]["path"])
+    mtime = shard.stat().st_mtime_ns
+    assert shards.prepare(dcfg, tok, out, part=(0, 2)) == first   # a rerun keeps a done part
+    assert shard.stat().st_mtime_ns == mtime
+    with pytest.raises(FileNotFoundError, match=r"part\(s\) \[1\] of 2 are not prepared"):
+        shards.merge(out)
+    skip = data.DataConfig(**{**dcfg.__dict__, "on_bad_record": "skip"})
+    shards.prepare(skip, tok, out, part=(1, 2))
+    with pytest.raises(ValueError, match="part 1 was prepared from other input files"):
+        shards.merge(out)
+    other = tokenizer.SentencePiece(tokenizer.train_sentencepiece(
+        shards.tokenizer_training_texts(dcfg), 600))
+    out2 = str(tmp_path / "parts2")
+    shards.prepare(dcfg, tok, out2, part=(0, 2))
+    shards.prepare(dcfg, other, out2, part=(1, 2))
+    with pytest.raises(ValueError, match="part 1 has tokenizer"):
+        shards.merge(out2)
+    assert not os.path.exists(os.path.join(out2, data.MANIFEST))
+    with pytest.raises(ValueError, match="4 train files cannot be split into 5 parts"):
+        shards.prepare(dcfg, tok, str(tmp_path / "p5"), part=(0, 5))
+    capped = data.DataConfig(**{**dcfg.__dict__, "max_documents": 10})
+    with pytest.raises(ValueError, match="max_documents=10 caps a whole preparation"):
+        shards.prepare(capped, tok, str(tmp_path / "p"), part=(0, 2))
+    with pytest.raises(ValueError, match=r"part 2/2: the index must be in \[0, 2\)"):
+        shards.prepare(dcfg, tok, str(tmp_path / "p"), part=(2, 2))
+    with pytest.raises(ValueError, match="streams from the HF hub"):
+        shards.prepare(data.DataConfig(source="slimpajama"), tok, str(tmp_path / "p"),
+                       part=(0, 2))
 
 
 @pytest.mark.parametrize("model_type", ["bpe", "unigram"])
@@ -163,7 +231,7 @@ def test_prepare_and_tokenizer_command_lines(shared_data, tmp_path):
                 "--model_type=unigram", f"--out={model}")
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "shards"
-    proc = _run("-m", "jaxgpt.data", "prepare", "--config=configs/wikitext.py",
+    proc = _run("-m", "jaxgpt.shards", "prepare", "--config=configs/wikitext.py",
                 f"--config.data.path={shared_data}/wikitext-2", "--config.data.tokenizer="
                 "sentencepiece", f"--config.data.tokenizer_path={model}", f"--out={out}")
     assert proc.returncode == 0, proc.stderr
@@ -184,6 +252,22 @@ def test_prepare_and_tokenizer_command_lines(shared_data, tmp_path):
     assert not os.path.exists(tmp_path / "unused")
     with pytest.raises(FileNotFoundError, match="has no manifest.json"):
         data.DataConfig(prepared=str(tmp_path))
+    # SlimPajama in two parts (as two hosts or array jobs would), then merged.
+    sample = f"{shared_data}/slimpajama-sample"
+    prepare = ("-m", "jaxgpt.shards", "prepare", "--config=configs/slimpajama.py",
+               f"--config.data.path={sample}", "--config.data.tokenizer=sentencepiece",
+               f"--config.data.tokenizer_path={model}", f"--out={tmp_path / 'sp'}")
+    for part in ("1/2", "0/2"):
+        proc = _run(*prepare, f"--part={part}")
+        assert proc.returncode == 0, proc.stderr
+    proc = _run(*prepare, "--part=2/2")
+    assert proc.returncode != 0 and "part 2/2: the index must be in [0, 2)" in proc.stderr
+    proc = _run("-m", "jaxgpt.shards", "merge", f"--out={tmp_path / 'sp'}")
+    assert proc.returncode == 0, proc.stderr
+    merged = json.loads((tmp_path / "sp" / data.MANIFEST).read_text())
+    for split, files in sources.find_splits("slimpajama", sample).items():
+        assert merged["splits"][split]["tokens"] == {
+            k: len(v) for k, v in _stream(tok, files).items()}
 
 
 def test_gpt2_bpe_shards_decode_to_the_articles(shared_data, tmp_path):
@@ -191,7 +275,7 @@ def test_gpt2_bpe_shards_decode_to_the_articles(shared_data, tmp_path):
     path = os.path.join(shared_data, "wikitext-2", "valid.txt")
     tok = tokenizer.load("gpt2", os.path.join(shared_data, "gpt2-bpe"))
     dcfg = data.DataConfig(source="wikitext", path=path, tokenizer="gpt2", block_size=64)
-    manifest = data.prepare(dcfg, tok, str(tmp_path / "out"))
+    manifest = shards.prepare(dcfg, tok, str(tmp_path / "out"))
     assert manifest["dtype"] == "uint16" and manifest["tokenizer"]["eot_id"] == 50256
     shard = np.fromfile(tmp_path / "out" / manifest["splits"]["train"]["shards"][0]["path"],
                         np.uint16)

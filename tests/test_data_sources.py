@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zstandard
 
-from jaxgpt import data, sources
+from jaxgpt import data, shards, sources
 
 
 def _raw_records(path):
@@ -36,21 +36,16 @@ def test_slimpajama_layout_splits_and_records(shared_data):
     assert total == 321   # the sample's README
 
 
-@pytest.mark.parametrize("n_proc", [1, 2, 4])
-def test_every_document_exactly_once_per_epoch_across_processes(shared_data, n_proc):
-    files = sources.find_splits("slimpajama",
-                                os.path.join(shared_data, "slimpajama-sample"))["train"]
-    single = [d.where for d in sources.iter_documents("slimpajama", files,
-                                                      sources.BadRecords("error"))]
-    per_proc = [[d.where for d in sources.iter_documents(
-        "slimpajama", sources.shard_files(files, p, n_proc), sources.BadRecords("error"))]
-        for p in range(n_proc)]
-    union = [w for proc in per_proc for w in proc]
-    assert len(union) == len(set(union)) == len(single)       # no overlap, nothing lost
-    assert sorted(union) == sorted(single)
-    assert all(per_proc)                                       # every process has work
-    with pytest.raises(ValueError, match="4 input files cannot be shared by 8"):
-        sources.shard_files(files, 0, 8)
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 7])
+def test_parts_are_contiguous_runs_that_join_into_the_file_list(count):
+    files = [f"f{i:02d}.jsonl.zst" for i in range(11)]
+    parts = [sources.part_files(files, i, count) for i in range(count)]
+    assert [f for part in parts for f in part] == files           # in order, nothing lost
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert sources.part_files(files[:2], 2, 3) == files[1:2] and not sources.part_files(
+        files[:2], 0, 3)                                          # fewer files than parts
+    with pytest.raises(ValueError, match="part 3 not in"):
+        sources.part_files(files, 3, 3)
 
 
 def test_wikitext_articles_split_at_level_one_titles(shared_data):
@@ -143,10 +138,10 @@ def test_bad_record_inside_a_grain_worker_thread_surfaces_with_its_line(tmp_path
     tok = _ByteTokenizer()
     dcfg = data.DataConfig(source="slimpajama", path=str(src), read_threads=2)
     with pytest.raises(ValueError, match="b.jsonl.zst:2: malformed JSON"):
-        data.prepare(dcfg, tok, str(tmp_path / "out"))
+        shards.prepare(dcfg, tok, str(tmp_path / "out"))
     assert sorted(os.listdir(tmp_path)) == ["src"]       # nothing half-written is left
     dcfg = data.DataConfig(source="slimpajama", path=str(src), on_bad_record="skip")
-    manifest = data.prepare(dcfg, tok, str(tmp_path / "out"))
+    manifest = shards.prepare(dcfg, tok, str(tmp_path / "out"))
     assert manifest["bad_records"] == {"malformed_json": 1}
     assert manifest["splits"]["train"]["documents"] == {"RedPajamaBook": 5}
     # 5 documents of "fine" (4 bytes) + one end-of-text each.
@@ -158,7 +153,7 @@ def test_truncated_token_shard_is_named(tmp_path):
     src.mkdir()
     _zst(src / "a.jsonl.zst", [GOOD] * 40)
     dcfg = data.DataConfig(source="slimpajama", path=str(src), block_size=8)
-    data.prepare(dcfg, _ByteTokenizer(), str(tmp_path / "out"))
+    shards.prepare(dcfg, _ByteTokenizer(), str(tmp_path / "out"))
     shard = tmp_path / "out" / "train" / "RedPajamaBook" / "00000.bin"
     shard.write_bytes(shard.read_bytes()[:10])
     with pytest.raises(ValueError, match="00000.bin has 10 bytes"):
@@ -203,6 +198,6 @@ def test_hf_streams_through_a_stand_in_datasets_module(tmp_path, monkeypatch):
     assert calls == [("cerebras/SlimPajama-627B", None, "validation", True),
                      ("wikitext", "wikitext-103-raw-v1", "train", True)]
     dcfg = data.DataConfig(source="slimpajama", max_documents=3)
-    manifest = data.prepare(dcfg, _ByteTokenizer(), str(tmp_path / "out"))
+    manifest = shards.prepare(dcfg, _ByteTokenizer(), str(tmp_path / "out"))
     assert manifest["splits"]["train"]["documents"] == {"RedPajamaC4": 3}
     assert manifest["inputs"] == {"hf": ["slimpajama"]}
