@@ -56,8 +56,8 @@ def base_config(size: str = "small", **model_overrides) -> ml_collections.Config
     config.train.log_every = 50            # steps between metrics lines
     config.train.nonfinite = "halt"        # NaN/Inf loss or grads: halt | skip (the update)
     config.train.max_consecutive_skips = 3  # skip mode: halt after this many in a row
-    # Step watchdog: exit when no step finishes for max(min_s, factor * median step time);
-    # watchdog_min_s = 0 disables it.
+    # Step watchdog: exit when no step finishes for max(min_s, factor * median step time),
+    # or an eval/save runs past max(min_s, factor * its longest earlier run); 0 disables it.
     config.train.watchdog_min_s = 60.0
     config.train.watchdog_factor = 10.0
     # Fault injection for tests only: poison loss and grads of steps

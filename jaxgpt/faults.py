@@ -135,20 +135,24 @@ class StopRequest:
 # ---------------------------------------------------------------- watchdog
 
 class Watchdog:
-    """Kills the process when no step finishes for max(min_s, factor * median step time).
+    """Ends the process when no step finishes for max(min_s, factor * median step time), or
+    a phase (evaluation, a checkpoint save) runs past max(min_s, factor * its own longest
+    earlier run); a phase's first run, which compiles or sets up, is not timed.
 
     A peer that is alive but stuck hangs every other process in its next collective
     forever; each process's watchdog then fires and `os._exit` ends it (Python cleanup
     would block on the same collective). Armed after the first step (compilation).
     """
 
-    def __init__(self, min_s: float, factor: float, *, poll_s: float = 0.5):
+    def __init__(self, min_s: float, factor: float, *, poll_s: float = 0.5, on_stall=None):
         self.min_s, self.factor, self.poll_s = min_s, factor, poll_s
         self.enabled = min_s > 0
+        self._on_stall = on_stall or _exit_stalled
         self._lock = threading.Lock()
         self._last = None          # (step, time) of the latest beat
         self._times = []           # recent step durations
-        self._paused = 0
+        self._phase = None         # (name, start time, limit or None) of the running phase
+        self._longest = {}         # phase name -> its longest run so far
         self._stop = threading.Event()
         self._thread = None
 
@@ -167,17 +171,21 @@ class Watchdog:
             self._last = (step, now)
 
     @contextlib.contextmanager
-    def paused(self):
-        """Evaluation, sampling and checkpoint waits are not steps; don't time them."""
+    def phase(self, name: str):
+        """Evaluation, checkpoint saves and the like: not steps, timed against themselves."""
         with self._lock:
-            self._paused += 1
+            longest = self._longest.get(name)
+            limit = None if longest is None else max(self.min_s, self.factor * longest)
+            outer, self._phase = self._phase, (name, time.monotonic(), limit)
         try:
             yield
         finally:
             with self._lock:
-                self._paused -= 1
+                now = time.monotonic()
+                self._longest[name] = max(self._longest.get(name, 0.0), now - self._phase[1])
+                self._phase = outer
                 if self._last is not None:
-                    self._last = (self._last[0], time.monotonic())
+                    self._last = (self._last[0], now)
 
     def timeout(self) -> float:
         median = statistics.median(self._times) if self._times else 0.0
@@ -186,22 +194,33 @@ class Watchdog:
     def _run(self) -> None:
         while not self._stop.wait(self.poll_s):
             with self._lock:
-                if self._last is None or self._paused:
+                step = self._last[0] if self._last is not None else 0
+                if self._phase is not None:
+                    name, since, limit = self._phase
+                    where = f"in {name} after step {step}"
+                    if limit is None:
+                        continue
+                elif self._last is not None:
+                    since, limit, where = self._last[1], self.timeout(), f"after step {step}"
+                else:
                     continue
-                step, since = self._last
-                limit = self.timeout()
             waited = time.monotonic() - since
             if waited > limit:
-                msg = (f"watchdog: stalled after step {step}: no progress for {waited:.1f} s "
-                       f"(limit {limit:.1f} s) on process {jax.process_index()}; exiting")
-                logging.error(msg)
-                print(f"error: {msg}", flush=True)
-                os._exit(EXIT_STALLED)
+                self._on_stall(f"watchdog: stalled {where}: no progress for {waited:.1f} s "
+                               f"(limit {limit:.1f} s) on process {jax.process_index()}; "
+                               f"exiting")
+                return
 
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+
+
+def _exit_stalled(message: str) -> None:
+    logging.error(message)
+    print(f"error: {message}", flush=True)
+    os._exit(EXIT_STALLED)
 
 
 # ---------------------------------------------------------------- batch ledger

@@ -487,20 +487,20 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts,
             if is_eval:
                 # Several sources (a SlimPajama mixture): also a loss and perplexity per source.
                 val = corpus.val_by_source if len(corpus.val_by_source) > 1 else corpus.val
-                with watchdog.paused():
+                with watchdog.phase("evaluation"):
                     last_eval = {"step": done, **evaluate(
                         trainer, state.params, val, config.eval.batch_size,
                         config.eval.batches)}
                 writer.write(last_eval)
                 logging.info(report.eval_line(last_eval))
             if is_save:
-                with watchdog.paused():
+                with watchdog.phase("checkpoint save"):
                     best = last_eval.get("val_loss") if last_eval.get("step") == done else None
                     ckpts.save(state, train_iter.get_state(), meta, val_loss=best)
             if stopping:
                 preempted = done
                 break
-        with watchdog.paused():
+        with watchdog.phase("final checkpoint save"):
             ckpts.close()
     except BaseException:
         watchdog.stop()

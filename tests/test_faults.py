@@ -347,6 +347,40 @@ def test_watchdog_exits_a_stuck_trainer(tmp_path, shared_tok):
     assert time.time() - t0 < 120
 
 
+def test_watchdog_times_phases_against_their_own_earlier_runs():
+    stalls = []
+    dog = faults.Watchdog(0.2, 3.0, poll_s=0.01, on_stall=stalls.append)
+    dog.start()
+    try:
+        for step in range(1, 4):                 # steps of ~0.01 s: a step limit of 0.2 s
+            time.sleep(0.01)
+            dog.beat(step)
+        with dog.phase("evaluation"):            # the first run (compiling) is not timed
+            time.sleep(0.4)
+        with dog.phase("checkpoint save"):       # nor the first run of another phase
+            time.sleep(0.3)
+        with dog.phase("evaluation"):            # within max(0.2, 3 x 0.4 s)
+            time.sleep(0.6)
+        assert stalls == []
+        dog.beat(4)
+        with dog.phase("checkpoint save"):       # past max(0.2, 3 x 0.3 s)
+            time.sleep(1.6)
+        assert len(stalls) == 1, stalls
+        assert re.match(r"watchdog: stalled in checkpoint save after step 4: no progress for "
+                        r"[0-9.]+ s \(limit 0\.9 s\)", stalls[0]), stalls[0]
+    finally:
+        dog.stop()
+    late = []
+    dog = faults.Watchdog(0.2, 3.0, poll_s=0.01, on_stall=late.append)
+    dog.start()
+    try:
+        dog.beat(1)
+        time.sleep(1.0)                          # no step for longer than the 0.2 s floor
+        assert len(late) == 1 and late[0].startswith("watchdog: stalled after step 1:")
+    finally:
+        dog.stop()
+
+
 # ---------------------------------------------------------------- two local processes
 
 
