@@ -1,10 +1,13 @@
 """Training: optimizer, schedule, steps, grad accumulation, overfitting, resume."""
 
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from jaxgpt import checkpoint, model, sharding, tokenizer, train
 from tests import helpers
@@ -148,3 +151,56 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
         str(tmp_path / "b"))
     helpers.assert_trees_close(jax.device_get(straight["state"]),
                                jax.device_get(resumed["state"]), rtol=0, atol=0)
+
+
+class _WandbStandIn:
+    """Records what jaxgpt hands to the `wandb` API (init, run.log, run.finish)."""
+
+    def __init__(self):
+        self.inits, self.logs, self.finished = [], [], 0
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        return self
+
+    def log(self, data, step):
+        self.logs.append((step, data))
+
+    def finish(self):
+        self.finished += 1
+
+
+def test_metrics_reach_weights_and_biases_with_their_steps(tmp_path, monkeypatch):
+    import importlib.machinery
+    import sys
+    import types
+
+    from jaxgpt import checks
+    from jaxgpt import config as config_lib
+    config = config_lib.base_config()
+    config.report.wandb_project = "jaxgpt-test"
+    monkeypatch.setitem(sys.modules, "wandb", None)         # not installed: refused up front
+    with pytest.raises(ValueError, match="wandb_project is 'jaxgpt-test' but wandb is not"):
+        checks.validate_config(config, model.GPTConfig(**config.model), 1)
+    stand_in = _WandbStandIn()
+    module = types.ModuleType("wandb")
+    module.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    module.init = stand_in.init
+    monkeypatch.setitem(sys.modules, "wandb", module)
+    checks.validate_config(config, model.GPTConfig(**config.model), 1)
+    (tmp_path / "run").mkdir()
+    writer = train.MetricsWriter(str(tmp_path / "run"), wandb_project="jaxgpt-test",
+                                 config={"train": {"steps": 9}})
+    writer.write({"step": 5, "total_steps": 9, "loss": 2.5, "lr": 1e-3, "eta_s": None,
+                  "time": 1.0})
+    writer.write({"step": 9, "val_loss": 2.25, "val_ppl": 9.49})
+    writer.write_text("samples", "step 9\nhello", 9)
+    writer.close()
+    assert stand_in.inits == [{"project": "jaxgpt-test", "dir": str(tmp_path / "run"),
+                               "config": {"train": {"steps": 9}}, "name": "run"}]
+    assert stand_in.logs == [(5, {"train/loss": 2.5, "train/lr": 1e-3}),
+                             (9, {"eval/val_loss": 2.25, "eval/val_ppl": 9.49}),
+                             (9, {"samples": "step 9\nhello"})]
+    assert stand_in.finished == 1
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [5, 9]
