@@ -12,7 +12,6 @@ unfinished orbax temp dir or a finalized step whose checksums were not yet writt
 
 import argparse
 import os
-import warnings
 import random
 import signal
 import subprocess
@@ -20,6 +19,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import warnings
 
 import numpy as np
 
@@ -56,7 +56,7 @@ def prepare(root: str) -> tuple[str, str]:
 def run_to_end(args: list[str], env: dict | None = None, timeout: float = 300) -> int:
     """Run a trainer to completion; returns the step it resumed from (0: fresh start)."""
     out = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                         env=dict(os.environ, **(env or {})))
+                         env=dict(os.environ, **(env or {})), check=False)
     if out.returncode:
         raise RuntimeError(f"trainer exited {out.returncode}:\n{out.stderr[-3000:]}")
     return _resumed_from(out.stderr)
@@ -133,8 +133,8 @@ def identical(ref: str, other: str) -> tuple[bool, str]:
         return False, "state trees differ"
     for k in a:
         if a[k].dtype != b[k].dtype or a[k].tobytes() != b[k].tobytes():
-            return False, f"{k} differs (max |diff| "\
-                          f"{np.abs(a[k].astype(np.float64) - b[k]).max():.3g})"
+            return False, (f"{k} differs (max |diff| "
+                           f"{np.abs(a[k].astype(np.float64) - b[k]).max():.3g})")
     la, lb = faults.read_ledger(ref), faults.read_ledger(other)
     if la != lb:
         first = next((x["step"] for x, y in zip(la, lb) if x != y), min(len(la), len(lb)))

@@ -23,8 +23,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # name -> (GPTConfig overrides, batch, seq) for the CPU comparison.
 SIZES = {
-    "small": (dict(n_layer=4, n_head=4, n_embd=128, vocab_size=4096, n_positions=128), 16, 128),
-    "gpt2": (dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024), 2, 256),
+    "small": ({"n_layer": 4, "n_head": 4, "n_embd": 128, "vocab_size": 4096,
+               "n_positions": 128}, 16, 128),
+    "gpt2": ({"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50257,
+              "n_positions": 1024}, 2, 256),
 }
 
 

@@ -30,6 +30,8 @@ from jax.experimental import multihost_utils
 import jaxgpt
 from jaxgpt import faults, model
 
+log = logging.getLogger(__name__)
+
 INTEGRITY = "integrity.json"
 CORRUPT_DIR = "checkpoints.corrupt"
 ROLLED_BACK_DIR = "checkpoints.rolledback"
@@ -119,7 +121,7 @@ class Checkpoints:
         os.makedirs(dest_dir, exist_ok=True)
         dest = os.path.join(dest_dir, f"{name}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
         os.rename(os.path.join(self.root, name), dest)
-        logging.warning("checkpoint %s %s; moved to %s", name, why, dest)
+        log.warning("checkpoint %s %s; moved to %s", name, why, dest)
         return dest
 
     def _move_aside_tmp_dirs(self) -> None:
@@ -147,7 +149,7 @@ class Checkpoints:
         if not saved:
             raise RuntimeError(f"checkpoint for step {step} was not written (orbax declined "
                                f"it; latest is {self.manager.latest_step()})")
-        logging.info("saving checkpoint at step %d%s", step, " (async)" * self.async_save)
+        log.info("saving checkpoint at step %d%s", step, " (async)" * self.async_save)
         self._pending = (step, val_loss)
         if not self.async_save:
             self.flush()
@@ -169,7 +171,7 @@ class Checkpoints:
             os.replace(tmp, os.path.join(directory, INTEGRITY))
         _sync("jaxgpt_checkpoint_flush")
         self._prune()   # on every process: orbax's delete is collective
-        logging.info("checkpoint at step %d complete", step)
+        log.info("checkpoint at step %d complete", step)
 
     def _prune(self) -> None:
         steps = self.steps()

@@ -10,6 +10,8 @@ import numpy as np
 
 from jaxgpt import data, faults, model, sharding
 
+log = logging.getLogger(__name__)
+
 
 def validate_config(config: ml_collections.ConfigDict, cfg: model.GPTConfig, n_devices: int):
     data.DataConfig.from_config(config.data)
@@ -107,6 +109,6 @@ def resume_guard(config, meta: dict):
                              f"differing fields: {'; '.join(diff)} (pass --config.checkpoint."
                              f"allow_config_change=True to resume anyway)")
         if diff:
-            logging.warning("resuming step %d despite differing fields: %s", step,
-                            "; ".join(diff))
+            log.warning("resuming step %d despite differing fields: %s", step,
+                        "; ".join(diff))
     return check

@@ -27,6 +27,8 @@ import numpy as np
 
 from jaxgpt import shards, sources, tokenizer
 
+log = logging.getLogger(__name__)
+
 SOURCES = sources.SOURCES
 MANIFEST = shards.MANIFEST
 
@@ -202,9 +204,9 @@ def load_prepared(root: str, dcfg: DataConfig, tokenizer_fingerprint: str) -> Co
         if len(name) < 1:
             raise ValueError(f"{root}: a split has fewer tokens than one window of "
                              f"block_size {dcfg.block_size} + 1")
-    logging.info("corpus %s: %d train tokens (%d windows), %d val tokens; per source %s; "
-                 "bad records %s", root, corpus.n_train_tokens, len(corpus.train),
-                 corpus.n_val_tokens, corpus.stats["tokens"], corpus.stats["bad_records"])
+    log.info("corpus %s: %d train tokens (%d windows), %d val tokens; per source %s; "
+             "bad records %s", root, corpus.n_train_tokens, len(corpus.train),
+             corpus.n_val_tokens, corpus.stats["tokens"], corpus.stats["bad_records"])
     return corpus
 
 
@@ -245,7 +247,7 @@ def _mixture(corpus: Corpus, weights: dict, seed: int) -> grain.MapDataset:
     parts = [grain.MapDataset.range(len(corpus.train_by_source[n])).shuffle(seed=seed + k)
              .repeat(None).map(functools.partial(lambda k, i: (k, i), k))
              for k, n in enumerate(names)]
-    logging.info("mixture: %s", {n: weights[n] for n in names})
+    log.info("mixture: %s", {n: weights[n] for n in names})
     return grain.MapDataset.mix(parts, [float(weights[n]) for n in names]), names
 
 

@@ -24,6 +24,8 @@ from flax import nnx
 
 from jaxgpt import checkpoint, data, model, sample, sources, tokenizer
 
+log = logging.getLogger(__name__)
+
 # rows of token ids -> for each row of n ids, the n - 1 log-probs log p(row[t] | row[:t]).
 LogprobFn = Callable[[Sequence[Sequence[int]]], list[np.ndarray]]
 
@@ -198,8 +200,8 @@ def evaluate_windows(step_fn: Callable[[np.ndarray], dict], windows, *, batch: i
         if tokens:
             totals[name] = (nll, tokens)
         else:
-            logging.warning("eval: source %r has %d windows, fewer than one batch of %d; "
-                            "skipped", name, len(w), batch)
+            log.warning("eval: source %r has %d windows, fewer than one batch of %d; "
+                        "skipped", name, len(w), batch)
     if not totals:
         raise ValueError(f"{sum(len(w) for w in by_source.values())} validation windows "
                          f"are fewer than one eval batch of {batch}")
@@ -361,7 +363,7 @@ def compare_models(lms: Sequence[LM], scorer: LM, *, settings: GenSettings,
     texts = [p["text"] for p in prompts]
     models = []
     for lm in lms:
-        logging.info("report: generating with %s", lm.name)
+        log.info("report: generating with %s", lm.name)
         gens = generate_suite(lm, texts, settings)
         ranks = cloze_ranks(lm.logprobs, lm.tok, facts)
         models.append({

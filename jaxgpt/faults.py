@@ -20,6 +20,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+log = logging.getLogger(__name__)
+
 EXIT_HALTED = 3      # non-finite loss/gradients or too many skipped steps
 EXIT_STALLED = 4     # the watchdog saw no step finish in time
 EXIT_LOCKED = 75     # another trainer holds the workdir (EX_TEMPFAIL: retry later)
@@ -66,8 +68,8 @@ class WorkdirLock:
                 owner = self._owner()
                 if (owner.get("host") == me["host"] and isinstance(owner.get("pid"), int)
                         and not _pid_alive(owner["pid"])):
-                    logging.warning("taking over stale workdir lock %s of dead pid %d",
-                                    self.path, owner["pid"])
+                    log.warning("taking over stale workdir lock %s of dead pid %d",
+                                self.path, owner["pid"])
                     os.unlink(self.path)
                     continue
                 raise Halt(f"workdir locked by pid {owner.get('pid')} on host "
@@ -218,7 +220,7 @@ class Watchdog:
 
 
 def _exit_stalled(message: str) -> None:
-    logging.error(message)
+    log.error(message)
     print(f"error: {message}", flush=True)
     os._exit(EXIT_STALLED)
 
@@ -351,8 +353,8 @@ class NonFiniteGuard:
                        f"after it (train.nonfinite='skip' skips such steps)", EXIT_HALTED)
         self.consecutive += 1
         self.skipped += 1
-        logging.warning("step %d skipped: non-finite %s (%d in a row, %d in total)", step, what,
-                        self.consecutive, self.skipped)
+        log.warning("step %d skipped: non-finite %s (%d in a row, %d in total)", step, what,
+                    self.consecutive, self.skipped)
         if self.consecutive >= self.max_consecutive:
             raise Halt(f"{self.consecutive} consecutive non-finite steps up to step {step} "
                        f"(last: {what}); halting (train.max_consecutive_skips="

@@ -20,6 +20,8 @@ from ml_collections import config_flags
 
 from jaxgpt import faults, train
 
+log = logging.getLogger(__name__)
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:size]).",
                                 lock_config=True)
@@ -109,16 +111,16 @@ def main(argv):
     logging.getLogger().setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_QuietLibraries())
-    logging.info("JAX %s: %d %s device(s), %d process(es)", jax.__version__,
-                 jax.device_count(), jax.default_backend(), jax.process_count())
+    log.info("JAX %s: %d %s device(s), %d process(es)", jax.__version__,
+             jax.device_count(), jax.default_backend(), jax.process_count())
     try:
         result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except USER_ERRORS as e:
-        logging.error("%s: %s", type(e).__name__, e)
+        log.error("%s: %s", type(e).__name__, e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except faults.Halt as e:
-        logging.error("%s", e)
+        log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     if result["preempted"] is not None:

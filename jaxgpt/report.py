@@ -59,8 +59,8 @@ def perplexity_table(result: dict) -> str:
     """The `python -m jaxgpt.eval` result: overall and per-source loss and perplexity."""
     lines = [f"{result['model']}: context {result['context']}, stride {result['stride']}",
              f"{'source':<24} {'tokens':>12} {'loss':>8} {'ppl':>10}",
-             f"{'all':<24} {result['tokens']:>12,.0f} {result['loss']:>8.4f} "
-             f"{result['ppl']:>10.2f}"]
+             (f"{'all':<24} {result['tokens']:>12,.0f} {result['loss']:>8.4f} "
+              f"{result['ppl']:>10.2f}")]
     for key in sorted(result):
         if key.startswith("loss/"):
             name = key[5:]
@@ -115,8 +115,8 @@ def status_rows(train: list[dict], evals: list[dict],
             ("train loss", f"{t['loss']:.4f}")]
     if evals:
         e = evals[-1]
-        rows.append(("eval", f"val loss {e['val_loss']:.4f}, perplexity {e['val_ppl']:.2f} "
-                             f"@ step {e['step']}"))
+        rows.append(("eval", (f"val loss {e['val_loss']:.4f}, perplexity {e['val_ppl']:.2f} "
+                              f"@ step {e['step']}")))
     rows.append(("epochs completed", f"{int(t['epoch'])} ({t['epoch']:.2f} epochs of data)"))
     if not finished:
         rows.append(("ETA", format_duration(t["eta_s"])))
@@ -140,7 +140,7 @@ def _png(fig) -> bytes:
 
 def make_plots(train: list[dict], evals: list[dict]) -> dict[str, bytes]:
     """PNG bytes of the loss, perplexity, learning-rate and throughput curves."""
-    from matplotlib.figure import Figure   # Figure alone renders with Agg: no display needed
+    from matplotlib.figure import Figure  # Figure alone renders with Agg: no display needed
 
     steps = [r["step"] for r in train]
     e_steps = [r["step"] for r in evals]
@@ -238,10 +238,10 @@ def render_markdown(r: Report) -> str:
         out += r.notes or ["No models were compared."]
         return "\n".join(out) + "\n"
     s = c["settings"]
-    out += [f"Prompt suite `{c['suite']}` ({len(c['prompts'])} prompts), cloze set "
-            f"`{c['cloze']}`, scorer `{c['scorer']}`; sampled with temperature "
-            f"{s['temperature']}, top-k {s['top_k']}, seed {s['seed']}, up to "
-            f"{s['max_new_tokens']} new tokens; greedy likewise.", ""]
+    out += [(f"Prompt suite `{c['suite']}` ({len(c['prompts'])} prompts), cloze set "
+             f"`{c['cloze']}`, scorer `{c['scorer']}`; sampled with temperature "
+             f"{s['temperature']}, top-k {s['top_k']}, seed {s['seed']}, up to "
+             f"{s['max_new_tokens']} new tokens; greedy likewise."), ""]
     out += _md_table(*metrics_rows(c)) + ["", DEFINITIONS, ""] + r.notes
     out += ["", "## Prompts", ""]
     for i, p in enumerate(c["prompts"]):
@@ -270,10 +270,10 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
 def render_html(r: Report) -> str:
     """Self-contained HTML: PNGs inline as base64, no external resources."""
     e = html.escape
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>jaxgpt report: "
-             f"{e(r.run)}</title><style>{_CSS}</style></head><body>",
-             f"<h1>jaxgpt report: {e(r.run)}</h1><p>Generated {e(r.generated)} from "
-             f"<code>metrics.jsonl</code> ({r.n_records} records).</p><h2>Status</h2>",
+    parts = [(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>jaxgpt report: "
+              f"{e(r.run)}</title><style>{_CSS}</style></head><body>"),
+             (f"<h1>jaxgpt report: {e(r.run)}</h1><p>Generated {e(r.generated)} from "
+              f"<code>metrics.jsonl</code> ({r.n_records} records).</p><h2>Status</h2>"),
              _html_table(["", "value"], [list(x) for x in r.status]), "<h2>Training curves</h2>"]
     parts += [f"<img alt='{name}' src='data:image/png;base64,"
               f"{base64.b64encode(png).decode()}'>" for name, png in r.plots.items()]
@@ -301,7 +301,7 @@ def render_html(r: Report) -> str:
 def build_report(workdir: str, *, compare: list[str], scorer: str | None,
                  settings) -> Report:
     """Read the run's metrics, plot them, and (if it has a checkpoint) compare models."""
-    from jaxgpt import eval as evaluation   # eval pulls in JAX; the progress line does not
+    from jaxgpt import eval as evaluation  # eval pulls in JAX; the progress line does not
 
     train, evals = read_metrics(workdir)
     notes, comparison = [], None

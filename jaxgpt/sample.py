@@ -20,6 +20,8 @@ from flax import nnx
 
 from jaxgpt import model
 
+log = logging.getLogger(__name__)
+
 SCHEDULES = ("constant", "linear", "exponential")
 IMPOSSIBLE = -1.0e9   # HF's additive "never choose" score in beam search (finite on purpose)
 
@@ -467,7 +469,7 @@ def pad_prompts(cfg: model.GPTConfig, prompts: list[list[int]], max_new_tokens: 
                 raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens "
                                  f"{max_new_tokens} the context n_positions={cfg.n_positions} "
                                  f"allows {room} (ask for left truncation to keep the end)")
-            logging.getLogger(__name__).warning("prompt %d: %d tokens, keeping the last %d", i, len(p), room)
+            log.warning("prompt %d: %d tokens, keeping the last %d", i, len(p), room)
             p = p[-room:]
         rows.append(p)
     longest = max(len(p) for p in rows)
@@ -526,7 +528,8 @@ def generate(cfg: model.GPTConfig, params, prompts: list[list[int]], *, max_new_
         out = _run(decode, (params, logits, cache, hist, pos, jax.random.key(seed),
                             jnp.asarray(never), jnp.asarray(pad)),
                    {"graphdef": graphdef, "method": method, "penalties": penalties,
-                        "n_steps": max_new_tokens, "eot_id": eot_id, "stream": stream is not None}, stats)
+                    "n_steps": max_new_tokens, "eot_id": eot_id, "stream": stream is not None},
+                   stats)
         out = np.asarray(out)
         jax.effects_barrier()    # every streamed step has reached the sink
     finally:

@@ -25,6 +25,8 @@ import numpy as np
 
 from jaxgpt import sources, tokenizer
 
+log = logging.getLogger(__name__)
+
 MANIFEST = "manifest.json"
 SHARD_TOKENS = 1 << 27            # tokens per .bin shard (256 MB as uint16)
 _HF_CHUNK_DOCS = 4096             # documents per tokenization task for HF streams
@@ -183,8 +185,8 @@ def _write_splits(dcfg, tok, splits: dict, tmp: str, manifest: dict) -> None:
             tokens[s["source"]] = tokens.get(s["source"], 0) + s["tokens"]
         manifest["splits"][split] = {"shards": writer.shards, "tokens": tokens,
                                      "documents": writer.documents}
-        logging.info("prepared %s: %d documents, tokens per source %s", split,
-                     sum(writer.documents.values()), tokens)
+        log.info("prepared %s: %d documents, tokens per source %s", split,
+                 sum(writer.documents.values()), tokens)
     manifest["bad_records"] = bad_total
     if not any(s["tokens"] for s in manifest["splits"]["train"]["shards"]):
         files = splits.get("train", [])
@@ -247,7 +249,7 @@ def prepare(dcfg, tok, out_dir: str, part: tuple[int, int] | None = None) -> dic
         done = _read_manifest(out_dir)
         if done is not None and done.get("part") == info and (
                 done["tokenizer"]["fingerprint"] == tok.fingerprint):
-            logging.info("%s is prepared already; kept", out_dir)
+            log.info("%s is prepared already; kept", out_dir)
             return done
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise FileExistsError(f"{out_dir} exists and is not empty; choose another --out")

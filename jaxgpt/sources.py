@@ -18,6 +18,8 @@ from collections.abc import Iterable, Iterator
 
 import zstandard
 
+log = logging.getLogger(__name__)
+
 SOURCES = ("text", "wikitext", "slimpajama")
 BAD_RECORD_POLICIES = ("error", "skip")
 _STDLIB_SKIP = ("test", "tests", "idle_test", "site-packages", "__pycache__")
@@ -47,7 +49,7 @@ class BadRecords:
         if self.policy == "error":
             raise ValueError(f"{where}: {message} (data.on_bad_record='skip' skips such records)")
         self.counts[kind] += 1
-        logging.warning("skipped bad record %s: %s", where, message)
+        log.warning("skipped bad record %s: %s", where, message)
 
 
 def default_corpus_files() -> list[str]:

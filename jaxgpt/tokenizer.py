@@ -15,6 +15,8 @@ from typing import Protocol
 
 import sentencepiece as spm
 
+log = logging.getLogger(__name__)
+
 
 class Tokenizer(Protocol):
     vocab_size: int
@@ -188,8 +190,8 @@ def load_or_train_sentencepiece(path: str, texts: Iterable[str], vocab_size: int
             raise ValueError(f"{path} has vocab_size {tok.vocab_size}, but the config asks for "
                              f"{vocab_size}; delete it or use another workdir")
         return tok
-    logging.info("training a %d-piece SentencePiece %s tokenizer -> %s", vocab_size,
-                 model_type, path)
+    log.info("training a %d-piece SentencePiece %s tokenizer -> %s", vocab_size,
+             model_type, path)
     tok = SentencePiece(train_sentencepiece(texts, vocab_size, model_type=model_type), path)
     tok.save(path)
     return tok

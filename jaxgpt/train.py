@@ -37,6 +37,8 @@ from jaxgpt import (
 )
 from jaxgpt import eval as evaluation
 
+log = logging.getLogger(__name__)
+
 Batch = jax.Array  # int32 [A, B, T + 1]: A micro-batches of B windows of T + 1 tokens
 
 
@@ -237,8 +239,8 @@ def _make_tokenizer(dcfg: data.DataConfig, workdir: str, cfg: model.GPTConfig):
         if os.path.exists(path):
             tok = tokenizer.load_or_train_sentencepiece(path, [], cfg.vocab_size)
         else:
-            logging.info("training a %d-piece SentencePiece tokenizer -> %s", cfg.vocab_size,
-                         path)
+            log.info("training a %d-piece SentencePiece tokenizer -> %s", cfg.vocab_size,
+                     path)
             tok = tokenizer.SentencePiece(tokenizer.train_sentencepiece(
                 shards.tokenizer_training_texts(dcfg), cfg.vocab_size), path)
     if tok.vocab_size > cfg.vocab_size:
@@ -315,7 +317,7 @@ def _restore_or_init(config, trainer, ckpts, meta, train_iter):
     # Test-only mutation controls: prove the resume tests catch a broken restore.
     broken = os.environ.get("JAXGPT_TEST_BREAK_RESTORE", "")
     if saved_meta.get("pipeline") != meta["pipeline"]:
-        logging.warning("data pipeline changed: the iterator starts from its beginning")
+        log.warning("data pipeline changed: the iterator starts from its beginning")
     elif broken != "data":
         train_iter.set_state(data_state)
     if broken == "rng":
@@ -323,7 +325,7 @@ def _restore_or_init(config, trainer, ckpts, meta, train_iter):
         state = state.replace(rng=jax.random.key_data(fresh))
     if broken == "opt":
         state = state.replace(opt_state=trainer.init().opt_state)
-    logging.info("resumed from step %d in %s", int(state.step), ckpts.workdir)
+    log.info("resumed from step %d in %s", int(state.step), ckpts.workdir)
     return state
 
 
@@ -390,9 +392,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         # Tokens and documents per source and split, and bad records skipped while preparing.
         MetricsWriter(workdir).write({"step": int(state.step), "data": corpus.stats})
         n_params = model.count_params(state.params)
-        logging.info("model: %s parameters; %d train windows of %d tokens; mesh %s",
-                     f"{n_params:,}", len(corpus.train), config.data.block_size,
-                     dict(mesh.shape))
+        log.info("model: %s parameters; %d train windows of %d tokens; mesh %s",
+                 f"{n_params:,}", len(corpus.train), config.data.block_size,
+                 dict(mesh.shape))
         return _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts,
                            meta, schedule=make_schedule(optim, total))
     finally:
@@ -406,7 +408,7 @@ def _init_from(source: str | None, trainer: Trainer, state: TrainState) -> Train
     from jaxgpt.convert import hf  # needs torch/transformers (jaxgpt[hf])
 
     params = hf.init_params(source, trainer.cfg, state.params)
-    logging.info("initialized params from %s", source)
+    log.info("initialized params from %s", source)
     # Adam moments are zeros whatever the params are, so only the params change.
     return state.replace(params=jax.device_put(params, trainer.state_shardings.params))
 
@@ -482,7 +484,7 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts,
                     "eta_s": None if done == start + 1 else (total - done) / rate, "time": now,
                     "skipped_steps": guard.skipped}
                 writer.write(last_log)
-                logging.info(report.progress_line(last_log))
+                log.info(report.progress_line(last_log))
                 t_last, step_last = now, done
             if is_eval:
                 # Several sources (a SlimPajama mixture): also a loss and perplexity per source.
@@ -492,7 +494,7 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts,
                         trainer, state.params, val, config.eval.batch_size,
                         config.eval.batches)}
                 writer.write(last_eval)
-                logging.info(report.eval_line(last_eval))
+                log.info(report.eval_line(last_eval))
             if is_save:
                 with watchdog.phase("checkpoint save"):
                     best = last_eval.get("val_loss") if last_eval.get("step") == done else None
@@ -510,9 +512,9 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts,
         watchdog.stop()
         stop.restore_handlers()
     if preempted is not None:
-        logging.warning("stopped by %s after step %d; checkpoint saved in %s; run the same "
-                        "command to resume from step %d", stop.signal_name, preempted,
-                        ckpts.root, preempted)
+        log.warning("stopped by %s after step %d; checkpoint saved in %s; run the same "
+                    "command to resume from step %d", stop.signal_name, preempted,
+                    ckpts.root, preempted)
     elif config.sample.prompts and config.sample.max_new_tokens:
         completions = _sample_text(config, trainer, state.params, tok, int(state.step))
         block = report.samples_block(int(state.step), list(config.sample.prompts),
@@ -520,7 +522,7 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts,
         if jax.process_index() == 0:
             with open(os.path.join(workdir, "samples.txt"), "a") as f:
                 f.write(block + "\n")
-            logging.info(block)
+            log.info(block)
             writer.write_text("samples", block, int(state.step))
     writer.close()
     return {"train": last_log, "eval": last_eval, "state": state, "preempted": preempted,

@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import pathlib
 import subprocess
 import sys
 import sysconfig
@@ -24,13 +25,13 @@ def small_corpus(tmp_path) -> str:
     """A ~100 KB real-text corpus (argparse's source) copied into tmp_path; returns its path."""
     src = os.path.join(sysconfig.get_paths()["stdlib"], "argparse.py")
     dst = tmp_path / "corpus.txt"
-    dst.write_bytes(open(src, "rb").read())
+    dst.write_bytes(pathlib.Path(src).read_bytes())
     return str(dst)
 
 
 def tiny_run_config(corpus: str, **changes):
     """The default config shrunk to a seconds-long run on `corpus`."""
-    from configs import default  # noqa: imported from the repo root on sys.path
+    from configs import default  # imported from the repo root on sys.path
     config = default.get_config()
     config.model.n_layer, config.model.n_head, config.model.n_embd = 2, 2, 32
     config.model.vocab_size, config.model.n_positions = 384, 64
@@ -49,7 +50,8 @@ def run_main(*args, env=None, timeout=240):
     """Run `python -m jaxgpt.main ARGS` from the repo root; returns CompletedProcess."""
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", "jaxgpt.main", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout, env=full_env)
+                          capture_output=True, text=True, timeout=timeout, env=full_env,
+                          check=False)
 
 
 def tree_hash(path) -> str:
@@ -60,5 +62,5 @@ def tree_hash(path) -> str:
         for name in sorted(files):
             full = os.path.join(root, name)
             h.update(os.path.relpath(full, path).encode())
-            h.update(open(full, "rb").read())
+            h.update(pathlib.Path(full).read_bytes())
     return h.hexdigest()

@@ -17,6 +17,7 @@ def _run():
     jax.distributed.initialize(f"localhost:{port}", num_processes=num_processes,
                                process_id=process_id, heartbeat_timeout_seconds=10)
     from absl import app
+
     from jaxgpt import main
     sys.argv = [sys.argv[0], *sys.argv[5:]]
     app.run(main.main)

@@ -1,5 +1,7 @@
 """Text source, packing, batching and the SentencePiece tokenizer."""
 
+import pathlib
+
 import numpy as np
 import pytest
 
@@ -65,7 +67,7 @@ def test_default_corpus_is_the_stdlib_without_tests():
 
 
 def test_sentencepiece_round_trip_is_exact(tmp_path):
-    text = open(helpers.small_corpus(tmp_path), encoding="utf-8").read()
+    text = pathlib.Path(helpers.small_corpus(tmp_path)).read_text(encoding="utf-8")
     tok = tokenizer.load_or_train_sentencepiece(str(tmp_path / "t.model"), [text], 512)
     assert tok.vocab_size == 512
     for sample in [text[:5000], "  indented\n\ttabs\n", "ünïcødé → 日本語 🙂"]:
@@ -77,7 +79,7 @@ def test_sentencepiece_round_trip_is_exact(tmp_path):
 
 
 def test_tokenized_documents_are_separated_by_eot(tmp_path):
-    text = open(helpers.small_corpus(tmp_path), encoding="utf-8").read()
+    text = pathlib.Path(helpers.small_corpus(tmp_path)).read_text(encoding="utf-8")
     tok = tokenizer.load_or_train_sentencepiece(str(tmp_path / "t.model"), [text], 512)
     tokens = shards.tokenize_documents(["a b", "c d"], tok)
     assert list(tokens).count(tok.eot_id) == 2 and tokens[-1] == tok.eot_id

@@ -281,7 +281,8 @@ def test_gpt2_bpe_shards_decode_to_the_articles(shared_data, tmp_path):
                         np.uint16)
     assert shard[-1] == 50256 and int((shard == 50256).sum()) == 60      # one per article
     pieces = np.split(shard, np.flatnonzero(shard == 50256) + 1)[:-1]
-    assert "".join(tok.decode(p[:-1]) for p in pieces) == pathlib.Path(path).read_text(encoding="utf-8")
+    text = pathlib.Path(path).read_text(encoding="utf-8")
+    assert "".join(tok.decode(p[:-1]) for p in pieces) == text
     corpus = data.load_prepared(str(tmp_path / "out"), dcfg, tok.fingerprint)
     assert corpus.n_train_tokens + corpus.n_val_tokens == len(shard)
     np.testing.assert_array_equal(corpus.val[len(corpus.val) - 1][1:],

@@ -32,9 +32,9 @@ def baseline():
     return _loss_and_grads(TINY, TOKENS)
 
 
-@pytest.mark.parametrize("options", [dict(attention="dot_product"), dict(remat="full"),
-                                     dict(scan_layers=True, remat="dots_saveable",
-                                          attention="dot_product")], ids=str)
+@pytest.mark.parametrize("options", [{"attention": "dot_product"}, {"remat": "full"},
+                                     {"scan_layers": True, "remat": "dots_saveable",
+                                      "attention": "dot_product"}], ids=str)
 def test_options_give_the_same_logits_and_grads(baseline, options):
     want = baseline
     got = _loss_and_grads(dataclasses.replace(TINY, **options), TOKENS)

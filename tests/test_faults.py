@@ -4,6 +4,7 @@ bad input. Subprocess tests (kill -9, SIGTERM, watchdog, CLI errors) are marked 
 import glob
 import logging
 import os
+import pathlib
 import re
 import shutil
 import signal
@@ -21,13 +22,13 @@ from jaxgpt import checkpoint, faults, sharding, train
 from tests import helpers
 
 sys.path.insert(0, os.path.join(helpers.REPO, "bench"))
-import faults as bench  # noqa: E402  (bench/faults.py)
+import faults as bench
 
 # ---------------------------------------------------------------- Checkpoints, no training
 
 
-def _state(cfg, step: int, tx=optax.adam(1e-3)):
-    return train.init_state(cfg, tx, seed=step).replace(step=jnp.int32(step))
+def _state(cfg, step: int, tx=None):
+    return train.init_state(cfg, tx or optax.adam(1e-3), seed=step).replace(step=jnp.int32(step))
 
 
 def _abstract(state):
@@ -57,9 +58,9 @@ def _truncate(root):
 
 def _flip(root):
     path = _biggest_file(f"{root}/2/state")
-    raw = bytearray(open(path, "rb").read())
+    raw = bytearray(pathlib.Path(path).read_bytes())
     raw[len(raw) // 2] ^= 0xFF
-    open(path, "wb").write(bytes(raw))
+    pathlib.Path(path).write_bytes(bytes(raw))
 
 
 CORRUPTIONS = {
@@ -68,7 +69,7 @@ CORRUPTIONS = {
     "missing metadata": (lambda r: os.remove(f"{r}/2/_CHECKPOINT_METADATA"), 2,
                          "missing _CHECKPOINT_METADATA"),
     "unchecksummed, bad meta": (lambda r: (os.remove(f"{r}/2/{checkpoint.INTEGRITY}"),
-                                           open(f"{r}/2/meta/metadata", "w").write("{")),
+                                           pathlib.Path(f"{r}/2/meta/metadata").write_text("{")),
                                 2, "unreadable meta/metadata"),
     "empty dir": (lambda r: os.makedirs(f"{r}/3"), 3, "empty directory"),
     "leftover tmp dir": (lambda r: os.makedirs(f"{r}/3.orbax-checkpoint-tmp-17/state"), 3,
@@ -83,8 +84,8 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, tiny_cfg, caplog, mode):
     corrupt(root)
     ckpts = checkpoint.Checkpoints(str(tmp_path), keep=5)
     with caplog.at_level(logging.WARNING):
-        state, data_state, meta = ckpts.restore(_abstract(_state(tiny_cfg, 0)),
-                                                check_meta=lambda s, m: None)
+        state, data_state, _meta = ckpts.restore(_abstract(_state(tiny_cfg, 0)),
+                                                 check_meta=lambda s, m: None)
     ckpts.close()
     expect = 1 if bad_step == 2 else 2
     assert int(state.step) == expect and data_state == {"pos": expect}
@@ -137,8 +138,8 @@ def shared_tok(tmp_path_factory):
 
 def _config(shared_tok, **changes):
     corpus, tok = shared_tok
-    base = dict(model__resid_pdrop=0.1, data__tokenizer_path=tok, sample__max_new_tokens=0,
-                checkpoint__every=2, checkpoint__keep=3, eval__every=0)
+    base = {"model__resid_pdrop": 0.1, "data__tokenizer_path": tok, "sample__max_new_tokens": 0,
+            "checkpoint__every": 2, "checkpoint__keep": 3, "eval__every": 0}
     return helpers.tiny_run_config(corpus, **{**base, **changes})
 
 
@@ -231,21 +232,26 @@ def _bad_inputs(tmp_path, shared_tok):
     a_file = tmp_path / "plain_file"
     a_file.write_text("not a directory")
     return [  # (changes, workdir or None for the run's, text the error must contain)
-        (dict(train__batch_size=0), None, "train.batch_size"),
-        (dict(data__path=str(tmp_path / "missing.txt")), None, "missing.txt"),
-        (dict(data__block_size=1000), None, "data.block_size"),
-        (dict(data__path=str(non_utf8)), None, "latin1.txt:2"),
-        (dict(data__val_fraction=1.5), None, "data.val_fraction"),
-        (dict(model__n_layer=3), None, "model.n_layer"),
-        (dict(train__seed=3), None, "train.seed"),
-        (dict(sample__prompts=("x " * 80,), sample__max_new_tokens=8), None,
+        ({"train__batch_size": 0}, None, "train.batch_size"),
+        ({"data__path": str(tmp_path / "missing.txt")}, None, "missing.txt"),
+        ({"data__block_size": 1000}, None, "data.block_size"),
+        ({"data__path": str(non_utf8)}, None, "latin1.txt:2"),
+        ({"data__val_fraction": 1.5}, None, "data.val_fraction"),
+        ({"model__n_layer": 3}, None, "model.n_layer"),
+        ({"train__seed": 3}, None, "train.seed"),
+        ({"sample__prompts": ("x " * 80,), "sample__max_new_tokens": 8}, None,
          "sample.prompts[0]"),
-        (dict(checkpoint__restore_step=5), None, "checkpoint.restore_step 5"),
-        (dict(checkpoint__keep=0), None, "checkpoint.keep"),
-        (dict(train__nonfinite="explode"), None, "train.nonfinite"),
-        (dict(mesh__rules="bogus"), None, "mesh.rules"),
+        ({"checkpoint__restore_step": 5}, None, "checkpoint.restore_step 5"),
+        ({"checkpoint__keep": 0}, None, "checkpoint.keep"),
+        ({"train__nonfinite": "explode"}, None, "train.nonfinite"),
+        ({"mesh__rules": "bogus"}, None, "mesh.rules"),
         ({}, str(a_file), "not a directory"),
     ]
+
+
+def _contents(target: str) -> str:
+    return helpers.tree_hash(target) if os.path.isdir(target) else pathlib.Path(
+        target).read_text()
 
 
 @pytest.mark.slow
@@ -254,7 +260,7 @@ def test_bad_inputs_are_rejected_and_change_nothing(tmp_path, shared_tok):
     train.train_and_evaluate(_config(shared_tok, train__steps=2), workdir)
 
     def corrupt_cache():   # an id the model cannot embed (JAX would clamp it silently)
-        shard = sorted(glob.glob(f"{workdir}/data/*/train/**/*.bin", recursive=True))[0]
+        shard = min(glob.glob(f"{workdir}/data/*/train/**/*.bin", recursive=True))
         tokens = np.memmap(shard, dtype=np.uint16, mode="r+")
         tokens[5] = 999
         tokens.flush()
@@ -265,13 +271,13 @@ def test_bad_inputs_are_rejected_and_change_nothing(tmp_path, shared_tok):
         if i == len(cases) - 1:
             corrupt_cache()
         target = target or workdir
-        before = helpers.tree_hash(target) if os.path.isdir(target) else open(target).read()
+        before = _contents(target)
         t0 = time.time()
         with pytest.raises((ValueError, FileNotFoundError, FileExistsError)) as e:
             train.train_and_evaluate(_config(shared_tok, **changes), target)
         assert time.time() - t0 < 10, changes
         assert expect in str(e.value), (changes, str(e.value))
-        after = helpers.tree_hash(target) if os.path.isdir(target) else open(target).read()
+        after = _contents(target)
         assert after == before, f"{changes} changed {target}"
 
 
@@ -341,7 +347,8 @@ def test_watchdog_exits_a_stuck_trainer(tmp_path, shared_tok):
     args = bench.run_args(str(tmp_path / "hang"), *shared_tok, steps=12)
     args += ["--config.train.inject_hang_at_step=4", "--config.train.watchdog_min_s=2"]
     t0 = time.time()
-    out = subprocess.run(args, cwd=helpers.REPO, capture_output=True, text=True, timeout=180)
+    out = subprocess.run(args, cwd=helpers.REPO, capture_output=True, text=True, timeout=180,
+                         check=False)
     assert out.returncode == faults.EXIT_STALLED, out.stderr[-2000:]
     assert "stalled after step 3:" in out.stdout + out.stderr
     assert time.time() - t0 < 120

@@ -32,7 +32,7 @@ def test_every_config_loads_and_builds_a_model(path):
         config = cf._LoadConfigModule("config", path).get_config(
             *([size] if size else []))
         cfg = model.GPTConfig(**config.model)
-        abstract = nnx.eval_shape(lambda: model.GPT(cfg, rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda cfg=cfg: model.GPT(cfg, rngs=nnx.Rngs(0)))
         assert model.count_params(nnx.state(abstract, nnx.Param)) > 0
         assert config.data.block_size <= cfg.n_positions
 
@@ -44,7 +44,7 @@ def test_main_job_runs_end_to_end(tmp_path):
     proc = helpers.run_main("--config=configs/default.py", f"--workdir={workdir}",
                             f"--config.data.path={corpus}", *TINY)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    records = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
+    records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r]
     assert train_records[-1]["step"] == 6 and evals[-1]["step"] == 6

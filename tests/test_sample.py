@@ -419,6 +419,7 @@ def test_cli_streams_and_rejects_bad_files(tmp_path, hf_pair, capsys):
                            method=sample.Greedy(), eot_id=0)[0]
     assert Chars().decode(want) in out
     proc = subprocess.run([sys.executable, "-m", "jaxgpt.sample", f"--checkpoint={tmp_path}",
-                           f"--prompts_file={bad}"], check=False, cwd=REPO, capture_output=True, text=True,
-                          timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                           f"--prompts_file={bad}"], check=False, cwd=REPO,
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert proc.returncode != 0 and "line 2: not UTF-8" in proc.stderr

@@ -2,6 +2,7 @@
 
 
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -134,7 +135,8 @@ def test_resume_continues_at_step_k_with_saved_params(tmp_path):
     more = train.train_and_evaluate(helpers.tiny_run_config(corpus, train__steps=6,
                                                             checkpoint__every=2), workdir)
     assert int(more["state"].step) == 6
-    records = [l for l in open(f"{workdir}/metrics.jsonl") if '"loss"' in l]
+    records = [l for l in pathlib.Path(f"{workdir}/metrics.jsonl").read_text().splitlines()
+               if '"loss"' in l]
     steps = [int(l.split('"step": ')[1].split(",")[0]) for l in records]
     assert steps[-1] == 6 and 5 in steps and steps.count(1) == 1   # never restarted at 0
 

@@ -23,6 +23,8 @@ from flax import nnx
 
 from jaxgpt import model
 
+log = logging.getLogger(__name__)
+
 # GPTConfig fields that fix the parameter shapes and the function computed; HF GPT2Config
 # uses the same names. Dropout rates are training choices and are not imported.
 ARCH_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "layer_norm_epsilon")
@@ -283,8 +285,8 @@ def init_params(source: str, cfg: model.GPTConfig, fresh: nnx.State) -> nnx.Stat
     pure["wte"]["embedding"] = jnp.concatenate(
         [pure["wte"]["embedding"], fresh_wte[hf_cfg.vocab_size:].astype(jnp.float32)])
     if cfg.vocab_size > hf_cfg.vocab_size:
-        logging.info("init_from %s: wte rows %d..%d are vocabulary padding, initialized fresh",
-                     source, hf_cfg.vocab_size, cfg.vocab_size - 1)
+        log.info("init_from %s: wte rows %d..%d are vocabulary padding, initialized fresh",
+                 source, hf_cfg.vocab_size, cfg.vocab_size - 1)
     return _state(cfg, pure)
 
 
@@ -333,8 +335,8 @@ def export_gpt2(out_dir: str, cfg: model.GPTConfig, params, *,
     vocab_size = cfg.vocab_size if vocab_size is None else vocab_size
     tensors = hf_tensors(cfg, params, vocab_size)
     if vocab_size < cfg.vocab_size:
-        logging.info("exporting the first %d of %d wte rows (the rest is vocabulary padding)",
-                     vocab_size, cfg.vocab_size)
+        log.info("exporting the first %d of %d wte rows (the rest is vocabulary padding)",
+                 vocab_size, cfg.vocab_size)
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
@@ -351,7 +353,7 @@ def export_gpt2(out_dir: str, cfg: model.GPTConfig, params, *,
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
-    logging.info("wrote HF GPT-2 (%d layers, vocab %d) to %s", cfg.n_layer, vocab_size, out_dir)
+    log.info("wrote HF GPT-2 (%d layers, vocab %d) to %s", cfg.n_layer, vocab_size, out_dir)
     return out_dir
 
 
@@ -370,15 +372,15 @@ def export_checkpoint(workdir: str, out_dir: str, *, vocab_size: int | None = No
         if vocab_size is None:
             raise ValueError(f"{workdir}: the run's tokenizer can't be loaded ({e}); pass "
                              f"--vocab_size to say how many wte rows are real") from None
-        logging.warning("%s: exporting without tokenizer files (%s)", workdir, e)
+        log.warning("%s: exporting without tokenizer files (%s)", workdir, e)
         tok = None
     if tok is not None and vocab_size is not None and vocab_size != tok.vocab_size:
         raise ValueError(f"--vocab_size {vocab_size} disagrees with the run's tokenizer "
                          f"({tok.vocab_size} tokens)")
     if tok is not None and not isinstance(tok, tokenizer.Gpt2Bpe):
-        logging.warning("the run used a %s tokenizer; transformers can't load it, so the "
-                        "export has no tokenizer files", type(tok).__name__)
-    logging.info("exporting %s step %d", workdir, step)
+        log.warning("the run used a %s tokenizer; transformers can't load it, so the "
+                    "export has no tokenizer files", type(tok).__name__)
+    log.info("exporting %s step %d", workdir, step)
     return export_gpt2(out_dir, cfg, params, vocab_size=vocab_size or tok.vocab_size,
                 tokenizer=tok if isinstance(tok, tokenizer.Gpt2Bpe) else None)
 
