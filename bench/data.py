@@ -83,13 +83,13 @@ def tile_shards(root: str, out: str, million_tokens: float, n_shards: int = 4) -
                              for s in manifest["splits"]["train"]["shards"]])
     per = int(million_tokens * 1e6 / n_shards)
     tiled = np.resize(tokens, per)
-    shards = []
+    entries = []
     for i in range(n_shards):
         rel = f"train/tiled/{i:05d}.bin"
         os.makedirs(os.path.join(out, "train", "tiled"), exist_ok=True)
         tiled.tofile(os.path.join(out, rel))
-        shards.append({"path": rel, "source": "tiled", "tokens": per})
-    manifest["splits"] = {"train": {"shards": shards, "tokens": {"tiled": per * n_shards},
+        entries.append({"path": rel, "source": "tiled", "tokens": per})
+    manifest["splits"] = {"train": {"shards": entries, "tokens": {"tiled": per * n_shards},
                                     "documents": {}}}
     with open(os.path.join(out, data.MANIFEST), "w") as f:
         json.dump(manifest, f)
