@@ -69,9 +69,10 @@ def base_config(size: str = "small", **model_overrides) -> ml_collections.Config
 
     config.optim = ml_collections.ConfigDict()
     config.optim.learning_rate = 2e-3      # peak
-    config.optim.min_lr_ratio = 0.1        # cosine floor, as a fraction of the peak
+    config.optim.min_lr_ratio = 0.1        # final learning rate, as a fraction of the peak
     config.optim.warmup_steps = 50
-    config.optim.decay_steps = 0           # 0 = decay until train.steps
+    config.optim.schedule = "cosine"       # or "wsd": warm-up, stable peak, linear decay
+    config.optim.decay_steps = 0           # cosine: 0 = until train.steps; wsd: 0 = last 20%
     config.optim.b1 = 0.9
     config.optim.b2 = 0.95
     config.optim.eps = 1e-8

@@ -40,6 +40,8 @@ from jaxgpt import eval as evaluation
 log = logging.getLogger(__name__)
 
 Batch = jax.Array  # int32 [A, B, T + 1]: A micro-batches of B windows of T + 1 tokens
+SCHEDULES = ("cosine", "wsd")
+WSD_DECAY_FRACTION = 0.2   # wsd with decay_steps = 0 decays over the last 20% of the steps
 
 
 @struct.dataclass
@@ -55,7 +57,9 @@ class OptimConfig:
     learning_rate: float = 6e-4   # peak, after warm-up
     min_lr_ratio: float = 0.1     # cosine decays to learning_rate * min_lr_ratio
     warmup_steps: int = 100
-    decay_steps: int = 0          # steps of cosine decay; 0 = until the last step
+    decay_steps: int = 0          # cosine: its length, 0 = until the last step;
+                                  # wsd: the final decay, 0 = the last 20% of the steps
+    schedule: str = "cosine"      # "cosine" | "wsd" (warm-up, stable, linear decay)
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
@@ -69,15 +73,31 @@ class OptimConfig:
             raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps < 0 or self.decay_steps < 0:
             raise ValueError("optim.warmup_steps and optim.decay_steps must be >= 0")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule must be one of {'|'.join(SCHEDULES)}, "
+                             f"got {self.schedule!r}")
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
-    """Linear warm-up from 0 to the peak, then cosine decay to peak * min_lr_ratio."""
+    """Linear warm-up from 0 to the peak, then to peak * min_lr_ratio: "cosine" decays along a
+    cosine; "wsd" holds the peak and decays linearly over the last `decay_steps` steps."""
+    floor = cfg.learning_rate * cfg.min_lr_ratio
+    if cfg.schedule == "wsd":
+        decay = cfg.decay_steps or max(round(WSD_DECAY_FRACTION * total_steps), 1)
+        stable = total_steps - cfg.warmup_steps - decay
+        if stable < 0:
+            raise ValueError(f"optim.schedule='wsd': warmup_steps {cfg.warmup_steps} + decay "
+                             f"steps {decay} exceed train.steps {total_steps}")
+        return optax.join_schedules([
+            optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps),
+            optax.constant_schedule(cfg.learning_rate),
+            optax.linear_schedule(cfg.learning_rate, floor, decay)],
+            boundaries=[cfg.warmup_steps, cfg.warmup_steps + stable])
     decay = cfg.decay_steps or max(total_steps, cfg.warmup_steps + 1)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
         decay_steps=max(decay, cfg.warmup_steps + 1),
-        end_value=cfg.learning_rate * cfg.min_lr_ratio)
+        end_value=floor)
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
@@ -338,6 +358,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """
     cfg = model.GPTConfig(**config.model)
     optim = OptimConfig(**config.optim)
+    make_schedule(optim, config.train.steps)   # a schedule that doesn't fit fails here
     checks.validate_config(config, cfg, jax.device_count())
     checks.validate_faults(config)
     faults.assert_same_config_everywhere(config.to_dict())

@@ -37,6 +37,26 @@ def test_schedule_is_linear_warmup_then_cosine_to_floor():
     np.testing.assert_allclose(schedule(110), 1e-4, rtol=1e-5)
 
 
+def test_wsd_schedule_warms_up_holds_the_peak_then_decays_linearly():
+    cfg = train.OptimConfig(learning_rate=1e-3, min_lr_ratio=0.1, warmup_steps=10,
+                            schedule="wsd")
+    schedule = train.make_schedule(cfg, total_steps=110)   # decay: the last 22 steps
+    np.testing.assert_allclose([schedule(t) for t in (0, 5, 10, 50, 88)],
+                               [0.0, 5e-4, 1e-3, 1e-3, 1e-3], rtol=1e-6)
+    for t in (99, 110):
+        np.testing.assert_allclose(schedule(t), 1e-3 - (1e-3 - 1e-4) * (t - 88) / 22,
+                                   rtol=1e-5)
+    fixed = train.make_schedule(train.OptimConfig(
+        learning_rate=1.0, min_lr_ratio=0.0, warmup_steps=0, decay_steps=4, schedule="wsd"), 10)
+    np.testing.assert_allclose([fixed(t) for t in range(11)],
+                               [1, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25, 0], atol=1e-7)
+    with pytest.raises(ValueError, match="warmup_steps 10 \\+ decay steps 5 exceed train.steps 12"):
+        train.make_schedule(train.OptimConfig(warmup_steps=10, decay_steps=5,
+                                              schedule="wsd"), 12)
+    with pytest.raises(ValueError, match="optim.schedule must be one of cosine|wsd"):
+        train.OptimConfig(schedule="linear")
+
+
 def test_weight_decay_only_on_matrices(tiny_cfg):
     cfg = train.OptimConfig(learning_rate=1.0, warmup_steps=0, weight_decay=0.5, grad_clip=0)
     tx = train.make_optimizer(cfg, total_steps=10)
