@@ -78,6 +78,10 @@ def base_config(size: str = "small", **model_overrides) -> ml_collections.Config
     config.optim.eps = 1e-8
     config.optim.weight_decay = 0.1        # >= 2-D weights only
     config.optim.grad_clip = 1.0           # global norm; 0 disables
+    # "muon": Muon on the blocks' weight matrices (same lr and decay: updates at AdamW's RMS),
+    # AdamW without decay on embeddings, norms and biases.
+    config.optim.optimizer = "adamw"
+    config.optim.muon_momentum = 0.95
 
     config.eval = ml_collections.ConfigDict()
     config.eval.every = 200                # steps between evals; 0 = only at the end? never

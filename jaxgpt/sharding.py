@@ -104,6 +104,8 @@ def tree_shardings(tree, mesh: Mesh, rules: dict):
     def one(path, leaf):
         names = None
         if isinstance(leaf, nnx.Variable):
+            if not hasattr(leaf.get_value(), "shape"):
+                return leaf.get_value()   # an empty placeholder (optax's MaskedNode): no array
             names = leaf.get_metadata().get("out_sharding")
             shape = leaf.get_value().shape
         else:

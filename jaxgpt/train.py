@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 Batch = jax.Array  # int32 [A, B, T + 1]: A micro-batches of B windows of T + 1 tokens
 SCHEDULES = ("cosine", "wsd")
+OPTIMIZERS = ("adamw", "muon")
+MUON_RMS = 0.2   # Muon updates scaled to AdamW's typical RMS, so AdamW's lr and decay carry over
 WSD_DECAY_FRACTION = 0.2   # wsd with decay_steps = 0 decays over the last 20% of the steps
 
 
@@ -65,6 +67,8 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1     # on >= 2-D weights only (not biases, LayerNorm)
     grad_clip: float = 1.0        # global-norm clip; 0 disables
+    optimizer: str = "adamw"      # "adamw" | "muon" (hidden matrices; AdamW for the rest)
+    muon_momentum: float = 0.95
 
     def __post_init__(self):
         if self.learning_rate <= 0:
@@ -76,6 +80,11 @@ class OptimConfig:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"optim.schedule must be one of {'|'.join(SCHEDULES)}, "
                              f"got {self.schedule!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optim.optimizer must be one of {'|'.join(OPTIMIZERS)}, "
+                             f"got {self.optimizer!r}")
+        if not 0 <= self.muon_momentum < 1:
+            raise ValueError(f"optim.muon_momentum must be in [0, 1), got {self.muon_momentum}")
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -100,14 +109,44 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
         end_value=floor)
 
 
+def muon_dimensions(params):
+    """Each hidden weight matrix of the blocks as Muon sees it, from its logical axis names:
+    the `embed` axis is the input side when it comes first and the output side when last, the
+    other named axes the opposite side, and unnamed axes (q/k/v of a fused kernel) are
+    orthogonalized separately. None (AdamW) for embeddings, norms and biases."""
+    def one(path, var):
+        names = var.get_metadata().get("out_sharding") or ()
+        is_kernel = getattr(path[-1], "key", None) == "kernel"
+        if not is_kernel or names.count("embed") != 1 or "embed" not in (names[0], names[-1]):
+            return None
+        named = [i for i, n in enumerate(names) if n not in (None, "embed")]
+        embed = (names.index("embed"),)
+        return (optax.contrib.MuonDimensionNumbers(embed, tuple(named)) if names[0] == "embed"
+                else optax.contrib.MuonDimensionNumbers(tuple(named), embed))
+    return jax.tree_util.tree_map_with_path(one, params,
+                                            is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """AdamW (GPT-2/3 practice) with decay on matrices only, after global-norm clipping."""
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-    adamw = optax.adamw(make_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                        weight_decay=cfg.weight_decay, mask=decay_mask)
+    """AdamW (GPT-2/3 practice) with decay on matrices only, after global-norm clipping.
+
+    "muon": Muon (momentum orthogonalized by Newton-Schulz; Jordan et al. 2024) on the
+    blocks' weight matrices, with updates scaled to AdamW's RMS (Liu et al. 2025) so the same
+    learning rate and weight decay apply; AdamW without decay on embeddings, norms, biases.
+    """
+    schedule = make_schedule(cfg, total_steps)
+    if cfg.optimizer == "muon":
+        tx = optax.contrib.muon(
+            schedule, beta=cfg.muon_momentum, eps=cfg.eps, weight_decay=cfg.weight_decay,
+            adam_b1=cfg.b1, adam_b2=cfg.b2, adam_weight_decay=0.0,
+            muon_weight_dimension_numbers=muon_dimensions, consistent_rms=MUON_RMS)
+    else:
+        decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+        tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                         weight_decay=cfg.weight_decay, mask=decay_mask)
     if cfg.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
-    return adamw
+        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
+    return tx
 
 
 def cross_entropy(logits, targets, mask=None):

@@ -72,6 +72,51 @@ def test_weight_decay_only_on_matrices(tiny_cfg):
             assert float(jnp.abs(u).max()) == 0, jax.tree_util.keystr(path)
 
 
+def _muon_update(tiny_cfg, grads_fn, weight_decay):
+    cfg = train.OptimConfig(learning_rate=1.0, warmup_steps=0, weight_decay=weight_decay,
+                            grad_clip=0, optimizer="muon")
+    tx = train.make_optimizer(cfg, total_steps=10)
+    state = train.init_state(tiny_cfg, tx, seed=0)
+    updates, _ = tx.update(grads_fn(state.params), state.opt_state, state.params)
+    named = lambda tree: {jax.tree_util.keystr(k): v for k, v in
+                          jax.tree_util.tree_leaves_with_path(tree)}
+    return named(updates), named(state.params)
+
+
+def test_muon_decays_only_its_matrices(tiny_cfg):
+    updates, params = _muon_update(tiny_cfg, lambda p: jax.tree.map(jnp.zeros_like, p), 0.5)
+    for name, u in updates.items():
+        hidden = "kernel" in name    # the blocks' weight matrices; AdamW (no decay) elsewhere
+        np.testing.assert_allclose(u, -0.5 * params[name] if hidden else 0 * u, rtol=1e-6,
+                                   err_msg=name)
+
+
+def test_muon_steps_are_orthogonal_per_matrix_and_per_q_k_v(tiny_cfg):
+    """Each update is an orthogonalized gradient scaled to RMS 0.2: singular values near
+    0.2 * sqrt(max(fan_in, fan_out)), within Newton-Schulz's band (the smallest of a square
+    random matrix stay below it). The fused qkv kernel [D, 3, H, K] is three [D, H*K]
+    matrices, each orthogonalized on its own: as one [D, 3HK] matrix, its blocks would reach
+    about 1.5 on this scale."""
+    rng = np.random.default_rng(0)
+    random = lambda p: jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape),
+                                                          jnp.float32), p)
+    updates, _ = _muon_update(tiny_cfg, random, 0.0)
+    D, H, K = tiny_cfg.n_embd, tiny_cfg.n_head, tiny_cfg.n_embd // tiny_cfg.n_head
+    matrices = {}
+    for name, u in updates.items():
+        u = np.asarray(u)
+        if "c_attn" in name and "kernel" in name:
+            matrices.update({f"{name}[{j}]": u[:, j].reshape(D, H * K) for j in range(3)})
+        elif "attn" in name and "c_proj" in name and "kernel" in name:
+            matrices[name] = u.reshape(H * K, D)
+        elif "kernel" in name:
+            matrices[name] = u
+    assert len(matrices) == tiny_cfg.n_layer * 6
+    for name, m in matrices.items():
+        sv = np.linalg.svd(m, compute_uv=False) / (0.2 * np.sqrt(max(m.shape)))
+        assert np.median(sv) > 0.6 and sv.max() < 1.3, (name, np.median(sv), sv.max())
+
+
 def test_cross_entropy_matches_numpy():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(2, 5, 11)).astype(np.float32)
@@ -161,16 +206,14 @@ def test_resume_continues_at_step_k_with_saved_params(tmp_path):
     assert steps[-1] == 6 and 5 in steps and steps.count(1) == 1   # never restarted at 0
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, optimizer):
     corpus = helpers.small_corpus(tmp_path)
-    straight = train.train_and_evaluate(
-        helpers.tiny_run_config(corpus, train__steps=6, checkpoint__every=3),
-        str(tmp_path / "a"))
-    train.train_and_evaluate(helpers.tiny_run_config(corpus, train__steps=3,
-                                                     checkpoint__every=3), str(tmp_path / "b"))
-    resumed = train.train_and_evaluate(
-        helpers.tiny_run_config(corpus, train__steps=6, checkpoint__every=3),
-        str(tmp_path / "b"))
+    config = lambda steps: helpers.tiny_run_config(corpus, train__steps=steps,
+                                                   checkpoint__every=3, optim__optimizer=optimizer)
+    straight = train.train_and_evaluate(config(6), str(tmp_path / "a"))
+    train.train_and_evaluate(config(3), str(tmp_path / "b"))
+    resumed = train.train_and_evaluate(config(6), str(tmp_path / "b"))
     helpers.assert_trees_close(jax.device_get(straight["state"]),
                                jax.device_get(resumed["state"]), rtol=0, atol=0)
 
