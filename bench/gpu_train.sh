@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # gpt2-124M training throughput and MFU on one GPU (H100/H200): bf16 compute, cuDNN flash
-# attention through jax.nn.dot_product_attention, vocabulary padded to 50304 (a multiple of
-# 128, as llm.c/nanoGPT do), micro-batch 32 x 1024 tokens. About 2-4 minutes with compile.
+# attention through jax.nn.dot_product_attention (--attention cudnn: cuDNN or an error naming
+# why, never a silent fall-back to XLA's attention; --attention dot_product lets JAX choose),
+# vocabulary padded to 50304 (a multiple of 128, as llm.c/nanoGPT do), micro-batch
+# 32 x 1024 tokens. About 2-4 minutes with compile.
 #
 #   bash bench/gpu_train.sh                      # on the GPU machine, from the repo root
 #   bash bench/gpu_train.sh --batch 64 --remat dots_with_no_batch_dims_saveable
@@ -17,4 +19,4 @@ cd "$(dirname "$0")/.."
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false"
 exec "${PYTHON:-python}" bench/train.py --frameworks jax --sizes gpt2 --dtype bfloat16 \
-  --attention dot_product --batch 32 --seq 1024 --vocab 50304 --steps 20 --warmup 2 "$@"
+  --attention cudnn --batch 32 --seq 1024 --vocab 50304 --steps 20 --warmup 2 "$@"

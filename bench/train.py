@@ -5,7 +5,7 @@ CPU (the issue's comparison; run from the repo root on an otherwise idle machine
     python bench/train.py --threads 2
 GPU (jaxgpt only, bf16, cuDNN attention; see bench/gpu_train.sh):
     python bench/train.py --frameworks jax --sizes gpt2 --dtype bfloat16 \
-        --attention dot_product --batch 32 --seq 1024 --vocab 50304 --steps 20
+        --attention cudnn --batch 32 --seq 1024 --vocab 50304 --steps 20
 
 Every variant trains on the same random tokens with AdamW and global-norm clipping, float32
 unless --dtype says otherwise. tokens/s is measured over --steps steps after --warmup steps

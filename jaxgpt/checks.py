@@ -5,6 +5,7 @@ import importlib.util
 import logging
 import os
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -28,6 +29,9 @@ def validate_config(config: ml_collections.ConfigDict, cfg: model.GPTConfig, n_d
         raise ValueError(f"mesh.rules must be one of {'|'.join(sharding.RULES)}, "
                          f"got {config.mesh.rules!r}")
     sharding.resolve_mesh_shape(config.mesh.shape, n_devices)
+    if cfg.attention == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(f"model.attention='cudnn' trains only on a GPU (this backend is "
+                         f"{jax.default_backend()}); use 'dot_product' or 'einsum'")
     if config.report.wandb_project and importlib.util.find_spec("wandb") is None:
         raise ValueError(f"report.wandb_project is {config.report.wandb_project!r} but wandb "
                          f"is not installed (pip install wandb)")

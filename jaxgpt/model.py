@@ -34,8 +34,10 @@ REMAT_POLICIES = {
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 # "einsum": explicit scores and float32 softmax. "dot_product": jax.nn.dot_product_attention,
-# which runs cuDNN's fused flash kernel on GPUs where it applies (XLA elsewhere).
-ATTENTION_KERNELS = ("einsum", "dot_product")
+# which runs cuDNN's fused flash kernel on GPUs where it applies (XLA elsewhere, silently).
+# "cudnn": the same call insisting on cuDNN on a GPU, so it runs or fails with cuDNN's reason
+# (elsewhere, e.g. evaluating the checkpoint on a CPU, it is "dot_product").
+ATTENTION_KERNELS = ("einsum", "dot_product", "cudnn")
 
 # name -> (n_layer, n_head, n_embd). The four GPT-2 sizes are OpenAI's; the small ones are
 # for tests and CPU runs.
@@ -102,8 +104,8 @@ class GPTConfig:
         if self.attention not in ATTENTION_KERNELS:
             raise ValueError(f"model.attention must be one of {'|'.join(ATTENTION_KERNELS)}, "
                              f"got {self.attention!r}")
-        if self.attention == "dot_product" and self.attn_pdrop:
-            raise ValueError(f"model.attention='dot_product' has no attention dropout; "
+        if self.attention != "einsum" and self.attn_pdrop:
+            raise ValueError(f"model.attention={self.attention!r} has no attention dropout; "
                              f"model.attn_pdrop must be 0, got {self.attn_pdrop}")
         self._check_options()
 
@@ -382,22 +384,25 @@ class Attention(nnx.Module):
             cache_k, cache_v = write(cache_k, k), write(cache_v, v)
             new_kv, kv_layout = (cache_k, cache_v), "BGSK"
             k, v = cache_k.astype(dtype), cache_v.astype(dtype)
-        if self.cfg.attention == "dot_product":
+        if self.cfg.attention != "einsum":
             if kv_layout == "BGSK":   # the kernel takes [B, S, G, K]
                 k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-            out = _fused_attention(q, k, v, mask_BTS)
+            out = _fused_attention(q, k, v, mask_BTS, self.cfg.attention == "cudnn")
         else:
             out = _attend(q, k, v, mask_BTS, self.attn_dropout, rngs, kv_layout=kv_layout)
         out = self.c_proj.project("BTHK,HKD->BTD", out, dtype)
         return self.resid_dropout(out, deterministic=rngs is None, rngs=rngs), new_kv
 
 
-def _fused_attention(q, k, v, mask_BTS):
+def _fused_attention(q, k, v, mask_BTS, cudnn: bool = False):
     """jax.nn.dot_product_attention on q [B, T, H, K], k/v [B, S, G, K] (it groups query heads
     over G key/value heads itself); mask_BTS None means plain causal, which takes the
-    kernel's is_causal path (the one cuDNN flash attention accelerates)."""
+    kernel's is_causal path (the one cuDNN flash attention accelerates), with
+    implementation="cudnn" when asked for on a GPU. Masked calls (sampling) let JAX choose."""
     if mask_BTS is None:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        insist = cudnn and jax.default_backend() == "gpu"
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                            implementation="cudnn" if insist else None)
     return jax.nn.dot_product_attention(q, k, v, mask=mask_BTS[:, None])
 
 

@@ -32,7 +32,8 @@ def baseline():
     return _loss_and_grads(TINY, TOKENS)
 
 
-@pytest.mark.parametrize("options", [{"attention": "dot_product"}, {"remat": "full"},
+@pytest.mark.parametrize("options", [{"attention": "dot_product"}, {"attention": "cudnn"},
+                                     {"remat": "full"},
                                      {"scan_layers": True, "remat": "dots_saveable",
                                       "attention": "dot_product"}], ids=str)
 def test_options_give_the_same_logits_and_grads(baseline, options):
@@ -68,5 +69,17 @@ def test_fused_attention_with_padding_and_cache_equals_einsum():
 def test_bad_options_are_named(field, value):
     with pytest.raises(ValueError, match=f"model.{field} must be one of .*{value!r}"):
         dataclasses.replace(TINY, **{field: value})
-    with pytest.raises(ValueError, match="attn_pdrop must be 0"):
-        dataclasses.replace(TINY, attention="dot_product", attn_pdrop=0.1)
+    for attention in ("dot_product", "cudnn"):
+        with pytest.raises(ValueError, match="attn_pdrop must be 0"):
+            dataclasses.replace(TINY, attention=attention, attn_pdrop=0.1)
+
+
+def test_cudnn_attention_is_refused_for_training_off_a_gpu():
+    from jaxgpt import checks
+    from jaxgpt import config as config_lib
+    config = config_lib.base_config()
+    config.data.block_size = TINY.n_positions
+    cfg = dataclasses.replace(TINY, attention="cudnn")
+    with pytest.raises(ValueError, match="attention='cudnn' trains only on a GPU \\(this "
+                                         "backend is cpu\\)"):
+        checks.validate_config(config, cfg, jax.device_count())
