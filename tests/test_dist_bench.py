@@ -20,7 +20,7 @@ def test_gpu_bench_script_runs_tiny_on_cpu():
         env=dict(os.environ, JAX_PLATFORMS="cpu"), check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     # The GPU defaults (bf16, fused attention) are what ran; the CPU's peak is measured.
-    assert "dtype bfloat16; attention dot_product" in out.stdout
+    assert "dtype bfloat16; attention cudnn" in out.stdout
     match = re.search(r"RESULT gpt2: tokens/s ([\d,]+)  MFU ([\d.]+)%", out.stdout)
     assert match and float(match.group(1).replace(",", "")) > 0 and float(match.group(2)) > 0
     # --profile: a per-step op table whose shares are of the traced ops' total.
