@@ -104,6 +104,13 @@ def resume_guard(config, meta: dict):
     """check_meta for `Checkpoints.restore`: refuse a checkpoint of another model, tokenizer
     or data pipeline unless checkpoint.allow_config_change is set."""
     def check(step, saved):
+        # Another optimizer keeps state of another structure: nothing to restore it into.
+        was = saved.get("config", {}).get("optim", {}).get("optimizer", "adamw")
+        now = meta["config"]["optim"]["optimizer"]
+        if was != now:
+            raise ValueError(f"checkpoint at step {step} holds {was} optimizer state, but "
+                             f"optim.optimizer is {now!r}; keep optim.optimizer={was!r} to "
+                             f"resume it, or start a new workdir")
         diff = faults.config_diff(saved.get("config", {}), meta["config"], RESUME_FIELDS)
         for key in ("tokenizer", "pipeline"):
             if saved.get(key) != meta[key]:

@@ -110,6 +110,24 @@ def test_keeps_newest_plus_best_and_never_saves_nonfinite(tmp_path, tiny_cfg):
     assert sorted(os.listdir(root)) == ["2", "4", "5"]
 
 
+def test_resume_refuses_another_optimizers_state_even_when_changes_are_allowed():
+    from jaxgpt import checks
+    from jaxgpt import config as config_lib
+    config = config_lib.base_config()
+    saved = {"config": config.to_dict(), "tokenizer": "t", "pipeline": "p"}
+    config.optim.optimizer = "muon"
+    config.checkpoint.allow_config_change = True
+    meta = {**saved, "config": config.to_dict()}
+    with pytest.raises(ValueError, match="step 7 holds adamw optimizer state, but "
+                                         "optim.optimizer is 'muon'"):
+        checks.resume_guard(config, meta)(7, saved)
+    del saved["config"]["optim"]["optimizer"]          # written before the option existed
+    with pytest.raises(ValueError, match="holds adamw optimizer state"):
+        checks.resume_guard(config, meta)(7, saved)
+    config.optim.optimizer = "adamw"
+    checks.resume_guard(config, {**saved, "config": config.to_dict()})(7, saved)
+
+
 def test_workdir_lock(tmp_path):
     first = faults.WorkdirLock(str(tmp_path))
     first.acquire()
