@@ -57,7 +57,7 @@ class TrainState:
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
     learning_rate: float = 6e-4   # peak, after warm-up
-    min_lr_ratio: float = 0.1     # cosine decays to learning_rate * min_lr_ratio
+    min_lr_ratio: float = 0.1     # the schedule ends at learning_rate * min_lr_ratio
     warmup_steps: int = 100
     decay_steps: int = 0          # cosine: its length, 0 = until the last step;
                                   # wsd: the final decay, 0 = the last 20% of the steps
@@ -68,7 +68,7 @@ class OptimConfig:
     weight_decay: float = 0.1     # on >= 2-D weights only (not biases, LayerNorm)
     grad_clip: float = 1.0        # global-norm clip; 0 disables
     optimizer: str = "adamw"      # "adamw" | "muon" (hidden matrices; AdamW for the rest)
-    muon_momentum: float = 0.95
+    muon_momentum: float = 0.95   # Muon's (Nesterov) momentum; AdamW's part uses b1, b2
 
     def __post_init__(self):
         if self.learning_rate <= 0:
