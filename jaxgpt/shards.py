@@ -19,11 +19,12 @@ import os
 import re
 import shutil
 import socket
+import time
 
 import grain
 import numpy as np
 
-from jaxgpt import sources, tokenizer
+from jaxgpt import report, sources, tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ SHARD_TOKENS = 1 << 27            # tokens per .bin shard (256 MB as uint16)
 _HF_CHUNK_DOCS = 4096             # documents per tokenization task for HF streams
 _TOKENIZER_TRAIN_CHARS = 100_000_000
 _PART = re.compile(r"part-(\d{5})-of-(\d{5})")
+PROGRESS_EVERY_S = 30.0           # seconds between progress lines while preparing
 
 # `dcfg` below is a `data.DataConfig`.
 
@@ -164,6 +166,29 @@ class _ShardWriter:
             tokens = tokens[take.size:]
 
 
+class _Progress:
+    """A log line every PROGRESS_EVERY_S seconds while a split is prepared: files (or HF
+    chunks) done, documents, tokens, tokens/s and, for files, an ETA."""
+
+    def __init__(self, split: str, n_files: int):
+        self.split, self.n_files, self.done = split, n_files, 0
+        self.start = self.last = time.monotonic()
+
+    def step(self, n_docs: int, n_tokens: int) -> None:
+        self.done += 1
+        now = time.monotonic()
+        if now - self.last < PROGRESS_EVERY_S and self.done != self.n_files:
+            return
+        self.last, rate = now, self.done / max(now - self.start, 1e-9)
+        where = (f"{self.done:,}/{self.n_files:,} files" if self.n_files
+                 else f"{self.done:,} chunks of {_HF_CHUNK_DOCS} documents")
+        eta = (f", ETA {report.format_duration((self.n_files - self.done) / rate)}"
+               if self.n_files else "")
+        log.info("prepare %s: %s, %s documents, %s tokens, %.2fM tokens/s%s", self.split,
+                 where, f"{n_docs:,}", f"{n_tokens:,}",
+                 n_tokens / max(now - self.start, 1e-9) / 1e6, eta)
+
+
 def _write_splits(dcfg, tok, splits: dict, tmp: str, manifest: dict) -> None:
     dtype = np.dtype(manifest["dtype"])
     bad_total: dict[str, int] = {}
@@ -171,13 +196,15 @@ def _write_splits(dcfg, tok, splits: dict, tmp: str, manifest: dict) -> None:
         writer = _ShardWriter(tmp, split, dtype)
         results = (_tokenized_files(splits[split], dcfg, tok) if splits
                    else _tokenized_stream(split, dcfg, tok))
-        n_docs = 0
+        n_docs, n_tokens, progress = 0, 0, _Progress(split, len(splits.get(split) or ()))
         for by_source, bad in results:
             for name, (tokens, docs) in by_source.items():
                 writer.add(name, tokens, docs)
                 n_docs += docs
+                n_tokens += tokens.size
             for kind, n in bad.items():
                 bad_total[kind] = bad_total.get(kind, 0) + n
+            progress.step(n_docs, n_tokens)
             if dcfg.max_documents and n_docs >= dcfg.max_documents:
                 break
         tokens = {}

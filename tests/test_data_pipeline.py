@@ -2,6 +2,7 @@
 SlimPajama sample, plus the prepare and tokenizer command lines."""
 
 import json
+import logging
 import os
 import pathlib
 import subprocess
@@ -170,6 +171,21 @@ def test_parts_merged_are_the_whole_token_stream(sample, tmp_path):
     assert batch.shape == (8, BLOCK + 1) and batch.max() < tok.vocab_size
     with pytest.raises(FileExistsError, match="complete already"):
         shards.merge(out)
+
+
+def test_prepare_logs_progress_per_file(sample, tmp_path, monkeypatch, caplog):
+    dcfg, tok, _ = sample
+    monkeypatch.setattr(shards, "PROGRESS_EVERY_S", 0.0)      # a line after every file
+    with caplog.at_level(logging.INFO, logger="jaxgpt.shards"):
+        manifest = shards.prepare(dcfg, tok, str(tmp_path / "out"))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("prepare ")]
+    assert [line.split(",")[0] for line in lines] == [
+        "prepare train: 1/4 files", "prepare train: 2/4 files", "prepare train: 3/4 files",
+        "prepare train: 4/4 files", "prepare val: 1/1 files"]
+    for line, split in ((lines[3], "train"), (lines[4], "val")):
+        docs = sum(manifest["splits"][split]["documents"].values())
+        tokens = sum(manifest["splits"][split]["tokens"].values())
+        assert f" {docs:,} documents, {tokens:,} tokens, " in line and "ETA 0m00s" in line
 
 
 def test_parts_missing_mismatched_or_unsplittable_are_refused(sample, tmp_path):
