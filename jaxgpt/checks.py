@@ -9,7 +9,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxgpt import data, faults, model, sharding
+from jaxgpt import choices, data, faults, model, sharding
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +25,7 @@ def validate_config(config: ml_collections.ConfigDict, cfg: model.GPTConfig, n_d
     if config.train.batch_size % config.train.grad_accum:
         raise ValueError(f"train.batch_size {config.train.batch_size} is not divisible by "
                          f"train.grad_accum {config.train.grad_accum}")
-    if config.mesh.rules not in sharding.RULES:
-        raise ValueError(f"mesh.rules must be one of {'|'.join(sharding.RULES)}, "
-                         f"got {config.mesh.rules!r}")
+    choices.check("mesh.rules", config.mesh.rules, sharding.RULES)
     sharding.resolve_mesh_shape(config.mesh.shape, n_devices)
     if cfg.attention == "cudnn" and jax.default_backend() != "gpu":
         raise ValueError(f"model.attention='cudnn' trains only on a GPU (this backend is "
@@ -57,9 +55,7 @@ SCAN_LIMIT = 1 << 28   # tokens: a full id-range check at start-up reads this mu
 
 
 def validate_faults(config: ml_collections.ConfigDict):
-    if config.train.nonfinite not in NONFINITE_MODES:
-        raise ValueError(f"train.nonfinite must be one of {'|'.join(NONFINITE_MODES)}, "
-                         f"got {config.train.nonfinite!r}")
+    choices.check("train.nonfinite", config.train.nonfinite, NONFINITE_MODES)
     if config.train.max_consecutive_skips < 1:
         raise ValueError(f"train.max_consecutive_skips must be >= 1, got "
                          f"{config.train.max_consecutive_skips}")

@@ -25,7 +25,7 @@ import os
 import grain
 import numpy as np
 
-from jaxgpt import shards, sources, tokenizer
+from jaxgpt import choices, shards, sources, tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +52,8 @@ class DataConfig:
     worker_count: int = 0
 
     def __post_init__(self):
-        if self.source not in SOURCES:
-            raise ValueError(f"data.source must be one of {'|'.join(SOURCES)}, "
-                             f"got {self.source!r}")
-        if self.tokenizer not in tokenizer.KINDS:
-            raise ValueError(f"data.tokenizer must be one of {'|'.join(tokenizer.KINDS)}, "
-                             f"got {self.tokenizer!r}")
+        choices.check("data.source", self.source, SOURCES)
+        choices.check("data.tokenizer", self.tokenizer, tokenizer.KINDS)
         sources.BadRecords(self.on_bad_record)
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from jaxgpt import ops
+from jaxgpt import choices, ops
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Activation rematerialisation per block: what the backward pass may keep instead of
@@ -96,14 +96,9 @@ class GPTConfig:
         for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"model.dtype must be one of {'|'.join(DTYPES)}, got {self.dtype!r}")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"model.remat must be one of {'|'.join(REMAT_POLICIES)}, "
-                             f"got {self.remat!r}")
-        if self.attention not in ATTENTION_KERNELS:
-            raise ValueError(f"model.attention must be one of {'|'.join(ATTENTION_KERNELS)}, "
-                             f"got {self.attention!r}")
+        choices.check("model.dtype", self.dtype, DTYPES)
+        choices.check("model.remat", self.remat, REMAT_POLICIES)
+        choices.check("model.attention", self.attention, ATTENTION_KERNELS)
         if self.attention != "einsum" and self.attn_pdrop:
             raise ValueError(f"model.attention={self.attention!r} has no attention dropout; "
                              f"model.attn_pdrop must be 0, got {self.attn_pdrop}")

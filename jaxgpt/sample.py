@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxgpt import model
+from jaxgpt import choices, model
 
 log = logging.getLogger(__name__)
 
@@ -195,9 +195,7 @@ class Sampling:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {'|'.join(SCHEDULES)}, "
-                             f"got {self.schedule!r}")
+        choices.check("schedule", self.schedule, SCHEDULES)
         annealed = self.schedule != "constant"
         if annealed != (self.final_temperature is not None):
             raise ValueError(f"final_temperature={self.final_temperature} needs a linear or "

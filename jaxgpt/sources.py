@@ -18,6 +18,8 @@ from collections.abc import Iterable, Iterator
 
 import zstandard
 
+from jaxgpt import choices
+
 log = logging.getLogger(__name__)
 
 SOURCES = ("text", "wikitext", "slimpajama")
@@ -39,9 +41,7 @@ class BadRecords:
     """Raises on a bad record (policy 'error') or counts it by kind (policy 'skip')."""
 
     def __init__(self, policy: str):
-        if policy not in BAD_RECORD_POLICIES:
-            raise ValueError(f"data.on_bad_record must be one of "
-                             f"{'|'.join(BAD_RECORD_POLICIES)}, got {policy!r}")
+        choices.check("data.on_bad_record", policy, BAD_RECORD_POLICIES)
         self.policy = policy
         self.counts: collections.Counter = collections.Counter()
 
@@ -90,8 +90,7 @@ def find_splits(source: str, path: str | None) -> dict[str, list[str]]:
     any `.jsonl[.zst]` files. WikiText: files named `*train*` / `*valid*` (`*test*` unused);
     a lone file or a folder without a train file is all training text. Text: every file.
     """
-    if source not in SOURCES:
-        raise ValueError(f"data.source must be one of {'|'.join(SOURCES)}, got {source!r}")
+    choices.check("data.source", source, SOURCES)
     if path is None:
         return {"train": default_corpus_files()} if source == "text" else {}
     if source == "text":

@@ -15,6 +15,8 @@ from typing import Protocol
 
 import sentencepiece as spm
 
+from jaxgpt import choices
+
 log = logging.getLogger(__name__)
 
 
@@ -206,11 +208,8 @@ def load(kind: str, path: str) -> Tokenizer:
     Runs record (kind, path, fingerprint) in their checkpoints, so tools rebuild the exact
     tokenizer a model was trained with.
     """
-    if kind == "sentencepiece":
-        return SentencePiece.load(path)
-    if kind == "gpt2":
-        return Gpt2Bpe(path)
-    raise ValueError(f"tokenizer kind must be one of {'|'.join(KINDS)}, got {kind!r}")
+    choices.check("tokenizer kind", kind, KINDS)
+    return SentencePiece.load(path) if kind == "sentencepiece" else Gpt2Bpe(path)
 
 
 def from_meta(meta: dict) -> Tokenizer:

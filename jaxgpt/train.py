@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 from jaxgpt import (
     checkpoint,
     checks,
+    choices,
     data,
     faults,
     mfu,
@@ -77,12 +78,8 @@ class OptimConfig:
             raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps < 0 or self.decay_steps < 0:
             raise ValueError("optim.warmup_steps and optim.decay_steps must be >= 0")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"optim.schedule must be one of {'|'.join(SCHEDULES)}, "
-                             f"got {self.schedule!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optim.optimizer must be one of {'|'.join(OPTIMIZERS)}, "
-                             f"got {self.optimizer!r}")
+        choices.check("optim.schedule", self.schedule, SCHEDULES)
+        choices.check("optim.optimizer", self.optimizer, OPTIMIZERS)
         if not 0 <= self.muon_momentum < 1:
             raise ValueError(f"optim.muon_momentum must be in [0, 1), got {self.muon_momentum}")
 
