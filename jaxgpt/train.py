@@ -394,7 +394,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """
     cfg = model.GPTConfig(**config.model)
     optim = OptimConfig(**config.optim)
-    make_schedule(optim, config.train.steps)   # a schedule that doesn't fit fails here
+    schedule = make_schedule(optim, config.train.steps)   # one that doesn't fit fails here
     checks.validate_config(config, cfg, jax.device_count())
     checks.validate_faults(config)
     faults.assert_same_config_everywhere(config.to_dict())
@@ -453,7 +453,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  f"{n_params:,}", len(corpus.train), config.data.block_size,
                  dict(mesh.shape))
         return _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts,
-                           meta, schedule=make_schedule(optim, total))
+                           meta, schedule=schedule)
     finally:
         lock.release()
 
