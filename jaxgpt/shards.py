@@ -138,6 +138,11 @@ def _tokenized_stream(split: str, dcfg, tok):
 # ---- token shards ----------------------------------------------------------------------
 
 
+def _add_counts(total: dict, counts: dict) -> None:
+    for k, v in counts.items():
+        total[k] = total.get(k, 0) + v
+
+
 class _ShardWriter:
     """Appends tokens to SPLIT/SOURCE/NNNNN.bin files of at most SHARD_TOKENS tokens."""
 
@@ -148,7 +153,7 @@ class _ShardWriter:
         self.documents: dict[str, int] = {}
 
     def add(self, name: str, tokens: np.ndarray, n_docs: int) -> None:
-        self.documents[name] = self.documents.get(name, 0) + n_docs
+        _add_counts(self.documents, {name: n_docs})
         while tokens.size:
             shard = self.open.get(name)
             if shard is None or shard["tokens"] >= SHARD_TOKENS:
@@ -202,14 +207,13 @@ def _write_splits(dcfg, tok, splits: dict, tmp: str, manifest: dict) -> None:
                 writer.add(name, tokens, docs)
                 n_docs += docs
                 n_tokens += tokens.size
-            for kind, n in bad.items():
-                bad_total[kind] = bad_total.get(kind, 0) + n
+            _add_counts(bad_total, bad)
             progress.step(n_docs, n_tokens)
             if dcfg.max_documents and n_docs >= dcfg.max_documents:
                 break
         tokens = {}
         for s in writer.shards:
-            tokens[s["source"]] = tokens.get(s["source"], 0) + s["tokens"]
+            _add_counts(tokens, {s["source"]: s["tokens"]})
         manifest["splits"][split] = {"shards": writer.shards, "tokens": tokens,
                                      "documents": writer.documents}
         log.info("prepared %s: %d documents, tokens per source %s", split,
@@ -307,11 +311,6 @@ def prepare(dcfg, tok, out_dir: str, part: tuple[int, int] | None = None) -> dic
         shutil.rmtree(tmp)      # another process finished the same preparation first
         manifest = _read_manifest(out_dir)
     return manifest
-
-
-def _add_counts(total: dict, counts: dict) -> None:
-    for k, v in counts.items():
-        total[k] = total.get(k, 0) + v
 
 
 def merge(out_dir: str) -> dict:
