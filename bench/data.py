@@ -7,7 +7,9 @@ Rows: (a) text -> tokens through the pipeline's read+tokenize stage (`shards.pre
 grain threads over files), with GPT-2 BPE and a SentencePiece model, next to the bare
 tokenizers (HF `tokenizers` byte-level BPE and SentencePiece, batch encode) on the same
 text; (b) batches of `block_size + 1` windows from the pre-tokenized shards through the
-training iterator (shuffle, batch, prefetch threads). The reference rate is gpt2-124M
+training iterator (shuffle, batch, prefetch threads); (c) the same batches streamed
+(`data.streaming`: the same text as SlimPajama-layout `.jsonl`, tokenized while served,
+GPT-2 BPE with the tokenizer's own threads). The reference rate is gpt2-124M
 training on one H100 at 50% MFU: (6N + 12 L T D) FLOP per token against 989 dense bf16
 TFLOP/s. Shards must beat it many times over (target >= 10M tokens/s per host).
 """
@@ -21,7 +23,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from jaxgpt import data, shards, tokenizer
+from jaxgpt import data, shards, stream, tokenizer
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
                       "shared", "data")
@@ -110,6 +112,29 @@ def bench_shards(root, dcfg, tok, batch, batches, threads):
     return batch * dcfg.block_size * batches / secs
 
 
+def bench_stream(texts, tmp, block_size, tok, batch, batches):
+    """(c): the texts as SlimPajama-layout documents of 50 lines, streamed."""
+    root = os.path.join(tmp, "stream")
+    for split, parts in (("train", texts), ("validation", texts[:1])):
+        os.makedirs(os.path.join(root, split))
+        for i, text in enumerate(parts):
+            lines = text.splitlines(keepends=True)
+            with open(os.path.join(root, split, f"part{i:02d}.jsonl"), "w") as f:
+                f.writelines(json.dumps({"text": "".join(lines[k:k + 50]),
+                                         "meta": {"redpajama_set_name": "bench"}}) + "\n"
+                             for k in range(0, len(lines), 50))
+    dcfg = data.DataConfig(source="slimpajama", path=root, block_size=block_size,
+                           tokenizer="gpt2", streaming=True, shuffle_windows=16 * batch)
+    it = stream.StreamIterator(dcfg, tok, global_batch=batch, seed=0)
+    next(it)   # the first block
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        b = next(it)
+    secs = time.perf_counter() - t0
+    assert b.shape == (batch, block_size + 1)
+    return batch * block_size * batches / secs
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--mb", type=float, default=8.0, help="megabytes of text")
@@ -157,6 +182,10 @@ def main():
                     f"{args.batch}x{args.block_size + 1}")
             rows.append((name, threads, bench_shards(root, dcfg, gpt2, args.batch,
                                                      args.batches, threads)))
+        name = f"(c) streamed .jsonl -> shuffled batches {args.batch}x{args.block_size + 1}"
+        rows.append((name, "-",
+                     bench_stream(texts, tmp, args.block_size, gpt2, args.batch,
+                                  args.batches // 3)))
     n_tokens = sum(manifest["splits"]["train"]["tokens"].values())
     print(f"\n{args.mb:.1f} MB text in {args.files} files = {n_tokens:,} GPT-2 tokens; "
           f"{os.cpu_count()} CPU cores")

@@ -3,7 +3,8 @@
 Point `--config.data.path` at a local copy in SlimPajama's own layout (train/chunkN/...)
 or leave it unset to stream `cerebras/SlimPajama-627B` from the HF hub (`datasets` extra).
 At this scale tokenize once: `python -m jaxgpt.shards prepare --config=configs/slimpajama.py
---config.data.path=DIR --out=SHARDS`, then train with `--config.data.prepared=SHARDS`.
+--config.data.path=DIR --out=SHARDS`, then train with `--config.data.prepared=SHARDS`; or
+stream, tokenizing while training: `--config.data.streaming=True --config.data.mixture='{}'`.
 """
 
 import ml_collections

@@ -42,6 +42,12 @@ def base_config(size: str = "small", **model_overrides) -> ml_collections.Config
     # grain worker processes (0 = read in the trainer process); the iterator state saved in
     # checkpoints depends on it, so keep it fixed across a resume.
     config.data.worker_count = 0
+    # Train straight from data.path (or the HF stream): documents are tokenized in order in
+    # a background thread while training, so nothing is prepared up front but the validation
+    # split (which streaming needs). Process p of N takes every N-th document; windows are
+    # shuffled in blocks of shuffle_windows. max_documents caps each pass.
+    config.data.streaming = False
+    config.data.shuffle_windows = 8192
 
     # Start a fresh run from HF GPT-2 weights: `hf:gpt2` (hub name) or a save_pretrained
     # directory; None = random init. Its architecture must equal config.model's (vocab_size

@@ -12,7 +12,8 @@ saves for exact resume.
 
 `python -m jaxgpt.shards prepare --config=configs/slimpajama.py --out=DIR` writes shards;
 training reads them with `--config.data.prepared=DIR`. Without it, training prepares the
-shards itself into WORKDIR/data/<fingerprint>/ (once).
+shards itself into WORKDIR/data/<fingerprint>/ (once), or with `data.streaming` only the
+validation split, the train batches coming from `stream.py`.
 """
 
 import dataclasses
@@ -25,7 +26,7 @@ import os
 import grain
 import numpy as np
 
-from jaxgpt import choices, shards, sources, tokenizer
+from jaxgpt import choices, shards, sources, stream, tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ class DataConfig:
     read_threads: int = 2
     prefetch: int = 4
     worker_count: int = 0
+    streaming: bool = False
+    shuffle_windows: int = 8192
 
     def __post_init__(self):
         choices.check("data.source", self.source, SOURCES)
@@ -65,6 +68,20 @@ class DataConfig:
         for name in ("max_documents", "read_threads", "prefetch", "worker_count"):
             if getattr(self, name) < 0:
                 raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
+        if self.shuffle_windows < 1:
+            raise ValueError(f"data.shuffle_windows must be >= 1, got {self.shuffle_windows}")
+        if self.streaming and self.prepared is not None:
+            raise ValueError(f"data.prepared={self.prepared!r} and data.streaming=True: "
+                             f"prepared shards are read as they are; streaming tokenizes "
+                             f"data.path (or the HF stream) while training. Choose one")
+        if self.streaming and self.mixture:
+            raise ValueError("data.mixture weights sources of prepared token shards; "
+                             "data.streaming=True trains on the documents in the stream's "
+                             "own order and mix: pass --config.data.mixture='{}'")
+        if self.streaming and self.worker_count:
+            raise ValueError(f"data.worker_count={self.worker_count} is for prepared token "
+                             f"shards; streaming tokenizes in one background thread per "
+                             f"process (the tokenizer itself runs threaded): set it to 0")
         if self.prepared is not None and not os.path.isfile(
                 os.path.join(self.prepared, MANIFEST)):
             parts = os.path.isdir(self.prepared) and any(
@@ -165,7 +182,8 @@ def _hold_out_tail(segments, n_val: int):
 
 
 def load_prepared(root: str, dcfg: DataConfig, tokenizer_fingerprint: str) -> Corpus:
-    """Windows over a prepared directory; the tokenizer must be the one that wrote it."""
+    """Windows over a prepared directory; the tokenizer must be the one that wrote it.
+    Streaming prepares only the validation split, and its train windows are empty."""
     with open(os.path.join(root, MANIFEST)) as f:
         manifest = json.load(f)
     if manifest["tokenizer"]["fingerprint"] != tokenizer_fingerprint:
@@ -173,7 +191,7 @@ def load_prepared(root: str, dcfg: DataConfig, tokenizer_fingerprint: str) -> Co
                          f"not by this run's tokenizer {tokenizer_fingerprint}")
     train, val = _segments(root, manifest, "train"), _segments(root, manifest, "val")
     total = sum(stop - start for _, _, start, stop in train)
-    if not val:
+    if not val and not dcfg.streaming:
         n_val = max(int(total * dcfg.val_fraction), dcfg.block_size + 1)
         if total - n_val < dcfg.block_size + 1:
             raise ValueError(f"the corpus has {total} tokens: too few for block_size "
@@ -196,7 +214,7 @@ def load_prepared(root: str, dcfg: DataConfig, tokenizer_fingerprint: str) -> Co
                            "documents": {k: v["documents"]
                                          for k, v in manifest["splits"].items()},
                            "bad_records": manifest["bad_records"]})
-    for name in (corpus.train, corpus.val):
+    for name in (corpus.val,) if dcfg.streaming else (corpus.train, corpus.val):
         if len(name) < 1:
             raise ValueError(f"{root}: a split has fewer tokens than one window of "
                              f"block_size {dcfg.block_size} + 1")
@@ -210,6 +228,12 @@ def load_corpus(dcfg: DataConfig, tok, cache_dir: str) -> Corpus:
     """`data.prepared`, or the inputs prepared once into cache_dir/<fingerprint>/."""
     if dcfg.prepared is not None:
         return load_prepared(dcfg.prepared, dcfg, tok.fingerprint)
+    if dcfg.streaming:   # train is tokenized as it streams: prepare validation only
+        stream.check_inputs(dcfg)
+        root = os.path.join(cache_dir, "val-" + shards.inputs_fingerprint(dcfg, tok.fingerprint))
+        if not os.path.exists(os.path.join(root, MANIFEST)):
+            shards.prepare(dcfg, tok, root, only=("val",))
+        return load_prepared(root, dcfg, tok.fingerprint)
     if not shards.find_inputs(dcfg) and dcfg.source == "slimpajama" and not dcfg.max_documents:
         raise ValueError("data.path is unset, so SlimPajama would stream from the HF hub into "
                          "WORKDIR/data in full (~1.3 TB of tokens); set data.max_documents, or "
@@ -293,6 +317,34 @@ def make_iterator(ds: grain.MapDataset, dcfg: DataConfig):
     if dcfg.worker_count:
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=dcfg.worker_count))
     return iter(it_ds)
+
+
+def train_iterator(corpus: Corpus, dcfg: DataConfig, tok, *, global_batch: int, seed: int,
+                   process_index: int = 0, process_count: int = 1):
+    """The checkpointable train iterator and its pipeline fingerprint's parts: what makes a
+    saved iterator state mean the same batches (checked on resume)."""
+    if dcfg.streaming:
+        it = stream.StreamIterator(dcfg, tok, global_batch=global_batch, seed=seed,
+                                   process_index=process_index, process_count=process_count)
+        # Each process streams its own documents: the state is per process.
+        return it, [stream.FORMAT, shards.inputs_fingerprint(dcfg, tok.fingerprint),
+                    corpus.fingerprint, seed, global_batch, dcfg.block_size,
+                    dcfg.shuffle_windows, process_count]
+    ds = make_train_dataset(corpus, global_batch=global_batch, seed=seed,
+                            process_index=process_index, process_count=process_count,
+                            mixture=dcfg.mixture)
+    # The position counts global batches (every process reads the same global batch and
+    # keeps its rows), so it is valid for any process count; the worker count changes the
+    # state's format.
+    return make_iterator(ds, dcfg), [corpus.fingerprint, tok.fingerprint, seed, global_batch,
+                                     dcfg.block_size, dcfg.worker_count]
+
+
+def epochs_done(train_iter, corpus: Corpus, windows_done: int) -> float:
+    """Passes over the training data so far (a stream counts its own)."""
+    if isinstance(train_iter, stream.StreamIterator):
+        return train_iter.epoch
+    return windows_done / len(corpus.train)
 
 
 def iter_val_batches(windows, batch: int, max_batches: int | None = None):

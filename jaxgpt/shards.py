@@ -194,10 +194,12 @@ class _Progress:
                  n_tokens / max(now - self.start, 1e-9) / 1e6, eta)
 
 
-def _write_splits(dcfg, tok, splits: dict, tmp: str, manifest: dict) -> None:
+def _write_splits(dcfg, tok, splits: dict, tmp: str, manifest: dict, only=None) -> None:
     dtype = np.dtype(manifest["dtype"])
     bad_total: dict[str, int] = {}
     for split in (splits or {"train": None, "val": None}):
+        if only is not None and split not in only:
+            continue
         writer = _ShardWriter(tmp, split, dtype)
         results = (_tokenized_files(splits[split], dcfg, tok) if splits
                    else _tokenized_stream(split, dcfg, tok))
@@ -219,7 +221,8 @@ def _write_splits(dcfg, tok, splits: dict, tmp: str, manifest: dict) -> None:
         log.info("prepared %s: %d documents, tokens per source %s", split,
                  sum(writer.documents.values()), tokens)
     manifest["bad_records"] = bad_total
-    if not any(s["tokens"] for s in manifest["splits"]["train"]["shards"]):
+    if "train" in manifest["splits"] and not any(
+            s["tokens"] for s in manifest["splits"]["train"]["shards"]):
         files = splits.get("train", [])
         raise ValueError(f"the corpus is empty: {len(files)} {dcfg.source} file(s) hold no "
                          f"documents (first: {files[0] if files else dcfg.source})")
@@ -264,14 +267,16 @@ def _read_manifest(root: str) -> dict | None:
         return json.load(f)
 
 
-def prepare(dcfg, tok, out_dir: str, part: tuple[int, int] | None = None) -> dict:
+def prepare(dcfg, tok, out_dir: str, part: tuple[int, int] | None = None,
+            only: tuple[str, ...] | None = None) -> dict:
     """Read, tokenize and write every split's token shards and a manifest into `out_dir`.
 
     Written into a folder private to this process and renamed at the end, so `out_dir` is
     complete or absent, also when several hosts prepare the same shared folder at once.
     With `part=(i, n)` only part i of every split's files is prepared, into
     out_dir/part-0000i-of-0000n/; a part already there from the same inputs and tokenizer
-    is kept (so a rerun array job redoes only what failed). Returns the manifest.
+    is kept (so a rerun array job redoes only what failed). `only` names the splits to
+    write (streaming prepares only "val"). Returns the manifest.
     """
     splits, info = find_inputs(dcfg), None
     if part is not None:
@@ -295,7 +300,7 @@ def prepare(dcfg, tok, out_dir: str, part: tuple[int, int] | None = None) -> dic
     if info is not None:
         manifest["part"] = info
     try:
-        _write_splits(dcfg, tok, splits, tmp, manifest)
+        _write_splits(dcfg, tok, splits, tmp, manifest, only)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)   # leave no half-written data behind
         raise

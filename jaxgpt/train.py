@@ -34,6 +34,7 @@ from jaxgpt import (
     sample,
     sharding,
     shards,
+    stream,
     tokenizer,
 )
 from jaxgpt import eval as evaluation
@@ -403,7 +404,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     micro_batch = config.train.batch_size // config.train.grad_accum
     checks.check_batch_divisible(micro_batch, config, mesh, rules)
     dcfg = data.DataConfig.from_config(config.data)
-    shards.find_inputs(dcfg)   # a missing path fails here, before the workdir is touched
+    # A missing path (or, streaming, a missing validation split) fails here, before the
+    # workdir is touched.
+    (stream.check_inputs if dcfg.streaming else shards.find_inputs)(dcfg)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise FileExistsError(f"workdir {workdir} exists and is not a directory")
 
@@ -428,16 +431,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             cfg, tx, mesh, rules, config.train.seed,
             skip_nonfinite=config.train.nonfinite == "skip",
             inject_nan=(config.train.inject_nan_at_step, config.train.inject_nan_steps))
-        train_ds = data.make_train_dataset(
-            corpus, global_batch=config.train.batch_size, seed=config.train.seed,
-            process_index=jax.process_index(), process_count=jax.process_count(),
-            mixture=dcfg.mixture)
-        train_iter = data.make_iterator(train_ds, dcfg)
-        # The iterator position counts global batches (every process reads the same global
-        # batch and keeps its rows), so it is valid for any process count; the worker count
-        # changes the state's format, so it is part of the fingerprint.
-        pipeline = [corpus.fingerprint, tok.fingerprint, config.train.seed,
-                    config.train.batch_size, config.data.block_size, config.data.worker_count]
+        train_iter, pipeline = data.train_iterator(
+            corpus, dcfg, tok, global_batch=config.train.batch_size, seed=config.train.seed,
+            process_index=jax.process_index(), process_count=jax.process_count())
         meta = {"config": config.to_dict(), "data": corpus.fingerprint,
                 "tokenizer": {"kind": config.data.tokenizer, "path": _tokenizer_location(tok.path),
                               "fingerprint": tok.fingerprint},
@@ -449,8 +445,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         # Tokens and documents per source and split, and bad records skipped while preparing.
         MetricsWriter(workdir).write({"step": int(state.step), "data": corpus.stats})
         n_params = model.count_params(state.params)
-        log.info("model: %s parameters; %d train windows of %d tokens; mesh %s",
-                 f"{n_params:,}", len(corpus.train), config.data.block_size,
+        log.info("model: %s parameters; %s train windows of %d tokens; mesh %s",
+                 f"{n_params:,}", "streamed" if dcfg.streaming else len(corpus.train),
+                 config.data.block_size,
                  dict(mesh.shape))
         return _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts,
                            meta, schedule=schedule)
@@ -536,7 +533,7 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts,
                     "tokens_per_s": rate * tokens_per_step,
                     "mfu": rate * tokens_per_step * flops_per_token / peak if peak else None,
                     "samples_per_s": rate * config.train.batch_size,
-                    "epoch": done * config.train.batch_size / len(corpus.train),
+                    "epoch": data.epochs_done(train_iter, corpus, done * config.train.batch_size),
                     # The first step after a (re)start includes compiling: no ETA from it.
                     "eta_s": None if done == start + 1 else (total - done) / rate, "time": now,
                     "skipped_steps": guard.skipped}

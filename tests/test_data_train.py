@@ -96,3 +96,17 @@ def test_wikitext_config_trains_with_gpt2_bpe_and_resumes_exactly(shared_data, t
     records = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     stats = [r["data"] for r in records if "data" in r]
     assert len(stats) == 2 and stats[0]["documents"]["train"] == {"wikitext": 60}
+
+
+@pytest.mark.slow
+def test_slimpajama_streams_without_preparing_train_and_resumes_exactly(shared_data, tmp_path):
+    path = os.path.join(shared_data, "slimpajama-sample")
+    runs = _straight_and_resumed(tmp_path, "slimpajama", path, streaming=True,
+                                 shuffle_windows=16, mixture={})
+    assert runs["a"]["eval"]["val_loss"] < 6.3               # below uniform over 512 pieces
+    assert runs["b"]["train"]["step"] == 4 and runs["b"]["train"]["epoch"] >= 0
+    records = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    stats = next(r["data"] for r in records if "data" in r)
+    assert set(stats["tokens"]) == {"val"}                   # train was never prepared
+    (cache,) = os.listdir(tmp_path / "a" / "data")
+    assert cache.startswith("val-")

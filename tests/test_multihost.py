@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import shlex
 import signal
 import socket
@@ -155,3 +156,36 @@ def test_killed_process_stops_the_others(tmp_path):
             if p.poll() is None:
                 p.kill()
                 p.communicate()
+
+
+@pytest.mark.slow
+def test_two_processes_stream_and_resume_exactly(tmp_path):
+    # SlimPajama's layout, one document per paragraph of argparse's source.
+    text = pathlib.Path(helpers.small_corpus(tmp_path)).read_text()
+    paragraphs = [p for p in text.split("\n\n") if p.strip()]
+    for split, docs in (("train", paragraphs[:-40]), ("validation", paragraphs[-40:])):
+        (tmp_path / "sp" / split).mkdir(parents=True)
+        with open(tmp_path / "sp" / split / "chunk.jsonl", "w") as f:
+            f.writelines(json.dumps({"text": d, "meta": {"redpajama_set_name": "S"}}) + "\n"
+                         for d in docs)
+    args = TINY + [f"--config.data.path={tmp_path / 'sp'}", "--config.data.source=slimpajama",
+                   "--config.data.streaming=True", "--config.data.shuffle_windows=8",
+                   "--config.eval.every=0"]
+
+    def launch(workdir, steps):
+        out = subprocess.run(
+            ["bash", os.path.join(LAUNCH, "local.sh"), "2", "--devices", "2", "--port",
+             str(_free_port()), "--", *args, f"--config.train.steps={steps}",
+             f"--workdir={workdir}"],
+            cwd=helpers.REPO, capture_output=True, text=True, timeout=240, check=False)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+    launch(tmp_path / "a", 5)
+    launch(tmp_path / "b", 3)      # blocks of 2 batches: it stops inside the second block
+    with open(tmp_path / "b" / "checkpoints" / "3" / "data" / "metadata") as f:
+        state = json.load(f)
+    assert len(state["processes"]) == 2 and state["processes"][0] != state["processes"][1]
+    launch(tmp_path / "b", 5)
+    straight, resumed = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    for step in (4, 5):
+        assert resumed[step] == straight[step], step

@@ -1,0 +1,252 @@
+"""Streaming train batches: documents read and tokenized while training, no shards first.
+
+With `data.streaming=True` a run reads its train documents (local files or the HF hub
+stream) in order and tokenizes them in a background thread, so training on SlimPajama
+starts at once instead of after preparing its shards; only the validation split is
+prepared (`data.load_corpus`). Process p of N tokenizes document g of each pass when
+g % N == p. Its documents, each followed by end-of-text, form one token stream, packed as
+prepared shards are into `block_size + 1` windows overlapping by one token, and shuffled
+in blocks of `data.shuffle_windows` windows (rounded up to whole local batches): block b
+is permuted by a generator seeded with (seed, p, b). When a pass ends, the next starts
+from the first document and the token stream runs on across the seam.
+
+The iterator state is exact and small: per process, where its current block starts (pass,
+document, file, document in the file, token offset), the block number and the batches
+already taken from it. A resume re-reads from the block's first document, one block of
+tokenization, and needs the same process count (it is part of the pipeline fingerprint).
+"""
+
+import collections
+import dataclasses
+import itertools
+import queue
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+
+from jaxgpt import sources
+
+_CHUNK_DOCS = 256     # documents per encode_batch call (the tokenizers run it threaded)
+_AHEAD = 2            # blocks tokenized ahead of the trainer
+FORMAT = "stream-1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Cursor:
+    """Where a block starts: token `offset` of document `doc` (the doc-th of pass `epoch`,
+    counting every process's documents), which is document `in_file` of input `file`."""
+
+    epoch: int = 0
+    doc: int = 0
+    file: int = 0
+    in_file: int = 0
+    offset: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Block:
+    start: Cursor
+    number: int
+    windows: np.ndarray      # [n_batches * local, block_size + 1] int32, shuffled
+
+
+def check_inputs(dcfg) -> dict[str, list[str]]:
+    """Input files per split ({} = the HF stream); streaming needs a validation split."""
+    splits = sources.find_splits(dcfg.source, dcfg.path)
+    if splits and "val" not in splits:
+        where = (f"data.path {dcfg.path!r} has none (SlimPajama: a validation/ folder; "
+                 f"WikiText: a *valid* file)" if dcfg.source != "text"
+                 else "data.source 'text' has none")
+        raise ValueError(f"data.streaming needs a validation split, but {where}; prepare "
+                         f"token shards instead (data.streaming=False), which hold out the "
+                         f"end of the text")
+    return splits
+
+
+class _Producer:
+    """Reads, tokenizes and packs blocks from a cursor on, in its own thread (it holds no
+    reference to the iterator, so a dropped iterator stops it)."""
+
+    def __init__(self, dcfg, tok, files, *, local: int, n_batches: int, seed: int,
+                 process_index: int, process_count: int):
+        self.dcfg, self.tok, self.files = dcfg, tok, files
+        self.local, self.n_batches, self.seed = local, n_batches, seed
+        self.p, self.n = process_index, process_count
+        self.queue: queue.Queue = queue.Queue(maxsize=_AHEAD)
+        self.stop = threading.Event()
+
+    def _pass(self, start: Cursor) -> Iterator[tuple[Cursor, str]]:
+        """(cursor, text) of every document of one pass from `start` on (all processes')."""
+        bad = sources.BadRecords(self.dcfg.on_bad_record)
+        limit = self.dcfg.max_documents or None
+        doc = start.doc
+        if not self.files:    # the HF stream: one input, documents in stream order
+            stream = itertools.islice(sources.hf_documents(self.dcfg.source, "train"),
+                                      start.doc, limit)
+            for d in stream:
+                yield Cursor(start.epoch, doc, 0, doc), d.text
+                doc += 1
+            return
+        reader = sources.READERS[self.dcfg.source]
+        for f in range(start.file, len(self.files)):
+            skip = start.in_file if f == start.file else 0
+            for i, d in itertools.islice(enumerate(reader(self.files[f], bad)), skip, None):
+                if limit is not None and doc >= limit:
+                    return
+                yield Cursor(start.epoch, doc, f, i), d.text
+                doc += 1
+
+    def _documents(self, start: Cursor) -> Iterator[tuple[Cursor, str]]:
+        """This process's documents from `start` on, pass after pass, endlessly."""
+        while True:
+            found = False
+            for cursor, text in self._pass(start):
+                if cursor.doc % self.n == self.p:
+                    found = True
+                    yield cursor, text
+            if not found and start.doc == 0:
+                raise ValueError(f"process {self.p} of {self.n} got no train documents in a "
+                                 f"whole pass over {self.dcfg.path or self.dcfg.source}")
+            start = Cursor(epoch=start.epoch + 1)
+
+    def _tokens(self, docs) -> list[tuple[Cursor, np.ndarray]]:
+        chunk = list(itertools.islice(docs, _CHUNK_DOCS))
+        out = []
+        for (cursor, _), ids in zip(chunk, self.tok.encode_batch([t for _, t in chunk])):
+            tokens = np.empty(len(ids) + 1, np.int32)
+            tokens[:-1], tokens[-1] = ids, self.tok.eot_id
+            out.append((cursor, tokens))
+        return out
+
+    def blocks(self, start: Cursor, number: int) -> Iterator[_Block]:
+        """Blocks `number`, `number + 1`, ... with block `number` starting at `start`."""
+        T = self.dcfg.block_size
+        W = self.n_batches * self.local
+        docs = self._documents(dataclasses.replace(start, offset=0))
+        pending = collections.deque()    # (cursor, tokens) not yet consumed; the first
+        offset = start.offset            # of them from token `offset` on
+        have = -offset
+        while True:
+            while have < W * T + 1:
+                for cursor, tokens in self._tokens(docs):
+                    pending.append((cursor, tokens))
+                    have += tokens.size
+            head = pending[0][0]
+            parts, n = [pending[0][1][offset:]], pending[0][1].size - offset
+            for _, tokens in itertools.islice(pending, 1, None):
+                if n >= W * T + 1:
+                    break
+                parts.append(tokens)
+                n += tokens.size
+            flat = np.concatenate(parts)
+            rows = np.arange(W)[:, None] * T + np.arange(T + 1)[None, :]
+            order = np.random.default_rng([self.seed, self.p, number]).permutation(W)
+            yield _Block(dataclasses.replace(head, offset=offset), number, flat[rows[order]])
+            advance, have = W * T, have - W * T     # the next block starts at window W
+            while advance >= pending[0][1].size - offset:
+                advance -= pending[0][1].size - offset
+                pending.popleft()
+                offset = 0
+            offset += advance
+            number += 1
+
+    def run(self, start: Cursor, number: int) -> None:
+        """Thread body: blocks into the queue; an error is queued for the trainer to raise."""
+        try:
+            for block in self.blocks(start, number):
+                while not self.stop.is_set():
+                    try:
+                        self.queue.put(block, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self.stop.is_set():
+                    return
+        except BaseException as e:     # noqa: BLE001 - re-raised in the trainer's thread
+            self.queue.put(e)
+
+
+class StreamIterator:
+    """Endless local batches [local, block_size + 1] int32 of process `process_index`;
+    `get_state`/`set_state` as grain's iterators (the state covers every process)."""
+
+    def __init__(self, dcfg, tok, *, global_batch: int, seed: int, process_index: int = 0,
+                 process_count: int = 1):
+        if global_batch % process_count:
+            raise ValueError(f"global batch {global_batch} not divisible by {process_count} "
+                             f"processes")
+        local = global_batch // process_count
+        files = check_inputs(dcfg).get("train", [])
+        self.n_files = len(files)
+        self.n_batches = -(-dcfg.shuffle_windows // local)     # batches per block
+        self.p, self.n = process_index, process_count
+        self._producer = _Producer(dcfg, tok, files, local=local, n_batches=self.n_batches,
+                                   seed=seed, process_index=process_index,
+                                   process_count=process_count)
+        self._start, self._number, self._taken = Cursor(), 0, 0
+        self._block: _Block | None = None
+        self._thread: threading.Thread | None = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> np.ndarray:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._producer.run, daemon=True,
+                                            args=(self._start, self._number),
+                                            name=f"jaxgpt-stream-{self.p}")
+            self._thread.start()
+        # The first block is the one set_state named, with its batches taken so far.
+        while self._block is None or self._taken == self.n_batches:
+            item = self._producer.queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if self._block is not None:
+                self._taken = 0
+            self._block, self._start, self._number = item, item.start, item.number
+        local = self._producer.local
+        rows = self._block.windows[self._taken * local:(self._taken + 1) * local]
+        self._taken += 1
+        return rows
+
+    @property
+    def epoch(self) -> float:
+        """Passes done when the current block started (within a pass over files, the
+        fraction of files begun; an HF stream's length is unknown)."""
+        return self._start.epoch + (self._start.file / self.n_files if self.n_files else 0)
+
+    def local_state(self) -> list[int]:
+        s = self._start
+        return [s.epoch, s.doc, s.file, s.in_file, s.offset, self._number, self._taken]
+
+    def get_state(self) -> dict:
+        """Every process's state (a collective when there are several processes)."""
+        local = self.local_state()
+        if self.n == 1:
+            states = [local]
+        else:
+            from jax.experimental import multihost_utils
+            states = np.asarray(multihost_utils.process_allgather(   # int32: < 2^31 docs
+                np.asarray(local, np.int32))).reshape(self.n, -1).tolist()
+        return {"format": FORMAT, "processes": states}
+
+    def set_state(self, state: dict) -> None:
+        if self._thread is not None:
+            raise RuntimeError("set_state after iteration began")
+        got = state.get("processes") if isinstance(state, dict) else None
+        if not isinstance(got, list) or state.get("format") != FORMAT:
+            raise ValueError(f"not a streaming iterator state: {str(state)[:200]}")
+        if len(got) != self.n:
+            raise ValueError(f"the streaming iterator state holds {len(got)} processes, but "
+                             f"this run has {self.n}")
+        mine = got[self.p]
+        if len(mine) != 7 or any(not isinstance(x, int) or x < 0 for x in mine):
+            raise ValueError(f"bad streaming iterator state for process {self.p}: {mine}")
+        if mine[6] > self.n_batches:
+            raise ValueError(f"streaming iterator state took {mine[6]} batches of a block of "
+                             f"{self.n_batches}: data.shuffle_windows or the batch changed")
+        self._start, self._number, self._taken = Cursor(*mine[:5]), mine[5], mine[6]
+
+    def __del__(self):
+        self._producer.stop.set()

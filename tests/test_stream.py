@@ -1,0 +1,173 @@
+"""Streaming train batches (jaxgpt/stream.py) against a token stream built here from the raw
+JSON lines: every window is the stream's next one, blocks are permutations of consecutive
+windows, processes split documents, and a saved state resumes exactly."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import zstandard
+
+from jaxgpt import data, sources, stream
+
+T = 8          # block_size
+LOCAL = 4      # windows per batch (one process)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids, end-of-text 256: an encoder independent of the code under test."""
+
+    vocab_size, eot_id, fingerprint = 257, 256, "bytes"
+
+    def encode_batch(self, texts):
+        return [list(t.encode()) for t in texts]
+
+
+def _texts(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choice("abcdefghij klmnop") for _ in range(rng.randint(1, 40)))
+            for _ in range(n)]
+
+
+def _corpus(tmp_path, n_files=3, docs_per_file=7):
+    """SlimPajama's layout: train/*.jsonl.zst (and .jsonl), validation/; returns (root,
+    texts of train in file order)."""
+    texts = []
+    for split, n in (("train", n_files), ("validation", 1)):
+        (tmp_path / split).mkdir()
+        for f in range(n):
+            docs = _texts(docs_per_file, seed=f if split == "train" else 99)
+            lines = "".join(json.dumps({"text": t, "meta": {"redpajama_set_name": "S"}}) + "\n"
+                            for t in docs).encode()
+            name = tmp_path / split / f"chunk_{f}.jsonl"
+            if f % 2:
+                name.write_bytes(lines)
+            else:
+                name.with_suffix(".jsonl.zst").write_bytes(
+                    zstandard.ZstdCompressor().compress(lines))
+            if split == "train":
+                texts += docs
+    return str(tmp_path), texts
+
+
+def _stream_tokens(texts) -> np.ndarray:
+    return np.concatenate([np.asarray(list(t.encode()) + [256], np.int32) for t in texts])
+
+
+def _dcfg(path, **kw):
+    kw = {"source": "slimpajama", "path": path, "block_size": T, "streaming": True,
+          "shuffle_windows": 10, **kw}
+    return data.DataConfig(**kw)
+
+
+def _windows(tokens: np.ndarray, lo: int, hi: int) -> list[tuple]:
+    """Windows lo..hi-1 of a token stream: tokens[j*T : j*T + T + 1]."""
+    assert len(tokens) >= hi * T + 1
+    return [tuple(tokens[j * T:j * T + T + 1]) for j in range(lo, hi)]
+
+
+def _rows(batches) -> list[tuple]:
+    return [tuple(w) for b in batches for w in b]
+
+
+def test_blocks_are_shuffled_runs_of_the_stream_across_passes(tmp_path):
+    root, texts = _corpus(tmp_path)
+    ref = np.tile(_stream_tokens(texts), 4)
+    it = stream.StreamIterator(_dcfg(root), ByteTokenizer(), global_batch=LOCAL, seed=0)
+    assert it.n_batches == 3                                # 10 windows -> 3 batches of 4
+    W = it.n_batches * LOCAL
+    n_blocks = 2 * len(ref) // 4 // (W * T) + 1             # past the end of pass 1
+    got = _rows(next(it) for _ in range(n_blocks * it.n_batches))
+    for b in range(n_blocks):
+        assert sorted(got[b * W:(b + 1) * W]) == sorted(_windows(ref, b * W, (b + 1) * W))
+    assert got != _windows(ref, 0, n_blocks * W)            # shuffled within blocks
+    assert it.epoch >= 1
+
+
+def test_processes_take_alternate_documents(tmp_path):
+    root, texts = _corpus(tmp_path)
+    for p in range(2):
+        ref = np.tile(_stream_tokens(texts[p::2]), 4)
+        it = stream.StreamIterator(_dcfg(root), ByteTokenizer(), global_batch=2 * LOCAL,
+                                   seed=0, process_index=p, process_count=2)
+        batches = [next(it) for _ in range(2 * it.n_batches)]
+        assert batches[0].shape == (LOCAL, T + 1)
+        got = _rows(batches)
+        assert sorted(got) == sorted(_windows(ref, 0, len(got)))
+
+
+def _hf_stream(texts):
+    return lambda source, split: (sources.Document(t, "S", f"hf:{i}") for i, t in
+                                  enumerate(texts if split == "train" else texts[:3]))
+
+
+@pytest.mark.parametrize("kind", ["files", "hf"])
+def test_a_saved_state_resumes_exactly(tmp_path, monkeypatch, kind):
+    root, texts = _corpus(tmp_path)
+    if kind == "hf":
+        monkeypatch.setattr(sources, "hf_documents", _hf_stream(texts))
+        root = None
+    make = lambda: stream.StreamIterator(_dcfg(root), ByteTokenizer(), global_batch=LOCAL,
+                                         seed=3)
+    it = make()
+    states, batches = [], []
+    for _ in range(5 * it.n_batches):
+        states.append(it.get_state())
+        batches.append(next(it))
+    # Block starts, mid-block, the last batch of a block, across the end of a pass.
+    for k in (0, 1, it.n_batches - 1, it.n_batches, 2 * it.n_batches + 1, len(batches) - 3):
+        again = make()
+        again.set_state(json.loads(json.dumps(states[k])))   # as a checkpoint stores it
+        for want in batches[k:k + 3]:
+            np.testing.assert_array_equal(next(again), want)
+
+
+def test_max_documents_caps_each_pass(tmp_path):
+    root, texts = _corpus(tmp_path)
+    ref = np.tile(_stream_tokens(texts[:4]), 20)
+    it = stream.StreamIterator(_dcfg(root, max_documents=4), ByteTokenizer(),
+                               global_batch=LOCAL, seed=0)
+    got = _rows(next(it) for _ in range(2 * it.n_batches))
+    assert sorted(got) == sorted(_windows(ref, 0, len(got)))
+
+
+def test_bad_record_is_raised_with_its_line_or_skipped(tmp_path):
+    root, texts = _corpus(tmp_path, n_files=1)
+    with open(tmp_path / "train" / "chunk_1.jsonl", "w") as f:
+        f.write(json.dumps({"text": "fine"}) + "\n{not json\n")
+    it = stream.StreamIterator(_dcfg(root, shuffle_windows=1000), ByteTokenizer(),
+                               global_batch=LOCAL, seed=0)
+    with pytest.raises(ValueError, match=r"chunk_1\.jsonl:2"):
+        next(it)
+    it = stream.StreamIterator(_dcfg(root, on_bad_record="skip"), ByteTokenizer(),
+                               global_batch=LOCAL, seed=0)
+    ref = np.tile(_stream_tokens(texts + ["fine"]), 4)
+    got = _rows(next(it) for _ in range(it.n_batches))
+    assert sorted(got) == sorted(_windows(ref, 0, len(got)))
+
+
+def test_refusals(tmp_path):
+    root, _ = _corpus(tmp_path)
+    text = tmp_path / "t.txt"
+    text.write_text("some text")
+    with pytest.raises(ValueError, match="needs a validation split"):
+        stream.check_inputs(_dcfg(str(text), source="text"))
+    with pytest.raises(ValueError, match="data.mixture"):
+        _dcfg(root, mixture={"S": 1.0})
+    it = stream.StreamIterator(_dcfg(root), ByteTokenizer(), global_batch=LOCAL, seed=0)
+    state = it.get_state()
+    two = stream.StreamIterator(_dcfg(root), ByteTokenizer(), global_batch=2 * LOCAL, seed=0,
+                                process_count=2)
+    with pytest.raises(ValueError, match="holds 1 processes, but this run has 2"):
+        two.set_state(state)
+    with pytest.raises(ValueError, match="not a streaming iterator state"):
+        it.set_state({"position": 5})
+
+
+def test_streaming_prepares_only_validation(tmp_path):
+    (tmp_path / "in").mkdir()
+    root, _ = _corpus(tmp_path / "in")
+    corpus = data.load_corpus(_dcfg(root), ByteTokenizer(), cache_dir=str(tmp_path / "cache"))
+    assert len(corpus.train) == 0 and len(corpus.val) > 0
+    assert set(corpus.stats["tokens"]) == {"val"}
