@@ -19,6 +19,7 @@ tokenization, and needs the same process count (it is part of the pipeline finge
 import collections
 import dataclasses
 import itertools
+import logging
 import queue
 import threading
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ import numpy as np
 
 from jaxgpt import sources
 
+log = logging.getLogger(__name__)
 _CHUNK_DOCS = 256     # documents per encode_batch call (the tokenizers run it threaded)
 _AHEAD = 2            # blocks tokenized ahead of the trainer
 FORMAT = "stream-1"
@@ -82,6 +84,9 @@ class _Producer:
         limit = self.dcfg.max_documents or None
         doc = start.doc
         if not self.files:    # the HF stream: one input, documents in stream order
+            if start.doc:
+                log.info("HF stream: skipping %s documents to resume (every process reads "
+                         "the whole stream)", f"{start.doc:,}")
             stream = itertools.islice(sources.hf_documents(self.dcfg.source, "train"),
                                       start.doc, limit)
             for d in stream:
@@ -197,6 +202,10 @@ class StreamIterator:
                                             args=(self._start, self._number),
                                             name=f"jaxgpt-stream-{self.p}")
             self._thread.start()
+            log.info("streaming train documents (process %d of %d) from pass %d, document %s,"
+                     " token %d; block %d, %d of its %d batches taken", self.p, self.n,
+                     self._start.epoch, f"{self._start.doc:,}", self._start.offset,
+                     self._number, self._taken, self.n_batches)
         # The first block is the one set_state named, with its batches taken so far.
         while self._block is None or self._taken == self.n_batches:
             item = self._producer.queue.get()
