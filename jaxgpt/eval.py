@@ -80,17 +80,22 @@ def load_lm(spec: str) -> LM:
     return LM(spec, cfg, params, tokenizer.from_meta(meta), step)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _target_logprobs(params, tokens_BT, *, graphdef):
+@functools.partial(jax.jit, static_argnames=("graphdef", "greedy"))
+def _target_logprobs(params, tokens_BT, *, graphdef, greedy=False):
     logits, _ = nnx.merge(graphdef, params)(tokens_BT[:, :-1])
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)   # float32 log-softmax
-    return jnp.take_along_axis(logp, tokens_BT[:, 1:, None], axis=-1)[..., 0]   # [B, T - 1]
+    lp = jnp.take_along_axis(logp, tokens_BT[:, 1:, None], axis=-1)[..., 0]   # [B, T - 1]
+    if not greedy:
+        return lp
+    # Would greedy decoding pick the target? (the first maximum, as argmax breaks ties)
+    return lp, jnp.argmax(logits, axis=-1) == tokens_BT[:, 1:]
 
 
 def target_logprobs(cfg: model.GPTConfig, params, rows: Sequence[Sequence[int]], *,
-                    batch_size: int = 16) -> list[np.ndarray]:
+                    batch_size: int = 16, greedy: bool = False) -> list:
     """log p(row[t] | row[:t]) for t >= 1 of every row of 2..n_positions + 1 ids (the model
-    reads all but the last id, as a training window of block_size + 1).
+    reads all but the last id, as a training window of block_size + 1); with `greedy`,
+    (log-probs, whether each target is the model's argmax) per row.
 
     Rows are right-padded to a power-of-two bucket; causal attention makes padding after a
     row invisible to its real positions, so the result equals an unpadded forward pass.
@@ -109,9 +114,11 @@ def target_logprobs(cfg: model.GPTConfig, params, rows: Sequence[Sequence[int]],
         tokens = np.zeros((batch_size, T), np.int32)
         for j, i in enumerate(idx):
             tokens[j, :len(rows[i])] = rows[i]
-        lp = np.asarray(_target_logprobs(params, jnp.asarray(tokens), graphdef=graphdef))
+        got = jax.device_get(_target_logprobs(params, jnp.asarray(tokens), graphdef=graphdef,
+                                              greedy=greedy))
         for j, i in enumerate(idx):
-            out[i] = lp[j, :len(rows[i]) - 1]
+            n = len(rows[i]) - 1
+            out[i] = (got[0][j, :n], got[1][j, :n]) if greedy else got[j, :n]
     return out
 
 
@@ -212,7 +219,7 @@ def evaluate_windows(step_fn: Callable[[np.ndarray], dict], windows, *, batch: i
 # Generation metrics (see the README section "Progress report" for the definitions)
 
 
-def _fit(prompt: list[int], cont: list[int], limit: int) -> tuple[list[int], list[int]]:
+def fit(prompt: list[int], cont: list[int], limit: int) -> tuple[list[int], list[int]]:
     """Cut the prompt from the left (keeping >= 1 id), then the continuation from the right,
     until prompt + continuation fits `limit` ids."""
     over = len(prompt) + len(cont) - limit
@@ -228,7 +235,7 @@ def continuation_scores(logprob_fn: LogprobFn, tok, prompts: Sequence[str],
     under the scorer's tokenizer; the unconditional context starts from end-of-text."""
     rows, spans = [], []
     for p, c in zip(prompts, conts):
-        p_ids, c_ids = _fit(tok.encode(p) or [tok.eot_id], tok.encode(c), limit)
+        p_ids, c_ids = fit(tok.encode(p) or [tok.eot_id], tok.encode(c), limit)
         if c_ids:   # an empty continuation (end-of-text at once) has nothing to score
             rows += [p_ids + c_ids, [tok.eot_id] + c_ids]
         spans.append(len(c_ids))

@@ -69,6 +69,23 @@ def perplexity_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def tasks_table(result: dict) -> str:
+    """The `python -m jaxgpt.tasks` result: one row per model, accuracies with their
+    standard errors."""
+    hellaswag = result["task"] == "hellaswag"
+    head = ["model", "step", "examples", "acc", "acc_norm" if hellaswag else "ppl"]
+    rows = []
+    for r in result["results"]:
+        last = (f"{r['acc_norm']:.4f} ± {r['acc_norm_stderr']:.4f}" if hellaswag
+                else f"{r['ppl']:.2f}")
+        rows.append([r["model"], "-" if r["step"] is None else str(r["step"]),
+                     f"{r['examples']:,}", f"{r['acc']:.4f} ± {r['acc_stderr']:.4f}", last])
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return "\n".join([f"{result['task']} ({result['data']})", line(head)]
+                     + [line(r) for r in rows])
+
+
 # ---------------------------------------------------------------------------------------
 # The run report: status, curves, model comparison, prompts side by side
 

@@ -23,7 +23,7 @@ def tiny_cfg():
     return model.GPTConfig(vocab_size=97, n_positions=32, n_embd=48, n_layer=2, n_head=4)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data():
     if not os.path.isdir(SHARED_DATA):
         pytest.skip(f"reference data folder {SHARED_DATA} is absent")

@@ -1,0 +1,213 @@
+"""Zero-shot benchmarks GPT-2 is known by, for several models side by side: HellaSwag
+(pick the ending of 4) and LAMBADA (OpenAI's version: predict a passage's last word),
+scored as EleutherAI's lm-evaluation-harness scores `hellaswag` and `lambada_openai`.
+
+    python -m jaxgpt.tasks --task=hellaswag --models=runs/default,hf:gpt2 [--data=FILE]
+"""
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import sys
+import urllib.request
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from jaxgpt import eval as evaluation
+
+log = logging.getLogger(__name__)
+
+# The files the harness's datasets come from: HellaSwag's validation split (10,042 items)
+# and OpenAI's LAMBADA test set (5,153 passages, the one GPT-2 was evaluated on).
+URLS = {
+    "hellaswag": "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/"
+                 "hellaswag_val.jsonl",
+    "lambada": "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl",
+}
+CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jaxgpt", "tasks")
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    context: str
+    choices: tuple[str, ...]   # continuations, each scored after the context
+    label: int                 # index of the right one
+    where: str                 # file:line, for messages
+
+
+def _records(path: str) -> Iterator[tuple[str, dict]]:
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                why = None if isinstance(record, dict) else "not a JSON object"
+            except json.JSONDecodeError as e:
+                why = f"not JSON ({e.msg})"
+            if why:
+                raise ValueError(f"{path}:{n}: {why}")
+            yield f"{path}:{n}", record
+
+
+def hellaswag_clean(text: str) -> str:
+    """The harness's HellaSwag text clean-up: WikiHow's ` [title]` becomes a sentence end,
+    other bracketed tags go, double spaces become one."""
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+
+def read_hellaswag(path: str) -> list[Example]:
+    """Query `activity_label: ctx_a Ctx_b`, choices ` ending` (all cleaned)."""
+    out = []
+    for where, r in _records(path):
+        try:
+            query = hellaswag_clean(f"{r['activity_label']}: {r['ctx_a']} "
+                                    f"{r['ctx_b'].capitalize()}")
+            endings = [hellaswag_clean(e) for e in r["endings"]]
+            label = int(r["label"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"{where}: not a HellaSwag record "
+                             f"(activity_label, ctx_a, ctx_b, endings, label): {e!r}") from None
+        if not 0 <= label < len(endings):
+            raise ValueError(f"{where}: label {label} is not one of its {len(endings)} endings")
+        out.append(Example(query, tuple(" " + e for e in endings), label, where))
+    return out
+
+
+def read_lambada(path: str) -> list[Example]:
+    """Context: the passage up to its last space; the one choice: ` last word`."""
+    out = []
+    for where, r in _records(path):
+        text = r.get("text")
+        context, _, word = text.rpartition(" ") if isinstance(text, str) else ("", "", "")
+        if not context or not word:
+            raise ValueError(f"{where}: a LAMBADA record needs a `text` of at least two words")
+        out.append(Example(context, (" " + word,), 0, where))
+    return out
+
+
+READERS = {"hellaswag": read_hellaswag, "lambada": read_lambada}
+
+
+def fetch(task: str, cache: str = CACHE) -> str:
+    """The task's file, downloaded once into `cache` (the only network access here)."""
+    path = os.path.join(cache, os.path.basename(URLS[task]))
+    if not os.path.isfile(path):
+        os.makedirs(cache, exist_ok=True)
+        log.info("downloading %s to %s", URLS[task], path)
+        try:
+            urllib.request.urlretrieve(URLS[task], path + ".partial")
+        except OSError as e:
+            raise OSError(f"could not download {URLS[task]} ({e}); pass --data=FILE") from None
+        os.replace(path + ".partial", path)
+    return path
+
+
+def score(lm: evaluation.LM, examples: Sequence[Example], *, batch_size: int = 16):
+    """Per example and choice: (sum of log p(choice tokens | context), all tokens greedy).
+
+    Context and choice are tokenized apart (with GPT-2 BPE the same ids as the harness's
+    split of the joined text: a leading space starts a new pre-token); a context too long
+    for the model loses its first tokens, a choice is never cut."""
+    rows, spans, limit = [], [], lm.cfg.n_positions + 1
+    for ex in examples:
+        ctx = lm.tok.encode(ex.context) or [lm.tok.eot_id]
+        for choice in ex.choices:
+            c_ids = lm.tok.encode(choice)
+            if not 1 <= len(c_ids) < limit:
+                raise ValueError(f"{ex.where}: choice {choice!r} is {len(c_ids)} tokens; "
+                                 f"{lm.name} scores 1..{limit - 1}")
+            p_ids, _ = evaluation.fit(ctx, c_ids, limit)
+            rows.append(p_ids + c_ids)
+            spans.append(len(c_ids))
+    got = iter(zip(evaluation.target_logprobs(lm.cfg, lm.params, rows, batch_size=batch_size,
+                                              greedy=True), spans))
+    out = []
+    for ex in examples:
+        scores = []
+        for _ in ex.choices:
+            (lp, hit), n = next(got)
+            scores.append((float(lp[-n:].sum()), bool(hit[-n:].all())))
+        out.append(scores)
+    return out
+
+
+def _accuracy(correct: Sequence[bool]) -> tuple[float, float]:
+    """Mean and its standard error."""
+    acc = float(np.mean(correct))
+    return acc, math.sqrt(acc * (1 - acc) / len(correct))
+
+
+def metrics(task: str, examples: Sequence[Example], scores) -> dict:
+    """HellaSwag: acc (highest log-likelihood) and acc_norm (highest log-likelihood per
+    character of the ending, as the harness normalizes). LAMBADA: acc (every token of the
+    word is the greedy choice) and ppl = exp(-mean log p(word | passage))."""
+    out = {"examples": len(examples)}
+    if task == "hellaswag":
+        lls = [np.asarray([ll for ll, _ in s]) for s in scores]
+        chars = [np.asarray([max(len(c) - 1, 1) for c in ex.choices], float)
+                 for ex in examples]
+        out["acc"], out["acc_stderr"] = _accuracy(
+            [int(np.argmax(ll)) == ex.label for ll, ex in zip(lls, examples)])
+        out["acc_norm"], out["acc_norm_stderr"] = _accuracy(
+            [int(np.argmax(ll / n)) == ex.label for ll, n, ex in zip(lls, chars, examples)])
+    else:
+        out["acc"], out["acc_stderr"] = _accuracy([s[0][1] for s in scores])
+        out["ppl"] = math.exp(-float(np.mean([s[0][0] for s in scores])))
+    return out
+
+
+def run(task: str, models: Sequence[str], path: str, *, limit: int = 0,
+        batch_size: int = 16) -> dict:
+    """Every model on the same examples (the first `limit`, 0 = all)."""
+    examples = READERS[task](path)
+    if not examples:
+        raise ValueError(f"{path} holds no {task} examples")
+    examples = examples[:limit or None]
+    results = []
+    for spec in models:
+        lm = evaluation.load_lm(spec)
+        log.info("%s: %d %s examples", spec, len(examples), task)
+        results.append({"model": spec, "step": lm.step,
+                        **metrics(task, examples, score(lm, examples, batch_size=batch_size))})
+    return {"task": task, "data": path, "results": results}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxgpt.tasks", description=(
+        "HellaSwag / LAMBADA accuracy of models side by side (lm-evaluation-harness rules)."))
+    parser.add_argument("--task", required=True, choices=sorted(READERS))
+    parser.add_argument("--models", required=True,
+                        help="comma-separated run directories (RUN or RUN@STEP) and hf:NAME|DIR")
+    parser.add_argument("--data", help="the task's .jsonl; default: download it once into "
+                                       f"{CACHE}")
+    parser.add_argument("--limit", type=int, default=0, help="first N examples (0 = all)")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--out", help="also write the numbers to this JSON file")
+    args = parser.parse_args(argv)
+    logging.getLogger().setLevel(logging.INFO)
+    if args.limit < 0 or args.batch_size < 1:
+        parser.error("--limit must be >= 0 and --batch_size >= 1")
+    try:
+        path = args.data or fetch(args.task)
+        result = run(args.task, [m for m in args.models.split(",") if m], path,
+                     limit=args.limit, batch_size=args.batch_size)
+    except (ValueError, OSError, NotImplementedError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from jaxgpt import report
+    print(report.tasks_table(result))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""HellaSwag and LAMBADA scoring (jaxgpt/tasks.py) against PyTorch GPT-2: the harness's
+text clean-up written out by hand, log-likelihoods and greedy hits from transformers, the
+context/continuation split of the joined text as the harness tokenizes it."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from jaxgpt import eval as evaluation
+from jaxgpt import tasks, tokenizer
+from jaxgpt.convert import hf
+
+HELLASWAG = [
+    {"activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.",
+     "ctx_b": "he", "label": 3,
+     "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                 "is holding a rubik's cube.", "starts pulling up roofing on a roof."]},
+    {"activity_label": "Home and Garden", "ctx_a": "[header] How to plant tulips "
+     "[title] Choose a sunny spot.", "ctx_b": "", "label": 0,
+     "endings": ["[step] Tulips need at least six hours of sun a day.",
+                 "Paint the fence  blue.", "[title] Eat the bulbs.", "Wait for snow."]},
+    {"activity_label": "Baking cookies", "ctx_a": "A woman mixes flour and butter in a bowl.",
+     "ctx_b": "she", "label": 1,
+     "endings": ["throws the bowl at the wall.", "scoops the dough onto a tray.",
+                 "reads a newspaper.", "drives to the airport."]},
+]
+# The same records after the harness's rules, written out by hand: query
+# "label: ctx_a Ctx_b", stripped, " [title]" -> ". ", other [tags] dropped, then double
+# spaces single.
+QUERIES = ["Roof shingle removal: A man is sitting on a roof. He",
+           "Home and Garden: How to plant tulips. Choose a sunny spot.",
+           "Baking cookies: A woman mixes flour and butter in a bowl. She"]
+ENDINGS = [HELLASWAG[0]["endings"],
+           [" Tulips need at least six hours of sun a day.", "Paint the fence blue.",
+            " Eat the bulbs.", "Wait for snow."],     # a tag at the start leaves its space
+           HELLASWAG[2]["endings"]]
+LAMBADA = ["She opened the door and the cat ran straight into the kitchen",
+           "The train was late again, so Maria decided to walk to the station",
+           "After years of practice he finally played the whole sonata on the piano"]
+
+
+def test_hellaswag_records_are_cleaned_as_the_harness_does(tmp_path):
+    path = tmp_path / "hs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in HELLASWAG))
+    examples = tasks.read_hellaswag(str(path))
+    for ex, query, endings, record in zip(examples, QUERIES, ENDINGS, HELLASWAG):
+        assert ex.context == query
+        assert ex.choices == tuple(" " + e for e in endings)
+        assert ex.label == record["label"]
+
+
+def test_bad_records_are_named_by_file_and_line(tmp_path):
+    path = tmp_path / "hs.jsonl"
+    good = json.dumps(HELLASWAG[0])
+    for bad, why in ((json.dumps({**HELLASWAG[0], "label": 4}), "label 4"),
+                     ('{"ctx_a": "x"}', "not a HellaSwag record"), ("{oops", "not JSON")):
+        path.write_text(good + "\n" + bad + "\n")
+        with pytest.raises(ValueError, match=f"hs.jsonl:2: {why}"):
+            tasks.read_hellaswag(str(path))
+    path.write_text(json.dumps({"text": "oneword"}) + "\n")
+    with pytest.raises(ValueError, match="hs.jsonl:1: a LAMBADA record"):
+        tasks.read_lambada(str(path))
+
+
+@pytest.fixture(scope="module")
+def gpt2_pair(shared_data, tmp_path_factory):
+    """(jaxgpt LM, PyTorch model, HF tokenizer): one random GPT-2 with the real BPE."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2,
+                                     n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    m = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.5 * torch.randn_like(p))    # sharper predictions than HF's init
+    out = tmp_path_factory.mktemp("gpt2")
+    m.save_pretrained(str(out))
+    bpe = os.path.join(shared_data, "gpt2-bpe")
+    cfg, params = hf.import_gpt2(str(out))
+    lm = evaluation.LM("hf:tiny", cfg, params, tokenizer.load("gpt2", bpe))
+    ref_tok = transformers.GPT2TokenizerFast(vocab=os.path.join(bpe, "encoder.json"),
+                                             merges=os.path.join(bpe, "vocab.bpe"))
+    return lm, m, ref_tok
+
+
+def _reference(m, ref_tok, context, continuation):
+    """The harness's split: encode(context + continuation) minus encode(context)."""
+    whole = ref_tok(context + continuation)["input_ids"]
+    n_ctx = len(ref_tok(context)["input_ids"])
+    with torch.no_grad():
+        logits = m(torch.tensor([whole[:-1]])).logits[0].double()
+    logp = torch.log_softmax(logits, -1)
+    targets = torch.tensor(whole[n_ctx:])
+    rows = torch.arange(n_ctx - 1, len(whole) - 1)
+    ll = float(logp[rows, targets].sum())
+    greedy = bool((logits[rows].argmax(-1) == targets).all())
+    return ll, greedy
+
+
+def test_hellaswag_scores_match_pytorch(gpt2_pair, tmp_path):
+    lm, m, ref_tok = gpt2_pair
+    path = tmp_path / "hs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in HELLASWAG))
+    examples = tasks.read_hellaswag(str(path))
+    got = tasks.score(lm, examples, batch_size=4)
+    ref = [[_reference(m, ref_tok, q, " " + e)[0] for e in ends]
+           for q, ends in zip(QUERIES, ENDINGS)]
+    np.testing.assert_allclose([[ll for ll, _ in s] for s in got], ref, rtol=2e-5, atol=2e-4)
+    result = tasks.metrics("hellaswag", examples, got)
+    acc = np.mean([np.argmax(r) == rec["label"] for r, rec in zip(ref, HELLASWAG)])
+    acc_norm = np.mean([np.argmax(np.asarray(r) / [len(e) for e in ends]) == rec["label"]
+                        for r, ends, rec in zip(ref, ENDINGS, HELLASWAG)])
+    assert (result["acc"], result["acc_norm"]) == (acc, acc_norm)
+    assert result["acc_stderr"] == pytest.approx(math.sqrt(acc * (1 - acc) / 3))
+
+
+def test_lambada_scores_and_greedy_hits_match_pytorch(gpt2_pair, tmp_path):
+    lm, m, ref_tok = gpt2_pair
+    # Also each passage with its last word replaced by the model's greedy next token when
+    # that is a word, so acc is not 0 for want of hits.
+    texts = list(LAMBADA)
+    for text in LAMBADA:
+        context = text.rsplit(" ", 1)[0]
+        with torch.no_grad():
+            best = int(m(torch.tensor([ref_tok(context)["input_ids"]])).logits[0, -1].argmax())
+        piece = ref_tok.convert_ids_to_tokens(best)
+        if piece.startswith("Ġ") and piece[1:].isalpha():
+            texts.append(f"{context} {piece[1:]}")
+    assert len(texts) > len(LAMBADA)
+    path = tmp_path / "lambada.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    examples = tasks.read_lambada(str(path))
+    got = tasks.score(lm, examples)
+    ref = [_reference(m, ref_tok, t.rsplit(" ", 1)[0], " " + t.rsplit(" ", 1)[1]) for t in texts]
+    np.testing.assert_allclose([s[0][0] for s in got], [r[0] for r in ref], rtol=2e-5,
+                               atol=2e-4)
+    assert [s[0][1] for s in got] == [r[1] for r in ref]
+    result = tasks.metrics("lambada", examples, got)
+    assert result["acc"] == np.mean([r[1] for r in ref]) > 0
+    assert result["ppl"] == pytest.approx(math.exp(-np.mean([r[0] for r in ref])), rel=1e-5)
+
+
+def test_cli_prints_a_row_per_model_and_refuses_a_missing_file(gpt2_pair, tmp_path,
+                                                                  monkeypatch, capsys):
+    lm, _, _ = gpt2_pair
+    monkeypatch.setattr(evaluation, "load_lm", lambda spec: lm)
+    path = tmp_path / "hs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in HELLASWAG))
+    out = tmp_path / "r.json"
+    assert tasks.main(["--task=hellaswag", "--models=a,b", f"--data={path}", "--limit=2",
+                       f"--out={out}"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].split() == ["model", "step", "examples", "acc", "acc_norm"]
+    assert [row.split()[0] for row in table[2:]] == ["a", "b"]
+    saved = json.loads(out.read_text())
+    assert [r["examples"] for r in saved["results"]] == [2, 2]
+    assert tasks.main(["--task=lambada", "--models=a", f"--data={tmp_path / 'none'}"]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_metrics_from_hand_computed_scores():
+    ex = tasks.Example("q", (" ab", " abcde"), 1, "f:1")
+    # acc takes the higher sum (-4 > -9); acc_norm the higher per character of the ending
+    # without its leading space: -4/2 = -2 < -9/5 = -1.8.
+    result = tasks.metrics("hellaswag", [ex, ex], [[(-4.0, False), (-9.0, False)]] * 2)
+    assert (result["acc"], result["acc_norm"], result["acc_stderr"]) == (0.0, 1.0, 0.0)
+    word = tasks.Example("passage", (" word",), 0, "f:1")
+    result = tasks.metrics("lambada", [word] * 4, [[(-1.0, True)], [(-3.0, False)],
+                                                   [(-2.0, True)], [(-2.0, True)]])
+    assert result["acc"] == 0.75 and result["acc_stderr"] == pytest.approx(
+        math.sqrt(0.75 * 0.25 / 4))
+    assert result["ppl"] == pytest.approx(math.exp(2.0))
