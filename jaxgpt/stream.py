@@ -258,4 +258,6 @@ class StreamIterator:
         self._start, self._number, self._taken = Cursor(*mine[:5]), mine[5], mine[6]
 
     def __del__(self):
-        self._producer.stop.set()
+        producer = getattr(self, "_producer", None)   # None: __init__ raised
+        if producer is not None:
+            producer.stop.set()
