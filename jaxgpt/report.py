@@ -69,20 +69,25 @@ def perplexity_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def tasks_table(result: dict) -> str:
-    """The `python -m jaxgpt.tasks` result: one row per model, accuracies with their
-    standard errors."""
+def tasks_rows(result: dict) -> tuple[list[str], list[list[str]]]:
+    """A `tasks.evaluate` result: one row per model, accuracies with standard errors."""
     hellaswag = result["task"] == "hellaswag"
-    head = ["model", "step", "examples", "acc", "acc_norm" if hellaswag else "ppl"]
+    header = ["model", "step", "examples", "acc", "acc_norm" if hellaswag else "ppl"]
     rows = []
     for r in result["results"]:
         last = (f"{r['acc_norm']:.4f} ± {r['acc_norm_stderr']:.4f}" if hellaswag
                 else f"{r['ppl']:.2f}")
         rows.append([r["model"], "-" if r["step"] is None else str(r["step"]),
                      f"{r['examples']:,}", f"{r['acc']:.4f} ± {r['acc_stderr']:.4f}", last])
-    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    return header, rows
+
+
+def tasks_table(result: dict) -> str:
+    """The `python -m jaxgpt.tasks` result as aligned text."""
+    header, rows = tasks_rows(result)
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
-    return "\n".join([f"{result['task']} ({result['data']})", line(head)]
+    return "\n".join([f"{result['task']} ({result['data']})", line(header)]
                      + [line(r) for r in rows])
 
 
@@ -205,6 +210,12 @@ DEFINITIONS = (
     "rank of the true answer among the candidates, by the model's own log-likelihood.")
 
 
+BENCHMARKS_NOTE = (
+    "Zero-shot, scored as lm-evaluation-harness scores `hellaswag` (acc: the ending with "
+    "the highest log-likelihood; acc_norm: per character) and `lambada_openai` (acc: the "
+    "last word is the greedy choice; ppl of that word); ± one standard error.")
+
+
 def _fmt(fmt: str, v) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
 
@@ -232,6 +243,7 @@ class Report:
     plots: dict[str, bytes]
     comparison: dict | None
     notes: list[str]
+    benchmarks: list[dict] = dataclasses.field(default_factory=list)   # tasks.evaluate's
 
 
 def _md_cell(text: str) -> str:
@@ -260,6 +272,10 @@ def render_markdown(r: Report) -> str:
              f"{s['temperature']}, top-k {s['top_k']}, seed {s['seed']}, up to "
              f"{s['max_new_tokens']} new tokens; greedy likewise."), ""]
     out += _md_table(*metrics_rows(c)) + ["", DEFINITIONS, ""] + r.notes
+    if r.benchmarks:
+        out += ["", "## Benchmarks", "", BENCHMARKS_NOTE]
+        for b in r.benchmarks:
+            out += ["", f"`{b['task']}` ({b['data']})", ""] + _md_table(*tasks_rows(b))
     out += ["", "## Prompts", ""]
     for i, p in enumerate(c["prompts"]):
         out += [f"### {i + 1}. [{p['kind']}] {p['text'].splitlines()[0]}", ""]
@@ -300,6 +316,11 @@ def render_html(r: Report) -> str:
         parts += [_html_table(*metrics_rows(c)),
                   "<p>" + e(DEFINITIONS).replace("**", "") + "</p>"]
     parts += [f"<p>{e(n)}</p>" for n in r.notes]
+    if r.benchmarks:
+        parts += ["<h2>Benchmarks</h2>", f"<p>{e(BENCHMARKS_NOTE)}</p>"]
+        for b in r.benchmarks:
+            parts += [f"<p><code>{e(b['task'])}</code> ({e(b['data'])})</p>",
+                      _html_table(*tasks_rows(b))]
     if c is not None:
         parts.append("<h2>Prompts</h2>")
         cols = f"grid-template-columns:repeat({len(c['models'])},1fr)"
@@ -315,13 +336,16 @@ def render_html(r: Report) -> str:
     return "\n".join(parts) + "\n"
 
 
-def build_report(workdir: str, *, compare: list[str], scorer: str | None,
-                 settings) -> Report:
-    """Read the run's metrics, plot them, and (if it has a checkpoint) compare models."""
+def build_report(workdir: str, *, compare: list[str], scorer: str | None, settings,
+                 benchmarks: dict[str, str | None] | None = None,
+                 benchmark_limit: int = 0) -> Report:
+    """Read the run's metrics, plot them, and (if it has a checkpoint) compare models,
+    also on `benchmarks` ({task: file, or None to download it}; see tasks.py)."""
     from jaxgpt import eval as evaluation  # eval pulls in JAX; the progress line does not
+    from jaxgpt import tasks
 
     train, evals = read_metrics(workdir)
-    notes, comparison = [], None
+    notes, comparison, results = [], None, []
     has_ckpt = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
         name.isdigit() for name in os.listdir(os.path.join(workdir, "checkpoints")))
     specs = ([workdir] if has_ckpt else []) + list(compare)
@@ -332,9 +356,12 @@ def build_report(workdir: str, *, compare: list[str], scorer: str | None,
         by_name = {lm.name: lm for lm in lms}
         judge = lms[0] if scorer is None else by_name.get(scorer) or evaluation.load_lm(scorer)
         comparison = evaluation.compare_models(lms, judge, settings=settings)
+        results = [tasks.evaluate(task, lms, path or tasks.fetch(task), limit=benchmark_limit)
+                   for task, path in (benchmarks or {}).items()]
     return Report(run=workdir, generated=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                   n_records=len(train) + len(evals), status=status_rows(train, evals),
-                  plots=make_plots(train, evals), comparison=comparison, notes=notes)
+                  plots=make_plots(train, evals), comparison=comparison, notes=notes,
+                  benchmarks=results)
 
 
 def _write(path: str, content: str | bytes) -> None:
@@ -353,7 +380,7 @@ def write_report(r: Report, out: str) -> list[str]:
         paths.append(os.path.join(out, "plots", f"{name}.png"))
         _write(paths[-1], png)
     doc = {"run": r.run, "generated": r.generated, "status": dict(r.status),
-           "comparison": r.comparison, "notes": r.notes}
+           "comparison": r.comparison, "benchmarks": r.benchmarks, "notes": r.notes}
     for name, content in (("report.md", render_markdown(r)), ("report.html", render_html(r)),
                           ("report.json", json.dumps(doc, indent=1))):
         paths.append(os.path.join(out, name))
@@ -372,14 +399,23 @@ def main(argv=None) -> int:
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top_k", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tasks", default="", help=(
+        "benchmarks for every model: hellaswag[=FILE],lambada[=FILE] (no FILE: downloaded "
+        "once into ~/.cache/jaxgpt/tasks)"))
+    parser.add_argument("--tasks_limit", type=int, default=0,
+                        help="first N examples of each benchmark (0 = all)")
     args = parser.parse_args(argv)
+    if args.tasks_limit < 0:
+        parser.error(f"--tasks_limit must be >= 0, got {args.tasks_limit}")
     logging.getLogger().setLevel(logging.INFO)
     from jaxgpt import eval as evaluation
     try:
         settings = evaluation.GenSettings(args.max_new_tokens, args.temperature, args.top_k,
                                           args.seed)
+        from jaxgpt import tasks
         r = build_report(args.workdir, compare=[s for s in args.compare.split(",") if s],
-                         scorer=args.scorer, settings=settings)
+                         scorer=args.scorer, settings=settings,
+                         benchmarks=tasks.parse(args.tasks), benchmark_limit=args.tasks_limit)
         paths = write_report(r, args.out)
     except (ValueError, OSError, NotImplementedError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -14,7 +14,7 @@ import os
 import re
 import sys
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -163,18 +163,29 @@ def metrics(task: str, examples: Sequence[Example], scores) -> dict:
     return out
 
 
-def run(task: str, models: Sequence[str], path: str, *, limit: int = 0,
-        batch_size: int = 16) -> dict:
-    """Every model on the same examples (the first `limit`, 0 = all)."""
+def parse(spec: str) -> dict[str, str | None]:
+    """`hellaswag=FILE,lambada` -> {task: file or None (download)}."""
+    out = {}
+    for item in filter(None, spec.split(",")):
+        name, _, path = item.partition("=")
+        if name not in READERS:
+            raise ValueError(f"unknown task {name!r} in {spec!r} (known: {sorted(READERS)})")
+        out[name] = path or None
+    return out
+
+
+def evaluate(task: str, lms: Iterable[evaluation.LM], path: str, *, limit: int = 0,
+             batch_size: int = 16) -> dict:
+    """Every model on the same examples (the first `limit`, 0 = all); `lms` may be a
+    generator, so one model at a time is in memory."""
     examples = READERS[task](path)
     if not examples:
         raise ValueError(f"{path} holds no {task} examples")
     examples = examples[:limit or None]
     results = []
-    for spec in models:
-        lm = evaluation.load_lm(spec)
-        log.info("%s: %d %s examples", spec, len(examples), task)
-        results.append({"model": spec, "step": lm.step,
+    for lm in lms:
+        log.info("%s: %d %s examples", lm.name, len(examples), task)
+        results.append({"model": lm.name, "step": lm.step,
                         **metrics(task, examples, score(lm, examples, batch_size=batch_size))})
     return {"task": task, "data": path, "results": results}
 
@@ -196,8 +207,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--limit must be >= 0 and --batch_size >= 1")
     try:
         path = args.data or fetch(args.task)
-        result = run(args.task, [m for m in args.models.split(",") if m], path,
-                     limit=args.limit, batch_size=args.batch_size)
+        specs = [m for m in args.models.split(",") if m]
+        result = evaluate(args.task, (evaluation.load_lm(m) for m in specs), path,
+                          limit=args.limit, batch_size=args.batch_size)
     except (ValueError, OSError, NotImplementedError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

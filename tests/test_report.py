@@ -56,8 +56,19 @@ def runs(tmp_path_factory):
 def made(runs, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("report"))
     compare = [runs["b"]] + (["hf:" + runs["hf"]] if runs["hf"] else [])
+    # Benchmarks in their published formats, three items each, for every model.
+    tasks_dir = tmp_path_factory.mktemp("tasks")
+    hellaswag = [{"activity_label": "Cooking", "ctx_a": f"A cook cuts {x}.", "ctx_b": "she",
+                  "label": i % 4, "endings": ["boils water.", "eats it raw.", "sings.",
+                                              "washes the knife."]}
+                 for i, x in enumerate(("onions", "carrots", "bread"))]
+    (tasks_dir / "hs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in hellaswag))
+    (tasks_dir / "lambada.jsonl").write_text("".join(
+        json.dumps({"text": t}) + "\n" for t in ("def parse_args(self, args",
+                                                 "import os and sys", "return the value")))
     rc = report.main(["--workdir", runs["a"], "--compare", ",".join(compare), "--out", out,
-                      "--max_new_tokens", "8"])
+                      "--max_new_tokens", "8", "--tasks",
+                      f"hellaswag={tasks_dir / 'hs.jsonl'},lambada={tasks_dir / 'lambada.jsonl'}"])
     assert rc == 0
     out_dir = pathlib.Path(out)
     return {"out": out, "md": (out_dir / "report.md").read_text(),
@@ -100,6 +111,15 @@ def test_report_has_every_section_and_the_metrics_files_numbers(runs, made):
             assert len(m["generations"][decoding]) == len(prompts)
             assert 0 <= vals["distinct_1"] <= 1 and vals["coherence_ppl"] > 1
         assert 0 <= m["cloze"]["accuracy"] <= 1 and 1 <= m["cloze"]["mean_rank"] <= 4
+    # A benchmarks table per task: one row per model, the numbers report.json holds.
+    assert "## Benchmarks" in md
+    benchmarks = made["json"]["benchmarks"]
+    assert [b["task"] for b in benchmarks] == ["hellaswag", "lambada"]
+    for b in benchmarks:
+        assert [r["model"] for r in b["results"]] == made["models"]
+        for r in b["results"]:
+            assert r["examples"] == 3 and 0 <= r["acc"] <= 1
+            assert f"| {r['model']} | " in md and f"{r['acc']:.4f} ± {r['acc_stderr']:.4f}" in md
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 text clean-up written out by hand, log-likelihoods and greedy hits from transformers, the
 context/continuation split of the joined text as the harness tokenizes it."""
 
+import dataclasses
 import json
 import math
 import os
@@ -148,7 +149,7 @@ def test_lambada_scores_and_greedy_hits_match_pytorch(gpt2_pair, tmp_path):
 def test_cli_prints_a_row_per_model_and_refuses_a_missing_file(gpt2_pair, tmp_path,
                                                                   monkeypatch, capsys):
     lm, _, _ = gpt2_pair
-    monkeypatch.setattr(evaluation, "load_lm", lambda spec: lm)
+    monkeypatch.setattr(evaluation, "load_lm", lambda spec: dataclasses.replace(lm, name=spec))
     path = tmp_path / "hs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in HELLASWAG))
     out = tmp_path / "r.json"
@@ -175,3 +176,18 @@ def test_metrics_from_hand_computed_scores():
     assert result["acc"] == 0.75 and result["acc_stderr"] == pytest.approx(
         math.sqrt(0.75 * 0.25 / 4))
     assert result["ppl"] == pytest.approx(math.exp(2.0))
+
+
+def test_fetch_downloads_once_and_names_the_url_when_it_cannot(tmp_path, monkeypatch):
+    src = tmp_path / "lambada_test.jsonl"
+    src.write_text(json.dumps({"text": "two words"}) + "\n")
+    monkeypatch.setitem(tasks.URLS, "lambada", src.as_uri())
+    cache = tmp_path / "cache"
+    path = tasks.fetch("lambada", str(cache))
+    assert open(path).read() == src.read_text()
+    src.unlink()
+    assert tasks.fetch("lambada", str(cache)) == path          # cached: no second download
+    monkeypatch.setitem(tasks.URLS, "hellaswag", (tmp_path / "gone.jsonl").as_uri())
+    with pytest.raises(OSError, match="gone.jsonl .*pass --data=FILE"):
+        tasks.fetch("hellaswag", str(cache))
+    assert sorted(os.listdir(cache)) == ["lambada_test.jsonl"]
