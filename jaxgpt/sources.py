@@ -163,6 +163,12 @@ def read_jsonl(path: str, bad: BadRecords) -> Iterator[Document]:
             if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
                 bad("no_text", where, "record has no string 'text' field")
                 continue
+            try:   # a JSON escape of half a surrogate pair decodes, but is no text
+                rec["text"].encode("utf-8")
+            except UnicodeEncodeError as e:
+                bad("non_utf8", where, f"'text' holds an unpaired surrogate ({e.reason} at "
+                                       f"character {e.start})")
+                continue
             meta = rec.get("meta")
             name = meta.get("redpajama_set_name") if isinstance(meta, dict) else None
             n += 1

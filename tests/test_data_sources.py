@@ -77,16 +77,20 @@ def _zst(path, lines: list[bytes]):
 
 
 GOOD = b'{"text": "fine", "meta": {"redpajama_set_name": "RedPajamaBook"}}'
-BAD_LINES = {
-    "malformed_json": (b'{"text": "cut', "bad.jsonl.zst:2: malformed JSON"),
-    "no_text": (b'{"meta": {"redpajama_set_name": "X"}}', "bad.jsonl.zst:2: record has no"),
-    "non_utf8": (b'{"text": "\xff\xfe"}', "bad.jsonl.zst:2: not valid UTF-8"),
+BAD_LINES = {   # case: (kind counted, line, message)
+    "malformed_json": ("malformed_json", b'{"text": "cut', "bad.jsonl.zst:2: malformed JSON"),
+    "no_text": ("no_text", b'{"meta": {"redpajama_set_name": "X"}}',
+                "bad.jsonl.zst:2: record has no"),
+    "non_utf8": ("non_utf8", b'{"text": "\xff\xfe"}', "bad.jsonl.zst:2: not valid UTF-8"),
+    # Valid JSON whose escape is half a surrogate pair: no tokenizer can encode it.
+    "surrogate": ("non_utf8", b'{"text": "x \\ud800 y"}',
+                  "bad.jsonl.zst:2: 'text' holds an unpaired surrogate"),
 }
 
 
-@pytest.mark.parametrize("kind", sorted(BAD_LINES))
-def test_bad_record_errors_or_is_skipped_and_counted(tmp_path, kind):
-    line, message = BAD_LINES[kind]
+@pytest.mark.parametrize("case", sorted(BAD_LINES))
+def test_bad_record_errors_or_is_skipped_and_counted(tmp_path, case):
+    kind, line, message = BAD_LINES[case]
     path = _zst(tmp_path / "bad.jsonl.zst", [GOOD, line, GOOD])
     with pytest.raises(ValueError, match=message):
         list(sources.read_jsonl(path, sources.BadRecords("error")))
