@@ -327,9 +327,8 @@ def train_iterator(corpus: Corpus, dcfg: DataConfig, tok, *, global_batch: int, 
         it = stream.StreamIterator(dcfg, tok, global_batch=global_batch, seed=seed,
                                    process_index=process_index, process_count=process_count)
         # Each process streams its own documents: the state is per process.
-        return it, [stream.FORMAT, shards.inputs_fingerprint(dcfg, tok.fingerprint),
-                    corpus.fingerprint, seed, global_batch, dcfg.block_size,
-                    dcfg.shuffle_windows, process_count]
+        return it, [stream.FORMAT, stream.inputs_fingerprint(dcfg), tok.fingerprint, seed,
+                    global_batch, dcfg.block_size, dcfg.shuffle_windows, process_count]
     ds = make_train_dataset(corpus, global_batch=global_batch, seed=seed,
                             process_index=process_index, process_count=process_count,
                             mixture=dcfg.mixture)

@@ -18,8 +18,10 @@ tokenization, and needs the same process count (it is part of the pipeline finge
 
 import collections
 import dataclasses
+import hashlib
 import itertools
 import logging
+import os
 import queue
 import threading
 from collections.abc import Iterator
@@ -64,6 +66,18 @@ def check_inputs(dcfg) -> dict[str, list[str]]:
                          f"token shards instead (data.streaming=False), which hold out the "
                          f"end of the text")
     return splits
+
+
+def inputs_fingerprint(dcfg) -> str:
+    """What the saved cursors index: the train files' names (relative to their common
+    folder) and sizes, and what selects documents, so a moved copy of the data resumes."""
+    files = check_inputs(dcfg).get("train", [])
+    h = hashlib.sha256(f"{dcfg.source}|{dcfg.on_bad_record}|{dcfg.max_documents}|"
+                       f"{'files' if files else 'hf'}".encode())
+    base = os.path.commonpath([os.path.dirname(f) for f in files]) if files else ""
+    for f in files:
+        h.update(f"{os.path.relpath(f, base)}:{os.path.getsize(f)}\n".encode())
+    return h.hexdigest()[:16]
 
 
 class _Producer:
@@ -115,8 +129,16 @@ class _Producer:
                                  f"whole pass over {self.dcfg.path or self.dcfg.source}")
             start = Cursor(epoch=start.epoch + 1)
 
-    def _tokens(self, docs) -> list[tuple[Cursor, np.ndarray]]:
-        chunk = list(itertools.islice(docs, _CHUNK_DOCS))
+    def _tokens(self, docs, needed: int) -> list[tuple[Cursor, np.ndarray]]:
+        """The next documents tokenized, each followed by end-of-text: up to _CHUNK_DOCS of
+        them, fewer once they hold `needed` characters (about as many tokens or more; if
+        fewer, the caller asks again), so a pass of a few huge documents is not read at once."""
+        chunk, chars = [], 0
+        for cursor, text in docs:
+            chunk.append((cursor, text))
+            chars += len(text) + 1
+            if len(chunk) == _CHUNK_DOCS or chars >= needed:
+                break
         out = []
         for (cursor, _), ids in zip(chunk, self.tok.encode_batch([t for _, t in chunk])):
             tokens = np.empty(len(ids) + 1, np.int32)
@@ -132,19 +154,20 @@ class _Producer:
         pending = collections.deque()    # (cursor, tokens) not yet consumed; the first
         offset = start.offset            # of them from token `offset` on
         have = -offset
+        need = W * T + 1
         while True:
-            while have < W * T + 1:
-                for cursor, tokens in self._tokens(docs):
+            while have < need:
+                for cursor, tokens in self._tokens(docs, need - have):
                     pending.append((cursor, tokens))
                     have += tokens.size
-            head = pending[0][0]
-            parts, n = [pending[0][1][offset:]], pending[0][1].size - offset
-            for _, tokens in itertools.islice(pending, 1, None):
-                if n >= W * T + 1:
+            parts, n = [], 0     # the block's `need` tokens, from `offset` in the head on
+            for i, (_, tokens) in enumerate(pending):
+                parts.append(tokens[offset if i == 0 else 0:][:need - n])
+                n += parts[-1].size
+                if n == need:
                     break
-                parts.append(tokens)
-                n += tokens.size
             flat = np.concatenate(parts)
+            head = pending[0][0]
             rows = np.arange(W)[:, None] * T + np.arange(T + 1)[None, :]
             order = np.random.default_rng([self.seed, self.p, number]).permutation(W)
             yield _Block(dataclasses.replace(head, offset=offset), number, flat[rows[order]])
@@ -160,16 +183,20 @@ class _Producer:
         """Thread body: blocks into the queue; an error is queued for the trainer to raise."""
         try:
             for block in self.blocks(start, number):
-                while not self.stop.is_set():
-                    try:
-                        self.queue.put(block, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self.stop.is_set():
+                if not self._put(block):
                     return
         except BaseException as e:     # noqa: BLE001 - re-raised in the trainer's thread
-            self.queue.put(e)
+            self._put(e)
+
+    def _put(self, item) -> bool:
+        """Queue `item` unless stopped first (a dropped iterator never takes it)."""
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
 
 class StreamIterator:
@@ -192,6 +219,7 @@ class StreamIterator:
         self._start, self._number, self._taken = Cursor(), 0, 0
         self._block: _Block | None = None
         self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def __iter__(self):
         return self
@@ -208,8 +236,11 @@ class StreamIterator:
                      self._number, self._taken, self.n_batches)
         # The first block is the one set_state named, with its batches taken so far.
         while self._block is None or self._taken == self.n_batches:
+            if self._error is not None:     # the producer has stopped: raise again
+                raise self._error
             item = self._producer.queue.get()
             if isinstance(item, BaseException):
+                self._error = item
                 raise item
             if self._block is not None:
                 self._taken = 0

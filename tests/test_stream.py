@@ -4,6 +4,7 @@ windows, processes split documents, and a saved state resumes exactly."""
 
 import json
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -171,3 +172,35 @@ def test_streaming_prepares_only_validation(tmp_path):
     corpus = data.load_corpus(_dcfg(root), ByteTokenizer(), cache_dir=str(tmp_path / "cache"))
     assert len(corpus.train) == 0 and len(corpus.val) > 0
     assert set(corpus.stats["tokens"]) == {"val"}
+
+
+def test_huge_documents_are_tokenized_as_needed_not_a_chunk_at_a_time(tmp_path):
+    root, _ = _corpus(tmp_path)
+    it = stream.StreamIterator(_dcfg(root), ByteTokenizer(), global_batch=LOCAL, seed=0)
+    docs = iter((stream.Cursor(doc=i), "x" * 1000) for i in range(50))
+    got = it._producer._tokens(docs, needed=1500)
+    assert [c.doc for c, _ in got] == [0, 1] and got[0][1].size == 1001
+    assert next(docs)[0].doc == 2                           # nothing read beyond them
+
+
+def test_an_error_is_raised_again_not_waited_for(tmp_path):
+    root, _ = _corpus(tmp_path, n_files=1)
+    with open(tmp_path / "train" / "chunk_1.jsonl", "w") as f:
+        f.write("{not json\n")
+    it = stream.StreamIterator(_dcfg(root, shuffle_windows=1000), ByteTokenizer(),
+                               global_batch=LOCAL, seed=0)
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"chunk_1\.jsonl:1"):
+            next(it)
+
+
+def test_a_moved_copy_of_the_data_keeps_the_fingerprint_a_changed_one_does_not(tmp_path):
+    (tmp_path / "a").mkdir()
+    root, _ = _corpus(tmp_path / "a")
+    before = stream.inputs_fingerprint(_dcfg(root))
+    shutil.copytree(root, tmp_path / "b")
+    assert stream.inputs_fingerprint(_dcfg(str(tmp_path / "b"))) == before
+    with open(tmp_path / "b" / "train" / "chunk_1.jsonl", "a") as f:
+        f.write(json.dumps({"text": "one more"}) + "\n")
+    assert stream.inputs_fingerprint(_dcfg(str(tmp_path / "b"))) != before
+    assert stream.inputs_fingerprint(_dcfg(root, max_documents=3)) != before
