@@ -345,6 +345,10 @@ def build_report(workdir: str, *, compare: list[str], scorer: str | None, settin
     from jaxgpt import tasks
 
     train, evals = read_metrics(workdir)
+    # Benchmark files fetched and read first: a bad one fails before any generation.
+    task_files = {t: path or tasks.fetch(t) for t, path in (benchmarks or {}).items()}
+    for task, path in task_files.items():
+        tasks.READERS[task](path)
     notes, comparison, results = [], None, []
     has_ckpt = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
         name.isdigit() for name in os.listdir(os.path.join(workdir, "checkpoints")))
@@ -356,8 +360,8 @@ def build_report(workdir: str, *, compare: list[str], scorer: str | None, settin
         by_name = {lm.name: lm for lm in lms}
         judge = lms[0] if scorer is None else by_name.get(scorer) or evaluation.load_lm(scorer)
         comparison = evaluation.compare_models(lms, judge, settings=settings)
-        results = [tasks.evaluate(task, lms, path or tasks.fetch(task), limit=benchmark_limit)
-                   for task, path in (benchmarks or {}).items()]
+        results = [tasks.evaluate(task, lms, path, limit=benchmark_limit)
+                   for task, path in task_files.items()]
     return Report(run=workdir, generated=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                   n_records=len(train) + len(evals), status=status_rows(train, evals),
                   plots=make_plots(train, evals), comparison=comparison, notes=notes,

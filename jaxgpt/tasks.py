@@ -103,23 +103,37 @@ def fetch(task: str, cache: str = CACHE) -> str:
         log.info("downloading %s to %s", URLS[task], path)
         try:
             urllib.request.urlretrieve(URLS[task], path + ".partial")
-        except OSError as e:
+            READERS[task](path + ".partial")     # an error page or a cut file stays out
+        except (OSError, ValueError) as e:
+            if os.path.exists(path + ".partial"):
+                os.remove(path + ".partial")
             raise OSError(f"could not download {URLS[task]} ({e}); pass --data=FILE") from None
         os.replace(path + ".partial", path)
     return path
 
 
+def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """The harness's split: trailing spaces of the context move to the continuation, the
+    joined text is encoded, and the continuation is what follows the context's own ids
+    (an empty context is end-of-text)."""
+    if not context:
+        return [tok.eot_id], tok.encode(continuation)
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    ctx = tok.encode(context)
+    return ctx, tok.encode(context + continuation)[len(ctx):]
+
+
 def score(lm: evaluation.LM, examples: Sequence[Example], *, batch_size: int = 16):
     """Per example and choice: (sum of log p(choice tokens | context), all tokens greedy).
 
-    Context and choice are tokenized apart (with GPT-2 BPE the same ids as the harness's
-    split of the joined text: a leading space starts a new pre-token); a context too long
-    for the model loses its first tokens, a choice is never cut."""
+    A context too long for the model loses its first tokens; a choice is never cut."""
     rows, spans, limit = [], [], lm.cfg.n_positions + 1
     for ex in examples:
-        ctx = lm.tok.encode(ex.context) or [lm.tok.eot_id]
         for choice in ex.choices:
-            c_ids = lm.tok.encode(choice)
+            ctx, c_ids = encode_pair(lm.tok, ex.context, choice)
+            ctx = ctx or [lm.tok.eot_id]      # a context of spaces only
             if not 1 <= len(c_ids) < limit:
                 raise ValueError(f"{ex.where}: choice {choice!r} is {len(c_ids)} tokens; "
                                  f"{lm.name} scores 1..{limit - 1}")
@@ -139,9 +153,9 @@ def score(lm: evaluation.LM, examples: Sequence[Example], *, batch_size: int = 1
 
 
 def _accuracy(correct: Sequence[bool]) -> tuple[float, float]:
-    """Mean and its standard error."""
-    acc = float(np.mean(correct))
-    return acc, math.sqrt(acc * (1 - acc) / len(correct))
+    """Mean and its standard error (from the sample variance, as the harness reports it)."""
+    acc, n = float(np.mean(correct)), len(correct)
+    return acc, math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else math.nan
 
 
 def metrics(task: str, examples: Sequence[Example], scores) -> dict:

@@ -210,6 +210,15 @@ def test_bad_run_directories_give_a_clear_message_and_keep_an_old_report(tmp_pat
         assert message in err and "Traceback" not in err, err
     assert (out / "report.md").read_text() == "old report"
     assert sorted(os.listdir(out)) == ["report.md"]
+    # A bad benchmark file or name stops the report before any model is loaded.
+    (broken / "metrics.jsonl").write_text('{"step": 1, "loss": 2}\n')
+    (tmp_path / "hs.jsonl").write_text('{"ctx_a": "no endings"}\n')
+    for spec, message in ((f"hellaswag={tmp_path / 'hs.jsonl'}", "hs.jsonl:1: not a HellaSwag"),
+                          (f"lambada={tmp_path / 'none.jsonl'}", "none.jsonl"),
+                          ("mmlu", "unknown task 'mmlu'")):
+        assert report.main(["--workdir", str(broken), "--out", str(out), "--tasks", spec]) == 2
+        assert message in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["report.md"]
 
 
 @pytest.mark.slow

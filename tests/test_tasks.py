@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -30,20 +31,25 @@ HELLASWAG = [
      "ctx_b": "she", "label": 1,
      "endings": ["throws the bowl at the wall.", "scoops the dough onto a tray.",
                  "reads a newspaper.", "drives to the airport."]},
+    {"activity_label": "Cooking", "ctx_a": "How to cook rice. Rinse the rice. [step]",
+     "ctx_b": "", "label": 2,
+     "endings": ["Paint it.", "Fold it twice.", "Put it in a pot of water.", "Sing."]},
 ]
 # The same records after the harness's rules, written out by hand: query
 # "label: ctx_a Ctx_b", stripped, " [title]" -> ". ", other [tags] dropped, then double
 # spaces single.
 QUERIES = ["Roof shingle removal: A man is sitting on a roof. He",
            "Home and Garden: How to plant tulips. Choose a sunny spot.",
-           "Baking cookies: A woman mixes flour and butter in a bowl. She"]
+           "Baking cookies: A woman mixes flour and butter in a bowl. She",
+           "Cooking: How to cook rice. Rinse the rice. "]    # a tag at the end leaves a space
 ENDINGS = [HELLASWAG[0]["endings"],
            [" Tulips need at least six hours of sun a day.", "Paint the fence blue.",
             " Eat the bulbs.", "Wait for snow."],     # a tag at the start leaves its space
-           HELLASWAG[2]["endings"]]
+           HELLASWAG[2]["endings"], HELLASWAG[3]["endings"]]
 LAMBADA = ["She opened the door and the cat ran straight into the kitchen",
            "The train was late again, so Maria decided to walk to the station",
-           "After years of practice he finally played the whole sonata on the piano"]
+           "After years of practice he finally played the whole sonata on the piano",
+           "He waved from the platform and said  goodbye"]   # two spaces before the word
 
 
 def test_hellaswag_records_are_cleaned_as_the_harness_does(tmp_path):
@@ -90,7 +96,10 @@ def gpt2_pair(shared_data, tmp_path_factory):
 
 
 def _reference(m, ref_tok, context, continuation):
-    """The harness's split: encode(context + continuation) minus encode(context)."""
+    """The harness's split: trailing spaces of the context join the continuation, then
+    encode(context + continuation) minus encode(context)."""
+    while context.endswith(" "):
+        context, continuation = context[:-1], " " + continuation
     whole = ref_tok(context + continuation)["input_ids"]
     n_ctx = len(ref_tok(context)["input_ids"])
     with torch.no_grad():
@@ -117,7 +126,7 @@ def test_hellaswag_scores_match_pytorch(gpt2_pair, tmp_path):
     acc_norm = np.mean([np.argmax(np.asarray(r) / [len(e) for e in ends]) == rec["label"]
                         for r, ends, rec in zip(ref, ENDINGS, HELLASWAG)])
     assert (result["acc"], result["acc_norm"]) == (acc, acc_norm)
-    assert result["acc_stderr"] == pytest.approx(math.sqrt(acc * (1 - acc) / 3))
+    assert result["acc_stderr"] == pytest.approx(math.sqrt(acc * (1 - acc) / 3))   # n - 1
 
 
 def test_lambada_scores_and_greedy_hits_match_pytorch(gpt2_pair, tmp_path):
@@ -174,7 +183,7 @@ def test_metrics_from_hand_computed_scores():
     result = tasks.metrics("lambada", [word] * 4, [[(-1.0, True)], [(-3.0, False)],
                                                    [(-2.0, True)], [(-2.0, True)]])
     assert result["acc"] == 0.75 and result["acc_stderr"] == pytest.approx(
-        math.sqrt(0.75 * 0.25 / 4))
+        math.sqrt(0.75 * 0.25 / 3))                            # sample variance: n - 1
     assert result["ppl"] == pytest.approx(math.exp(2.0))
 
 
@@ -184,7 +193,7 @@ def test_fetch_downloads_once_and_names_the_url_when_it_cannot(tmp_path, monkeyp
     monkeypatch.setitem(tasks.URLS, "lambada", src.as_uri())
     cache = tmp_path / "cache"
     path = tasks.fetch("lambada", str(cache))
-    assert open(path).read() == src.read_text()
+    assert pathlib.Path(path).read_text() == src.read_text()
     src.unlink()
     assert tasks.fetch("lambada", str(cache)) == path          # cached: no second download
     monkeypatch.setitem(tasks.URLS, "hellaswag", (tmp_path / "gone.jsonl").as_uri())
