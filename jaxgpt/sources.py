@@ -212,17 +212,30 @@ def read_wikitext(path: str, bad: BadRecords) -> Iterator[Document]:
 READERS = {"text": read_text, "wikitext": read_wikitext, "slimpajama": read_jsonl}
 
 
-def hf_documents(source: str, split: str) -> Iterator[Document]:
-    """Stream a split from the HF hub (`pip install jaxgpt[datasets]`; needs the network)."""
+def hf_splittable(source: str) -> bool:
+    """Whether an HF stream can be split between processes by rows: SlimPajama's rows are
+    documents; WikiText's are lines of articles."""
+    return source == "slimpajama"
+
+
+def hf_documents(source: str, split: str, part: tuple[int, int] = (0, 1)) -> Iterator[Document]:
+    """Stream a split from the HF hub (`pip install jaxgpt[datasets]`; needs the network).
+    `part=(i, n)`: only the i-th of n parts (`datasets.distributed.split_dataset_by_node`:
+    whole shard files per part where they divide evenly), for `hf_splittable` sources."""
     try:
         import datasets
     except ImportError:
         raise ImportError("data.path is unset, so the data would stream from the HF hub, "
                           "which needs `pip install datasets`") from None
     hf_split = {"train": "train", "val": "validation"}[split]
+    if part[1] > 1 and not hf_splittable(source):
+        raise ValueError(f"the HF stream of {source!r} cannot be split into parts")
     if source == "slimpajama":
         stream = datasets.load_dataset("cerebras/SlimPajama-627B", split=hf_split,
                                        streaming=True)
+        if part[1] > 1:
+            from datasets.distributed import split_dataset_by_node
+            stream = split_dataset_by_node(stream, rank=part[0], world_size=part[1])
         for i, rec in enumerate(stream):
             yield Document(rec["text"], rec["meta"]["redpajama_set_name"],
                            f"hf:cerebras/SlimPajama-627B/{hf_split}:{i}")

@@ -4,11 +4,12 @@ With `data.streaming=True` a run reads its train documents (local files or the H
 stream) in order and tokenizes them in a background thread, so training on SlimPajama
 starts at once instead of after preparing its shards; only the validation split is
 prepared (`data.load_corpus`). Process p of N tokenizes document g of each pass when
-g % N == p. Its documents, each followed by end-of-text, form one token stream, packed as
-prepared shards are into `block_size + 1` windows overlapping by one token, and shuffled
-in blocks of `data.shuffle_windows` windows (rounded up to whole local batches): block b
-is permuted by a generator seeded with (seed, p, b). When a pass ends, the next starts
-from the first document and the token stream runs on across the seam.
+g % N == p (of the HF SlimPajama stream it reads only its own part). Its documents, each
+followed by end-of-text, form one token stream, packed as prepared shards are into
+`block_size + 1` windows overlapping by one token, and shuffled in blocks of
+`data.shuffle_windows` windows (rounded up to whole local batches): block b is permuted by
+a generator seeded with (seed, p, b). When a pass ends, the next starts from the first
+document and the token stream runs on across the seam.
 
 The iterator state is exact and small: per process, where its current block starts (pass,
 document, file, document in the file, token offset), the block number and the batches
@@ -89,6 +90,9 @@ class _Producer:
         self.dcfg, self.tok, self.files = dcfg, tok, files
         self.local, self.n_batches, self.seed = local, n_batches, seed
         self.p, self.n = process_index, process_count
+        # An HF stream that splits by rows is read in parts, one per process.
+        split = not files and process_count > 1 and sources.hf_splittable(dcfg.source)
+        self.hf_part = (process_index, process_count) if split else (0, 1)
         self.queue: queue.Queue = queue.Queue(maxsize=_AHEAD)
         self.stop = threading.Event()
 
@@ -99,9 +103,9 @@ class _Producer:
         doc = start.doc
         if not self.files:    # the HF stream: one input, documents in stream order
             if start.doc:
-                log.info("HF stream: skipping %s documents to resume (every process reads "
-                         "the whole stream)", f"{start.doc:,}")
-            stream = itertools.islice(sources.hf_documents(self.dcfg.source, "train"),
+                log.info("HF stream: re-reading %s documents to resume", f"{start.doc:,}")
+            stream = itertools.islice(sources.hf_documents(self.dcfg.source, "train",
+                                                           self.hf_part),
                                       start.doc, limit)
             for d in stream:
                 yield Cursor(start.epoch, doc, 0, doc), d.text
@@ -118,10 +122,11 @@ class _Producer:
 
     def _documents(self, start: Cursor) -> Iterator[tuple[Cursor, str]]:
         """This process's documents from `start` on, pass after pass, endlessly."""
+        own = self.n if self.hf_part[1] == 1 else 1    # a split HF stream is all ours
         while True:
             found = False
             for cursor, text in self._pass(start):
-                if cursor.doc % self.n == self.p:
+                if cursor.doc % own == self.p % own:
                     found = True
                     yield cursor, text
             if not found and start.doc == 0:

@@ -193,7 +193,13 @@ def test_hf_streams_through_a_stand_in_datasets_module(tmp_path, monkeypatch):
                     for i in range(5)]
         return [{"text": t} for t in (" = A = \n", " a\n", " = = s = = \n", " = B = \n", " b\n")]
 
+    def split_dataset_by_node(rows, *, rank, world_size):
+        calls.append(("split", rank, world_size))
+        return rows[rank::world_size]
+
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.setitem(sys.modules, "datasets.distributed",
+                        types.SimpleNamespace(split_dataset_by_node=split_dataset_by_node))
     docs = list(sources.hf_documents("slimpajama", "val"))
     assert [d.text for d in docs] == [f"doc {i}" for i in range(5)]
     assert {d.source for d in docs} == {"RedPajamaC4"}
@@ -201,6 +207,11 @@ def test_hf_streams_through_a_stand_in_datasets_module(tmp_path, monkeypatch):
     assert [a.text for a in arts] == [" = A = \n a\n = = s = = \n", " = B = \n b\n"]
     assert calls == [("cerebras/SlimPajama-627B", None, "validation", True),
                      ("wikitext", "wikitext-103-raw-v1", "train", True)]
+    part = list(sources.hf_documents("slimpajama", "train", part=(1, 2)))
+    assert [d.text for d in part] == ["doc 1", "doc 3"] and calls[-1] == ("split", 1, 2)
+    with pytest.raises(ValueError, match="'wikitext' cannot be split"):
+        list(sources.hf_documents("wikitext", "train", part=(0, 2)))
+    del calls[2:]
     dcfg = data.DataConfig(source="slimpajama", max_documents=3)
     manifest = shards.prepare(dcfg, _ByteTokenizer(), str(tmp_path / "out"))
     assert manifest["splits"]["train"]["documents"] == {"RedPajamaC4": 3}

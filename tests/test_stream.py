@@ -99,8 +99,14 @@ def test_processes_take_alternate_documents(tmp_path):
 
 
 def _hf_stream(texts):
-    return lambda source, split: (sources.Document(t, "S", f"hf:{i}") for i, t in
-                                  enumerate(texts if split == "train" else texts[:3]))
+    """A stand-in for sources.hf_documents whose parts are contiguous halves, as whole
+    shard files would be."""
+    def documents(source, split, part=(0, 1)):
+        rows = texts if split == "train" else texts[:3]
+        i, n = part
+        rows = rows[i * len(rows) // n:(i + 1) * len(rows) // n]
+        return (sources.Document(t, "S", f"hf:{k}") for k, t in enumerate(rows))
+    return documents
 
 
 @pytest.mark.parametrize("kind", ["files", "hf"])
@@ -122,6 +128,18 @@ def test_a_saved_state_resumes_exactly(tmp_path, monkeypatch, kind):
         again.set_state(json.loads(json.dumps(states[k])))   # as a checkpoint stores it
         for want in batches[k:k + 3]:
             np.testing.assert_array_equal(next(again), want)
+
+
+def test_processes_read_their_own_part_of_an_hf_stream(tmp_path, monkeypatch):
+    _, texts = _corpus(tmp_path)
+    monkeypatch.setattr(sources, "hf_documents", _hf_stream(texts))
+    half = len(texts) // 2
+    for p, mine in ((0, texts[:half]), (1, texts[half:])):
+        it = stream.StreamIterator(_dcfg(None), ByteTokenizer(), global_batch=2 * LOCAL,
+                                   seed=0, process_index=p, process_count=2)
+        ref = np.tile(_stream_tokens(mine), 4)
+        got = _rows(next(it) for _ in range(2 * it.n_batches))
+        assert sorted(got) == sorted(_windows(ref, 0, len(got)))
 
 
 def test_max_documents_caps_each_pass(tmp_path):
