@@ -71,9 +71,11 @@ def check_inputs(dcfg) -> dict[str, list[str]]:
 
 def inputs_fingerprint(dcfg) -> str:
     """What the saved cursors index: the train files' names (relative to their common
-    folder) and sizes, and what selects documents, so a moved copy of the data resumes."""
+    folder) and sizes, and the pass length, so a moved copy of the data resumes. Not
+    data.on_bad_record: a cursor counts good documents, and under 'error' none was bad, so
+    a run stopped by a bad record resumes with 'skip' where it stopped."""
     files = check_inputs(dcfg).get("train", [])
-    h = hashlib.sha256(f"{dcfg.source}|{dcfg.on_bad_record}|{dcfg.max_documents}|"
+    h = hashlib.sha256(f"{dcfg.source}|{dcfg.max_documents}|"
                        f"{'files' if files else 'hf'}".encode())
     base = os.path.commonpath([os.path.dirname(f) for f in files]) if files else ""
     for f in files:

@@ -222,3 +222,25 @@ def test_a_moved_copy_of_the_data_keeps_the_fingerprint_a_changed_one_does_not(t
         f.write(json.dumps({"text": "one more"}) + "\n")
     assert stream.inputs_fingerprint(_dcfg(str(tmp_path / "b"))) != before
     assert stream.inputs_fingerprint(_dcfg(root, max_documents=3)) != before
+
+
+def test_a_stream_stopped_by_a_bad_record_resumes_under_skip_where_it_stopped(tmp_path):
+    root, _ = _corpus(tmp_path, n_files=3)
+    with open(tmp_path / "train" / "chunk_1.jsonl", "a") as f:
+        f.write("{not json\n")
+    strict, lenient = _dcfg(root, shuffle_windows=4), _dcfg(root, shuffle_windows=4,
+                                                            on_bad_record="skip")
+    assert stream.inputs_fingerprint(strict) == stream.inputs_fingerprint(lenient)
+    it = stream.StreamIterator(strict, ByteTokenizer(), global_batch=LOCAL, seed=0)
+    states = []
+    with pytest.raises(ValueError, match=r"chunk_1\.jsonl"):
+        while True:
+            states.append(it.get_state())
+            next(it)
+    assert len(states) > 2                   # it trained for a while before the bad line
+    ref = stream.StreamIterator(lenient, ByteTokenizer(), global_batch=LOCAL, seed=0)
+    want = [next(ref) for _ in range(len(states) + 5)]
+    again = stream.StreamIterator(lenient, ByteTokenizer(), global_batch=LOCAL, seed=0)
+    again.set_state(states[-2])
+    for w in want[len(states) - 2:]:
+        np.testing.assert_array_equal(next(again), w)
