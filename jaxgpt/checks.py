@@ -50,6 +50,11 @@ def check_batch_divisible(micro_batch: int, config, mesh, rules):
 # Groups and fields a checkpoint must share with the run resuming it (the rest, e.g.
 # train.steps, eval, sample, mesh, may change between segments).
 RESUME_FIELDS = ("model.", "data.", "train.seed", "train.batch_size", "train.grad_accum")
+# Data fields a resume may change freely: loader speed, or where the data lives and how bad
+# records are treated, whose effect on the batches the pipeline fingerprint judges (prepared
+# tokens, or a stream's cursors, which count good documents of the same files).
+RESUME_FREE = ("data.read_threads", "data.prefetch", "data.path", "data.prepared",
+               "data.on_bad_record")
 NONFINITE_MODES = ("halt", "skip")
 SCAN_LIMIT = 1 << 28   # tokens: a full id-range check at start-up reads this much at most
 
@@ -107,10 +112,14 @@ def resume_guard(config, meta: dict):
             raise ValueError(f"checkpoint at step {step} holds {was} optimizer state, but "
                              f"optim.optimizer is {now!r}; keep optim.optimizer={was!r} to "
                              f"resume it, or start a new workdir")
-        diff = faults.config_diff(saved.get("config", {}), meta["config"], RESUME_FIELDS)
+        changed = faults.config_diff(saved.get("config", {}), meta["config"], RESUME_FIELDS)
+        free = [d for d in changed if d.startswith(tuple(f + ":" for f in RESUME_FREE))]
+        diff = [d for d in changed if d not in free]
         for key in ("tokenizer", "pipeline"):
             if saved.get(key) != meta[key]:
                 diff.append(f"{key}: {saved.get(key)!r} -> {meta[key]!r}")
+        if diff:
+            diff += free     # what may explain a changed pipeline
         if diff and not config.checkpoint.allow_config_change:
             raise ValueError(f"checkpoint at step {step} was written by an incompatible run; "
                              f"differing fields: {'; '.join(diff)} (pass --config.checkpoint."

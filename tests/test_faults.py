@@ -489,3 +489,20 @@ def test_checkpoint_saved_on_2_devices_restores_onto_1_and_4(tmp_path, tiny_cfg)
         assert restored.params["wte"]["embedding"].value.sharding == \
             target.state_shardings.params["wte"]["embedding"].value
         assert _bits_equal(expect, jax.device_get(restored))
+
+
+def test_resume_allows_loader_and_location_changes_the_pipeline_fingerprint_accepts():
+    from jaxgpt import checks
+    from jaxgpt import config as config_lib
+    config = config_lib.base_config()
+    saved = {"config": config.to_dict(), "tokenizer": "t", "pipeline": "p"}
+    config.data.prefetch, config.data.on_bad_record = 9, "skip"
+    config.data.path = "/moved/copy"
+    meta = {**saved, "config": config.to_dict()}
+    checks.resume_guard(config, meta)(7, saved)               # same pipeline: accepted
+    with pytest.raises(ValueError, match=r"pipeline: 'p' -> 'q'; data.on_bad_record: "
+                                         r"'error' -> 'skip'; data.path"):
+        checks.resume_guard(config, {**meta, "pipeline": "q"})(7, saved)
+    config.data.block_size = 64
+    with pytest.raises(ValueError, match=r"data.block_size: 128 -> 64"):
+        checks.resume_guard(config, {**meta, "config": config.to_dict()})(7, saved)
