@@ -61,7 +61,7 @@ def check_inputs(dcfg) -> dict[str, list[str]]:
     splits = sources.find_splits(dcfg.source, dcfg.path)
     if splits and "val" not in splits:
         where = (f"data.path {dcfg.path!r} has none (SlimPajama: a validation/ folder; "
-                 f"WikiText: a *valid* file)" if dcfg.source != "text"
+                 f"WikiText: both *train* and *valid* files)" if dcfg.source != "text"
                  else "data.source 'text' has none")
         raise ValueError(f"data.streaming needs a validation split, but {where}; prepare "
                          f"token shards instead (data.streaming=False), which hold out the "
