@@ -32,6 +32,9 @@ def progress_bar(fraction: float, width: int = 24) -> str:
     return "[" + "#" * full + "." * (width - full) + "]"
 
 
+DATA_WAIT_SHOWN = 0.1   # the progress line names input stalls above this share of the time
+
+
 def progress_line(m: dict) -> str:
     """One console line from a metrics record (see train.train_and_evaluate)."""
     line = (f"{progress_bar(m['step'] / m['total_steps'])} step {m['step']}/{m['total_steps']}"
@@ -40,6 +43,8 @@ def progress_line(m: dict) -> str:
             f" | ~{m['epoch']:.2f} epochs | ETA {format_duration(m['eta_s'])}")
     if m.get("mfu") is not None:   # None where the devices' peak FLOP/s is unknown
         line += f" | MFU {100 * m['mfu']:.1f}%"
+    if m.get("data_wait", 0) >= DATA_WAIT_SHOWN:
+        line += f" | waiting for data {100 * m['data_wait']:.0f}%"
     return line
 
 

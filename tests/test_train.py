@@ -2,7 +2,9 @@
 
 
 import json
+import logging
 import pathlib
+import time
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxgpt import checkpoint, model, sharding, tokenizer, train
+from jaxgpt import checkpoint, data, model, sharding, tokenizer, train
 from tests import helpers
 
 
@@ -269,3 +271,35 @@ def test_metrics_reach_weights_and_biases_with_their_steps(tmp_path, monkeypatch
     assert stand_in.finished == 1
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [5, 9]
+
+
+def test_a_slow_input_pipeline_shows_as_data_wait(tmp_path, monkeypatch, caplog):
+    real = data.train_iterator
+
+    class Slow:
+        def __init__(self, it):
+            self.it = it
+
+        def __next__(self):
+            time.sleep(0.25)
+            return next(self.it)
+
+        def get_state(self):
+            return self.it.get_state()
+
+    def slow_iterator(*args, **kwargs):
+        it, pipeline = real(*args, **kwargs)
+        return Slow(it), pipeline
+
+    monkeypatch.setattr(data, "train_iterator", slow_iterator)
+    corpus = helpers.small_corpus(tmp_path)
+    with caplog.at_level(logging.INFO):
+        train.train_and_evaluate(helpers.tiny_run_config(
+            corpus, eval__every=0, sample__max_new_tokens=0, checkpoint__every=100,
+            train__steps=8), str(tmp_path / "run"))
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text()
+               .splitlines()]
+    # After the first steps (compiling), a step takes milliseconds against 0.25 s of input.
+    waits = [r["data_wait"] for r in records if "loss" in r and r["step"] >= 4]
+    assert waits and all(0.7 < w <= 1 for w in waits), waits
+    assert "waiting for data" in caplog.text
