@@ -152,6 +152,8 @@ def status_rows(train: list[dict], evals: list[dict],
              ("learning rate", f"{t['lr']:.2e}")]
     if t.get("mfu") is not None:
         rows.append(("MFU", f"{100 * t['mfu']:.1f}%"))
+    if t.get("data_wait") is not None:     # runs logged before it was measured have none
+        rows.append(("waiting for data", f"{100 * t['data_wait']:.0f}% of the time"))
     if "time" in t and "time" in train[0]:
         rows.append(("wall time logged", format_duration(t["time"] - train[0]["time"])))
         age = (time.time() if now is None else now) - t["time"]
