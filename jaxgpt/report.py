@@ -43,7 +43,7 @@ def progress_line(m: dict) -> str:
             f" | ~{m['epoch']:.2f} epochs | ETA {format_duration(m['eta_s'])}")
     if m.get("mfu") is not None:   # None where the devices' peak FLOP/s is unknown
         line += f" | MFU {100 * m['mfu']:.1f}%"
-    if m.get("data_wait", 0) >= DATA_WAIT_SHOWN:
+    if (m.get("data_wait") or 0) >= DATA_WAIT_SHOWN:
         line += f" | waiting for data {100 * m['data_wait']:.0f}%"
     return line
 
@@ -153,7 +153,8 @@ def status_rows(train: list[dict], evals: list[dict],
     if t.get("mfu") is not None:
         rows.append(("MFU", f"{100 * t['mfu']:.1f}%"))
     if t.get("data_wait") is not None:     # runs logged before it was measured have none
-        rows.append(("waiting for data", f"{100 * t['data_wait']:.0f}% of the time"))
+        wait = f"{100 * t['data_wait']:.0f}% of the last interval, the accelerator idle"
+        rows.append(("waiting for data", wait))
     if "time" in t and "time" in train[0]:
         rows.append(("wall time logged", format_duration(t["time"] - train[0]["time"])))
         age = (time.time() if now is None else now) - t["time"]

@@ -495,7 +495,10 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts,
     flops_per_token = mfu.flops_per_token(trainer.cfg, config.data.block_size)
     peak = mfu.peak_flops(list(trainer.mesh.devices.flat))
     last_log, last_eval, preempted = {}, {}, None
-    t_last, step_last, waited = time.time(), start, 0.0    # waited: seconds in next(batch)
+    t_last, step_last = time.time(), start
+    # Seconds the loop waited for a batch while the accelerator had finished every step
+    # dispatched (time in next() that overlaps queued steps is no input stall).
+    waited, interval = 0.0, time.monotonic()
     ledger = faults.Ledger(workdir, start)
     guard = faults.NonFiniteGuard(config.train.nonfinite, config.train.max_consecutive_skips)
     stop = faults.StopRequest()
@@ -505,9 +508,10 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts,
         for step in range(start, total):
             if step + 1 == config.train.inject_hang_at_step:   # tests only: a stuck host
                 threading.Event().wait()
-            t_wait = time.time()
+            t_wait = time.monotonic()
             local = next(train_iter)                                # [B_local, T + 1]
-            waited += time.time() - t_wait
+            if not pending or jax.tree.leaves(pending[-1][2])[0].is_ready():
+                waited += time.monotonic() - t_wait
             if int(local.max()) >= trainer.cfg.vocab_size:
                 raise ValueError(f"batch of step {step + 1} holds token id {int(local.max())}"
                                  f" >= model.vocab_size {trainer.cfg.vocab_size}")
@@ -539,11 +543,11 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts,
                     # The first step after a (re)start includes compiling: no ETA from it.
                     "eta_s": None if done == start + 1 else (total - done) / rate, "time": now,
                     "skipped_steps": guard.skipped,
-                    # The loop's share of time blocked on the input pipeline.
-                    "data_wait": waited / max(now - t_last, 1e-9)}
+                    "data_wait": None if done == start + 1 else
+                    waited / max(time.monotonic() - interval, 1e-9)}
                 writer.write(last_log)
                 log.info(report.progress_line(last_log))
-                t_last, step_last, waited = now, done, 0.0
+                t_last, step_last, waited, interval = now, done, 0.0, time.monotonic()
             if is_eval:
                 # Several sources (a SlimPajama mixture): also a loss and perplexity per source.
                 val = corpus.val_by_source if len(corpus.val_by_source) > 1 else corpus.val

@@ -96,7 +96,8 @@ def test_report_has_every_section_and_the_metrics_files_numbers(runs, made):
             f"@ step {last_eval['step']}") in md
     assert f"| tokens/s | {last['tokens_per_s']:,.0f} |" in md
     assert f"| samples/s | {last['samples_per_s']:.1f} |" in md
-    assert f"| waiting for data | {100 * last['data_wait']:.0f}% of the time |" in md
+    assert (f"| waiting for data | {100 * last['data_wait']:.0f}% of the last interval, the "
+            f"accelerator idle |") in md
     prompts = evaluation.load_prompt_file(evaluation.SUITE)["prompts"]
     for i, p in enumerate(prompts):
         assert f"### {i + 1}. [{p['kind']}] {p['text'].splitlines()[0]}" in md

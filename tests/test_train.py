@@ -273,15 +273,20 @@ def test_metrics_reach_weights_and_biases_with_their_steps(tmp_path, monkeypatch
     assert [json.loads(line)["step"] for line in lines] == [5, 9]
 
 
-def test_a_slow_input_pipeline_shows_as_data_wait(tmp_path, monkeypatch, caplog):
-    real = data.train_iterator
+_TRAIN_ITERATOR = data.train_iterator    # before any test wraps it
+
+
+def _run_with_input_delay(tmp_path, monkeypatch, delay: float, **changes) -> list[float]:
+    """data_wait of a tiny run whose batches each arrive `delay` seconds late (steps >= 8:
+    after compiling)."""
+    real = _TRAIN_ITERATOR
 
     class Slow:
         def __init__(self, it):
             self.it = it
 
         def __next__(self):
-            time.sleep(0.25)
+            time.sleep(delay)
             return next(self.it)
 
         def get_state(self):
@@ -293,13 +298,23 @@ def test_a_slow_input_pipeline_shows_as_data_wait(tmp_path, monkeypatch, caplog)
 
     monkeypatch.setattr(data, "train_iterator", slow_iterator)
     corpus = helpers.small_corpus(tmp_path)
+    workdir = tmp_path / f"run-{delay}"
+    train.train_and_evaluate(helpers.tiny_run_config(
+        corpus, eval__every=0, sample__max_new_tokens=0, checkpoint__every=100,
+        train__steps=12, train__log_every=4, **changes), str(workdir))
+    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [r["data_wait"] for r in records if "loss" in r and r["step"] >= 8]
+
+
+def test_data_wait_is_the_time_the_accelerator_idled_for_input(tmp_path, monkeypatch, caplog):
+    # Steps of milliseconds, batches 0.25 s apart: the accelerator waits most of the time.
     with caplog.at_level(logging.INFO):
-        train.train_and_evaluate(helpers.tiny_run_config(
-            corpus, eval__every=0, sample__max_new_tokens=0, checkpoint__every=100,
-            train__steps=8), str(tmp_path / "run"))
-    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text()
-               .splitlines()]
-    # After the first steps (compiling), a step takes milliseconds against 0.25 s of input.
-    waits = [r["data_wait"] for r in records if "loss" in r and r["step"] >= 4]
+        waits = _run_with_input_delay(tmp_path, monkeypatch, 0.25)
     assert waits and all(0.7 < w <= 1 for w in waits), waits
     assert "waiting for data" in caplog.text
+    # Steps of ~0.3 s, batches 0.03 s apart: the loop still waits in next(), but while the
+    # dispatched steps run, so the accelerator idles for input only after the log line's
+    # sync (one batch in 4 steps).
+    waits = _run_with_input_delay(tmp_path, monkeypatch, 0.03, model__n_embd=384,
+                                  model__n_layer=4, model__n_head=4, train__batch_size=32)
+    assert waits and all(w < 0.1 for w in waits), waits
