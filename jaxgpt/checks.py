@@ -120,6 +120,9 @@ def resume_guard(config, meta: dict):
                 diff.append(f"{key}: {saved.get(key)!r} -> {meta[key]!r}")
         if diff:
             diff += free     # what may explain a changed pipeline
+        elif free:
+            log.info("resuming step %d with changed %s (the data pipeline is the same)", step,
+                     "; ".join(free))
         if diff and not config.checkpoint.allow_config_change:
             raise ValueError(f"checkpoint at step {step} was written by an incompatible run; "
                              f"differing fields: {'; '.join(diff)} (pass --config.checkpoint."

@@ -326,9 +326,12 @@ def train_iterator(corpus: Corpus, dcfg: DataConfig, tok, *, global_batch: int, 
     if dcfg.streaming:
         it = stream.StreamIterator(dcfg, tok, global_batch=global_batch, seed=seed,
                                    process_index=process_index, process_count=process_count)
-        # Each process streams its own documents: the state is per process.
+        # Each process streams its own documents: the state is per process. The validation
+        # split by its contents (tokens and documents per source), not its files' paths, so
+        # that evaluations before and after a resume score the same text.
+        val = json.dumps([corpus.stats["tokens"], corpus.stats["documents"]], sort_keys=True)
         return it, [stream.FORMAT, stream.inputs_fingerprint(dcfg), tok.fingerprint, seed,
-                    global_batch, dcfg.block_size, dcfg.shuffle_windows, process_count]
+                    global_batch, dcfg.block_size, dcfg.shuffle_windows, process_count, val]
     ds = make_train_dataset(corpus, global_batch=global_batch, seed=seed,
                             process_index=process_index, process_count=process_count,
                             mixture=dcfg.mixture)

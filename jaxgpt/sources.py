@@ -235,6 +235,11 @@ def hf_documents(source: str, split: str, part: tuple[int, int] = (0, 1)) -> Ite
                                        streaming=True)
         if part[1] > 1:
             from datasets.distributed import split_dataset_by_node
+            shards = getattr(stream, "n_shards", None)
+            if shards is not None and shards % part[1]:
+                log.warning("the HF stream has %d shard files, not a multiple of %d "
+                            "processes: each reads the whole stream and keeps every %d-th "
+                            "document", shards, part[1], part[1])
             stream = split_dataset_by_node(stream, rank=part[0], world_size=part[1])
         for i, rec in enumerate(stream):
             yield Document(rec["text"], rec["meta"]["redpajama_set_name"],

@@ -102,6 +102,8 @@ class _Producer:
         """(cursor, text) of every document of one pass from `start` on (all processes')."""
         bad = sources.BadRecords(self.dcfg.on_bad_record)
         limit = self.dcfg.max_documents or None
+        if limit is not None and self.hf_part[1] > 1:    # a pass over all parts together
+            limit = -(-limit // self.hf_part[1])
         doc = start.doc
         if not self.files:    # the HF stream: one input, documents in stream order
             if start.doc:

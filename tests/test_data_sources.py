@@ -1,6 +1,7 @@
 """Document readers: SlimPajama layout and sharding, WikiText articles, every bad input."""
 
 import json
+import logging
 import os
 import pathlib
 import sys
@@ -182,7 +183,7 @@ class _ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", "replace")
 
 
-def test_hf_streams_through_a_stand_in_datasets_module(tmp_path, monkeypatch):
+def test_hf_streams_through_a_stand_in_datasets_module(tmp_path, monkeypatch, caplog):
     """The hub path offline: a stand-in `datasets.load_dataset` records what it was asked."""
     calls = []
 
@@ -209,8 +210,20 @@ def test_hf_streams_through_a_stand_in_datasets_module(tmp_path, monkeypatch):
                      ("wikitext", "wikitext-103-raw-v1", "train", True)]
     part = list(sources.hf_documents("slimpajama", "train", part=(1, 2)))
     assert [d.text for d in part] == ["doc 1", "doc 3"] and calls[-1] == ("split", 1, 2)
+    assert "not a multiple of 2 processes" not in caplog.text     # a list has no n_shards
     with pytest.raises(ValueError, match="'wikitext' cannot be split"):
         list(sources.hf_documents("wikitext", "train", part=(0, 2)))
+
+    class Shards(list):
+        n_shards = 3
+
+    real_load = load_dataset
+    monkeypatch.setattr(sys.modules["datasets"], "load_dataset",
+                        lambda *a, **k: Shards(real_load(*a, **k)))
+    with caplog.at_level(logging.WARNING):
+        list(sources.hf_documents("slimpajama", "train", part=(0, 2)))
+    assert "has 3 shard files, not a multiple of 2 processes" in caplog.text
+    monkeypatch.setattr(sys.modules["datasets"], "load_dataset", real_load)
     del calls[2:]
     dcfg = data.DataConfig(source="slimpajama", max_documents=3)
     manifest = shards.prepare(dcfg, _ByteTokenizer(), str(tmp_path / "out"))

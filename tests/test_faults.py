@@ -491,7 +491,7 @@ def test_checkpoint_saved_on_2_devices_restores_onto_1_and_4(tmp_path, tiny_cfg)
         assert _bits_equal(expect, jax.device_get(restored))
 
 
-def test_resume_allows_loader_and_location_changes_the_pipeline_fingerprint_accepts():
+def test_resume_allows_loader_and_location_changes_the_pipeline_fingerprint_accepts(caplog):
     from jaxgpt import checks
     from jaxgpt import config as config_lib
     config = config_lib.base_config()
@@ -499,7 +499,9 @@ def test_resume_allows_loader_and_location_changes_the_pipeline_fingerprint_acce
     config.data.prefetch, config.data.on_bad_record = 9, "skip"
     config.data.path = "/moved/copy"
     meta = {**saved, "config": config.to_dict()}
-    checks.resume_guard(config, meta)(7, saved)               # same pipeline: accepted
+    with caplog.at_level(logging.INFO):
+        checks.resume_guard(config, meta)(7, saved)           # same pipeline: accepted
+    assert "resuming step 7 with changed data.on_bad_record: 'error' -> 'skip'" in caplog.text
     with pytest.raises(ValueError, match=r"pipeline: 'p' -> 'q'; data.on_bad_record: "
                                          r"'error' -> 'skip'; data.path"):
         checks.resume_guard(config, {**meta, "pipeline": "q"})(7, saved)

@@ -244,3 +244,31 @@ def test_a_stream_stopped_by_a_bad_record_resumes_under_skip_where_it_stopped(tm
     again.set_state(states[-2])
     for w in want[len(states) - 2:]:
         np.testing.assert_array_equal(next(again), w)
+
+
+def test_max_documents_of_a_split_hf_stream_counts_all_parts_together(tmp_path, monkeypatch):
+    _, texts = _corpus(tmp_path)
+    monkeypatch.setattr(sources, "hf_documents", _hf_stream(texts))
+    half = len(texts) // 2
+    for p, mine in ((0, texts[:2]), (1, texts[half:half + 2])):    # 4 documents: 2 each
+        it = stream.StreamIterator(_dcfg(None, max_documents=4), ByteTokenizer(),
+                                   global_batch=2 * LOCAL, seed=0, process_index=p,
+                                   process_count=2)
+        ref = np.tile(_stream_tokens(mine), 40)
+        got = _rows(next(it) for _ in range(2 * it.n_batches))
+        assert sorted(got) == sorted(_windows(ref, 0, len(got)))
+
+
+def test_the_pipeline_fingerprint_covers_the_validation_text(tmp_path):
+    pipelines = []
+    for name, extra in (("a", ""), ("b", ""), ("c", " and more")):
+        (tmp_path / name).mkdir()
+        root, _ = _corpus(tmp_path / name)
+        with open(tmp_path / name / "validation" / "chunk_0.jsonl.zst", "wb") as f:
+            f.write(zstandard.ZstdCompressor().compress(
+                (json.dumps({"text": "held out" + extra}) + "\n").encode()))
+        dcfg = _dcfg(root, block_size=2)
+        corpus = data.load_corpus(dcfg, ByteTokenizer(), cache_dir=str(tmp_path / name / "c"))
+        pipelines.append(data.train_iterator(corpus, dcfg, ByteTokenizer(), global_batch=LOCAL,
+                                             seed=0)[1])
+    assert pipelines[0] == pipelines[1] != pipelines[2]     # a copy elsewhere; other text
