@@ -9,7 +9,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxgpt import choices, data, faults, model, sharding
+from jaxgpt import checkpoint, choices, data, faults, model, sharding
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +101,10 @@ def check_inputs(config, workdir: str, corpus, tok, cfg: model.GPTConfig):
                                  f"exceeds the context model.n_positions {cfg.n_positions}")
 
 
-def resume_guard(config, meta: dict):
+def resume_guard(config, meta: dict, *, quiet: bool = False):
     """check_meta for `Checkpoints.restore`: refuse a checkpoint of another model, tokenizer
-    or data pipeline unless checkpoint.allow_config_change is set."""
+    or data pipeline unless checkpoint.allow_config_change is set (`quiet`: without logging
+    the changes it lets through)."""
     def check(step, saved):
         # Another optimizer keeps state of another structure: nothing to restore it into.
         was = saved.get("config", {}).get("optim", {}).get("optimizer", "adamw")
@@ -116,18 +117,31 @@ def resume_guard(config, meta: dict):
         free = [d for d in changed if d.startswith(tuple(f + ":" for f in RESUME_FREE))]
         diff = [d for d in changed if d not in free]
         for key in ("tokenizer", "pipeline"):
-            if saved.get(key) != meta[key]:
+            if key in meta and saved.get(key) != meta[key]:
                 diff.append(f"{key}: {saved.get(key)!r} -> {meta[key]!r}")
         if diff:
             diff += free     # what may explain a changed pipeline
-        elif free:
+        elif free and not quiet:
             log.info("resuming step %d with changed %s (the data pipeline is the same)", step,
                      "; ".join(free))
         if diff and not config.checkpoint.allow_config_change:
             raise ValueError(f"checkpoint at step {step} was written by an incompatible run; "
                              f"differing fields: {'; '.join(diff)} (pass --config.checkpoint."
                              f"allow_config_change=True to resume anyway)")
-        if diff:
+        if diff and not quiet:
             log.warning("resuming step %d despite differing fields: %s", step,
                         "; ".join(diff))
     return check
+
+
+def precheck_resume(config, workdir: str) -> None:
+    """The config part of the resume guard, against the checkpoint a resume would start
+    from, before training a tokenizer or preparing data that a refusal would waste (the
+    full guard, with the tokenizer and pipeline fingerprints, runs at restore)."""
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        return
+    try:
+        step, saved = checkpoint.read_meta(workdir, config.checkpoint.restore_step)
+    except Exception:    # noqa: BLE001 - none, or unreadable: the restore decides and says
+        return
+    resume_guard(config, {"config": config.to_dict()}, quiet=True)(step, saved)

@@ -415,6 +415,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if jax.process_index() == 0:
         lock.acquire()
     try:
+        checks.precheck_resume(config, workdir)
         # Process 0 trains/caches the tokenizer and tokens first; the others then read them.
         if jax.process_index() != 0:
             multihost_utils.sync_global_devices("jaxgpt: workdir prepared")

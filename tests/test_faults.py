@@ -227,8 +227,11 @@ def test_rollback_guards_and_lock_in_a_run(tmp_path, shared_tok, caplog):
     before = helpers.tree_hash(workdir)
     with pytest.raises(ValueError, match=r"model.n_layer: 2 -> 3"):
         train.train_and_evaluate(_config(shared_tok, model__n_layer=3), workdir)
-    with pytest.raises(ValueError, match=r"train.seed: 0 -> 1.*pipeline"):
+    with pytest.raises(ValueError, match=r"train.seed: 0 -> 1"):
         train.train_and_evaluate(_config(shared_tok, train__seed=1), workdir)
+    # Refused before other token shards are prepared into the workdir (checked below).
+    with pytest.raises(ValueError, match=r"data.max_documents: 0 -> 5"):
+        train.train_and_evaluate(_config(shared_tok, data__max_documents=5), workdir)
     (tmp_path / "run" / "LOCK").write_text(f'{{"pid": {os.getppid()}, "host": '
                                            f'"{os.uname().nodename}"}}')
     with pytest.raises(faults.Halt, match=f"workdir locked by pid {os.getppid()} on host"):
