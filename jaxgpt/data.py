@@ -342,6 +342,14 @@ def train_iterator(corpus: Corpus, dcfg: DataConfig, tok, *, global_batch: int, 
                                      dcfg.block_size, dcfg.worker_count]
 
 
+def stream_stats(train_iter) -> dict:
+    """For a metrics record: bad records a stream has skipped so far (prepared shards
+    report theirs once, in the first record of a start)."""
+    if isinstance(train_iter, stream.StreamIterator) and train_iter.bad_records:
+        return {"bad_records": train_iter.bad_records}
+    return {}
+
+
 def epochs_done(train_iter, corpus: Corpus, windows_done: int) -> float:
     """Passes over the training data so far (a stream counts its own)."""
     if isinstance(train_iter, stream.StreamIterator):

@@ -97,10 +97,11 @@ class _Producer:
         self.hf_part = (process_index, process_count) if split else (0, 1)
         self.queue: queue.Queue = queue.Queue(maxsize=_AHEAD)
         self.stop = threading.Event()
+        # Bad records skipped so far, by kind (counted again on every pass that reads them).
+        self.bad = sources.BadRecords(dcfg.on_bad_record)
 
     def _pass(self, start: Cursor) -> Iterator[tuple[Cursor, str]]:
         """(cursor, text) of every document of one pass from `start` on (all processes')."""
-        bad = sources.BadRecords(self.dcfg.on_bad_record)
         limit = self.dcfg.max_documents or None
         if limit is not None and self.hf_part[1] > 1:    # a pass over all parts together
             limit = -(-limit // self.hf_part[1])
@@ -118,7 +119,8 @@ class _Producer:
         reader = sources.READERS[self.dcfg.source]
         for f in range(start.file, len(self.files)):
             skip = start.in_file if f == start.file else 0
-            for i, d in itertools.islice(enumerate(reader(self.files[f], bad)), skip, None):
+            for i, d in itertools.islice(enumerate(reader(self.files[f], self.bad)), skip,
+                                         None):
                 if limit is not None and doc >= limit:
                     return
                 yield Cursor(start.epoch, doc, f, i), d.text
@@ -258,6 +260,11 @@ class StreamIterator:
         rows = self._block.windows[self._taken * local:(self._taken + 1) * local]
         self._taken += 1
         return rows
+
+    @property
+    def bad_records(self) -> dict[str, int]:
+        """Bad records the reader has skipped so far, by kind (data.on_bad_record='skip')."""
+        return dict(self._producer.bad.counts)
 
     @property
     def epoch(self) -> float:

@@ -545,7 +545,8 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts,
                     "eta_s": None if done == start + 1 else (total - done) / rate, "time": now,
                     "skipped_steps": guard.skipped,
                     "data_wait": None if done == start + 1 else
-                    waited / max(time.monotonic() - interval, 1e-9)}
+                    waited / max(time.monotonic() - interval, 1e-9),
+                    **data.stream_stats(train_iter)}
                 writer.write(last_log)
                 log.info(report.progress_line(last_log))
                 t_last, step_last, waited, interval = now, done, 0.0, time.monotonic()

@@ -164,6 +164,12 @@ def test_bad_record_is_raised_with_its_line_or_skipped(tmp_path):
     ref = np.tile(_stream_tokens(texts + ["fine"]), 4)
     got = _rows(next(it) for _ in range(it.n_batches))
     assert sorted(got) == sorted(_windows(ref, 0, len(got)))
+    # Counted for the metrics records (once per pass that read it): after three blocks,
+    # more tokens than a pass, the reader has passed the bad line at least once.
+    for _ in range(2 * it.n_batches):
+        next(it)
+    assert it.bad_records.get("malformed_json", 0) >= 1
+    assert data.stream_stats(it) == {"bad_records": it.bad_records}
 
 
 def test_refusals(tmp_path):
