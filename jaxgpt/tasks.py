@@ -13,12 +13,14 @@ import math
 import os
 import re
 import sys
+import time
 import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from jaxgpt import eval as evaluation
+from jaxgpt import report
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,7 @@ URLS = {
     "lambada": "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl",
 }
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jaxgpt", "tasks")
+PROGRESS_ROWS = 2048     # rows (example x choice) scored between progress lines
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,8 +143,16 @@ def score(lm: evaluation.LM, examples: Sequence[Example], *, batch_size: int = 1
             p_ids, _ = evaluation.fit(ctx, c_ids, limit)
             rows.append(p_ids + c_ids)
             spans.append(len(c_ids))
-    got = iter(zip(evaluation.target_logprobs(lm.cfg, lm.params, rows, batch_size=batch_size,
-                                              greedy=True), spans))
+    lps, start = [], time.monotonic()
+    for lo in range(0, len(rows), PROGRESS_ROWS):    # a progress line per chunk of rows
+        lps += evaluation.target_logprobs(lm.cfg, lm.params, rows[lo:lo + PROGRESS_ROWS],
+                                          batch_size=batch_size, greedy=True)
+        if len(rows) > PROGRESS_ROWS:
+            rate = len(lps) / max(time.monotonic() - start, 1e-9)
+            log.info("%s: %s/%s rows scored, %.1f rows/s, ETA %s", lm.name, f"{len(lps):,}",
+                     f"{len(rows):,}", rate,
+                     report.format_duration((len(rows) - len(lps)) / rate))
+    got = iter(zip(lps, spans))
     out = []
     for ex in examples:
         scores = []
@@ -227,7 +238,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError, NotImplementedError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from jaxgpt import report
     print(report.tasks_table(result))
     if args.out:
         with open(args.out, "w") as f:

@@ -4,6 +4,7 @@ context/continuation split of the joined text as the harness tokenizes it."""
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import pathlib
@@ -200,3 +201,20 @@ def test_fetch_downloads_once_and_names_the_url_when_it_cannot(tmp_path, monkeyp
     with pytest.raises(OSError, match="gone.jsonl .*pass --data=FILE"):
         tasks.fetch("hellaswag", str(cache))
     assert sorted(os.listdir(cache)) == ["lambada_test.jsonl"]
+
+
+def test_scoring_in_chunks_logs_progress_and_changes_nothing(gpt2_pair, tmp_path, monkeypatch,
+                                                              caplog):
+    lm, _, _ = gpt2_pair
+    path = tmp_path / "hs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in HELLASWAG))
+    examples = tasks.read_hellaswag(str(path))
+    whole = tasks.score(lm, examples)
+    monkeypatch.setattr(tasks, "PROGRESS_ROWS", 3)
+    with caplog.at_level(logging.INFO):
+        chunked = tasks.score(lm, examples)
+    # Other batches pad to other lengths: at most the last bits may differ.
+    np.testing.assert_allclose([[ll for ll, _ in s] for s in chunked],
+                               [[ll for ll, _ in s] for s in whole], rtol=1e-6)
+    assert [[g for _, g in s] for s in chunked] == [[g for _, g in s] for s in whole]
+    assert "hf:tiny: 15/16 rows scored" in caplog.text and "ETA" in caplog.text
