@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = sources.SOURCES
 MANIFEST = shards.MANIFEST
+pack_windows = stream.pack_windows   # the packing rule, shared with streamed blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,7 +331,7 @@ def train_iterator(corpus: Corpus, dcfg: DataConfig, tok, *, global_batch: int, 
         # split by its contents (tokens and documents per source), not its files' paths, so
         # that evaluations before and after a resume score the same text.
         val = json.dumps([corpus.stats["tokens"], corpus.stats["documents"]], sort_keys=True)
-        return it, [stream.FORMAT, stream.inputs_fingerprint(dcfg), tok.fingerprint, seed,
+        return it, [stream.FORMAT, it.inputs_fingerprint, tok.fingerprint, seed,
                     global_batch, dcfg.block_size, dcfg.shuffle_windows, process_count, val]
     ds = make_train_dataset(corpus, global_batch=global_batch, seed=seed,
                             process_index=process_index, process_count=process_count,
@@ -364,17 +365,6 @@ def iter_val_batches(windows, batch: int, max_batches: int | None = None):
         n = min(n, max_batches)
     for i in range(n):
         yield _gather(windows, np.arange(i * batch, (i + 1) * batch))
-
-
-def pack_windows(tokens: np.ndarray, block_size: int) -> np.ndarray:
-    """[N] tokens -> [W, block_size + 1] windows overlapping by one token (a strided view)."""
-    n_windows = (len(tokens) - 1) // block_size
-    if n_windows < 1:
-        raise ValueError(f"{len(tokens)} tokens are too few for one window of block_size "
-                         f"{block_size} + 1")
-    return np.lib.stride_tricks.as_strided(
-        tokens, shape=(n_windows, block_size + 1),
-        strides=(tokens.strides[0] * block_size, tokens.strides[0]), writeable=False)
 
 
 def split_tokens(tokens: np.ndarray, val_fraction: float, block_size: int):

@@ -69,12 +69,25 @@ def check_inputs(dcfg) -> dict[str, list[str]]:
     return splits
 
 
-def inputs_fingerprint(dcfg) -> str:
+def pack_windows(tokens: np.ndarray, block_size: int) -> np.ndarray:
+    """[N] tokens -> [W, block_size + 1] windows overlapping by one token (a strided view)."""
+    n_windows = (len(tokens) - 1) // block_size
+    if n_windows < 1:
+        raise ValueError(f"{len(tokens)} tokens are too few for one window of block_size "
+                         f"{block_size} + 1")
+    return np.lib.stride_tricks.as_strided(
+        tokens, shape=(n_windows, block_size + 1),
+        strides=(tokens.strides[0] * block_size, tokens.strides[0]), writeable=False)
+
+
+def inputs_fingerprint(dcfg, files: list[str] | None = None) -> str:
     """What the saved cursors index: the train files' names (relative to their common
     folder) and sizes, and the pass length, so a moved copy of the data resumes. Not
     data.on_bad_record: a cursor counts good documents, and under 'error' none was bad, so
-    a run stopped by a bad record resumes with 'skip' where it stopped."""
-    files = check_inputs(dcfg).get("train", [])
+    a run stopped by a bad record resumes with 'skip' where it stopped. `files`: the train
+    files when already found."""
+    if files is None:
+        files = check_inputs(dcfg).get("train", [])
     h = hashlib.sha256(f"{dcfg.source}|{dcfg.max_documents}|"
                        f"{'files' if files else 'hf'}".encode())
     base = os.path.commonpath([os.path.dirname(f) for f in files]) if files else ""
@@ -177,11 +190,10 @@ class _Producer:
                 n += parts[-1].size
                 if n == need:
                     break
-            flat = np.concatenate(parts)
-            head = pending[0][0]
-            rows = np.arange(W)[:, None] * T + np.arange(T + 1)[None, :]
+            windows = pack_windows(np.concatenate(parts), T)          # [W, T + 1]
             order = np.random.default_rng([self.seed, self.p, number]).permutation(W)
-            yield _Block(dataclasses.replace(head, offset=offset), number, flat[rows[order]])
+            yield _Block(dataclasses.replace(pending[0][0], offset=offset), number,
+                         windows[order])
             advance, have = W * T, have - W * T     # the next block starts at window W
             while advance >= pending[0][1].size - offset:
                 advance -= pending[0][1].size - offset
@@ -222,6 +234,7 @@ class StreamIterator:
         local = global_batch // process_count
         files = check_inputs(dcfg).get("train", [])
         self.n_files = len(files)
+        self.inputs_fingerprint = inputs_fingerprint(dcfg, files)   # in the pipeline fingerprint
         self.n_batches = -(-dcfg.shuffle_windows // local)     # batches per block
         self.p, self.n = process_index, process_count
         self._producer = _Producer(dcfg, tok, files, local=local, n_batches=self.n_batches,
