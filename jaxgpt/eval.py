@@ -419,6 +419,22 @@ def perplexity_of_sources(lm: LM, sources: Mapping[str, Sequence[str]], *, conte
     return summarize(totals)
 
 
+def run_cli(compute: Callable[[], dict], render: Callable[[dict], str],
+            out: str | None) -> int:
+    """The tail of an evaluation command: bad input is `error: ...` and exit 2; otherwise
+    the rendered result is printed and, with `out`, written there as JSON."""
+    try:
+        result = compute()
+    except (ValueError, OSError, NotImplementedError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(render(result))
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxgpt.eval", description=(
         "Token-weighted perplexity of a model on text, per source, by sliding windows."))
@@ -432,22 +448,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
     logging.getLogger().setLevel(logging.INFO)
-    try:
+
+    def compute():
         lm = load_lm(args.checkpoint or "hf:" + args.hf)
         context = args.context or lm.cfg.n_positions
         stride = args.stride or max(1, context // 2)
-        result = {"model": lm.name, "context": context, "stride": stride,
-                  **perplexity_of_sources(lm, read_sources(args.data), context=context,
-                                          stride=stride, batch_size=args.batch_size)}
-    except (ValueError, OSError, NotImplementedError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return {"model": lm.name, "context": context, "stride": stride,
+                **perplexity_of_sources(lm, read_sources(args.data), context=context,
+                                        stride=stride, batch_size=args.batch_size)}
     from jaxgpt import report
-    print(report.perplexity_table(result))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-    return 0
+    return run_cli(compute, report.perplexity_table, args.out)
 
 
 if __name__ == "__main__":

@@ -355,8 +355,7 @@ def build_report(workdir: str, *, compare: list[str], scorer: str | None, settin
     train, evals = read_metrics(workdir)
     # Benchmark files fetched and read first: a bad one fails before any generation.
     task_files = {t: path or tasks.fetch(t) for t, path in (benchmarks or {}).items()}
-    for task, path in task_files.items():
-        tasks.READERS[task](path)
+    task_examples = {t: tasks.load(t, path, benchmark_limit) for t, path in task_files.items()}
     notes, comparison, results = [], None, []
     has_ckpt = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
         name.isdigit() for name in os.listdir(os.path.join(workdir, "checkpoints")))
@@ -368,7 +367,7 @@ def build_report(workdir: str, *, compare: list[str], scorer: str | None, settin
         by_name = {lm.name: lm for lm in lms}
         judge = lms[0] if scorer is None else by_name.get(scorer) or evaluation.load_lm(scorer)
         comparison = evaluation.compare_models(lms, judge, settings=settings)
-        results = [tasks.evaluate(task, lms, path, limit=benchmark_limit)
+        results = [tasks.evaluate(task, lms, path, task_examples[task])
                    for task, path in task_files.items()]
     return Report(run=workdir, generated=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                   n_records=len(train) + len(evals), status=status_rows(train, evals),

@@ -199,14 +199,18 @@ def parse(spec: str) -> dict[str, str | None]:
     return out
 
 
-def evaluate(task: str, lms: Iterable[evaluation.LM], path: str, *, limit: int = 0,
-             batch_size: int = 16) -> dict:
-    """Every model on the same examples (the first `limit`, 0 = all); `lms` may be a
-    generator, so one model at a time is in memory."""
+def load(task: str, path: str, limit: int = 0) -> list[Example]:
+    """The first `limit` (0 = all) examples of a task file; none at all is an error."""
     examples = READERS[task](path)
     if not examples:
         raise ValueError(f"{path} holds no {task} examples")
-    examples = examples[:limit or None]
+    return examples[:limit or None]
+
+
+def evaluate(task: str, lms: Iterable[evaluation.LM], path: str,
+             examples: Sequence[Example], *, batch_size: int = 16) -> dict:
+    """Every model on the same `examples` (read from `path`); `lms` may be a generator, so
+    one model at a time is in memory."""
     results = []
     for lm in lms:
         log.info("%s: %d %s examples", lm.name, len(examples), task)
@@ -230,19 +234,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger().setLevel(logging.INFO)
     if args.limit < 0 or args.batch_size < 1:
         parser.error("--limit must be >= 0 and --batch_size >= 1")
-    try:
+
+    def compute():
         path = args.data or fetch(args.task)
+        examples = load(args.task, path, args.limit)
         specs = [m for m in args.models.split(",") if m]
-        result = evaluate(args.task, (evaluation.load_lm(m) for m in specs), path,
-                          limit=args.limit, batch_size=args.batch_size)
-    except (ValueError, OSError, NotImplementedError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(report.tasks_table(result))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-    return 0
+        return evaluate(args.task, (evaluation.load_lm(m) for m in specs), path, examples,
+                        batch_size=args.batch_size)
+    return evaluation.run_cli(compute, report.tasks_table, args.out)
 
 
 if __name__ == "__main__":
