@@ -448,8 +448,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         n_params = model.count_params(state.params)
         log.info("model: %s parameters; %s train windows of %d tokens; mesh %s",
                  f"{n_params:,}", "streamed" if dcfg.streaming else len(corpus.train),
-                 config.data.block_size,
-                 dict(mesh.shape))
+                 config.data.block_size, dict(mesh.shape))
         return _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts,
                            meta, schedule=schedule)
     finally:
