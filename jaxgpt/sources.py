@@ -218,36 +218,49 @@ def hf_splittable(source: str) -> bool:
     return source == "slimpajama"
 
 
-def hf_documents(source: str, split: str, part: tuple[int, int] = (0, 1)) -> Iterator[Document]:
-    """Stream a split from the HF hub (`pip install jaxgpt[datasets]`; needs the network).
-    `part=(i, n)`: only the i-th of n parts (`datasets.distributed.split_dataset_by_node`:
-    whole shard files per part where they divide evenly), for `hf_splittable` sources."""
+def _datasets():
     try:
         import datasets
     except ImportError:
         raise ImportError("data.path is unset, so the data would stream from the HF hub, "
                           "which needs `pip install datasets`") from None
+    return datasets
+
+
+def hf_stream(split: str, part: tuple[int, int] = (0, 1)):
+    """SlimPajama-627B's `split` from the HF hub as a `datasets.IterableDataset` of rows
+    `{"text", "meta": {"redpajama_set_name"}}`, one document each (needs the network).
+    `part=(i, n)`: only the i-th of n parts (`datasets.distributed.split_dataset_by_node`:
+    whole shard files per part where they divide evenly). Its `state_dict()` taken between
+    rows resumes it there (`load_state_dict`), reading only the rest of one shard file."""
+    datasets = _datasets()
     hf_split = {"train": "train", "val": "validation"}[split]
+    stream = datasets.load_dataset("cerebras/SlimPajama-627B", split=hf_split, streaming=True)
+    if part[1] > 1:
+        from datasets.distributed import split_dataset_by_node
+        shards = getattr(stream, "n_shards", None)
+        if shards is not None and shards % part[1]:
+            log.warning("the HF stream has %d shard files, not a multiple of %d "
+                        "processes: each reads the whole stream and keeps every %d-th "
+                        "document", shards, part[1], part[1])
+        stream = split_dataset_by_node(stream, rank=part[0], world_size=part[1])
+    return stream
+
+
+def hf_documents(source: str, split: str, part: tuple[int, int] = (0, 1)) -> Iterator[Document]:
+    """Stream a split from the HF hub (`pip install jaxgpt[datasets]`; needs the network).
+    `part=(i, n)`: only the i-th of n parts, for `hf_splittable` sources (`hf_stream`)."""
     if part[1] > 1 and not hf_splittable(source):
         raise ValueError(f"the HF stream of {source!r} cannot be split into parts")
+    hf_split = {"train": "train", "val": "validation"}[split]
     if source == "slimpajama":
-        stream = datasets.load_dataset("cerebras/SlimPajama-627B", split=hf_split,
-                                       streaming=True)
-        if part[1] > 1:
-            from datasets.distributed import split_dataset_by_node
-            shards = getattr(stream, "n_shards", None)
-            if shards is not None and shards % part[1]:
-                log.warning("the HF stream has %d shard files, not a multiple of %d "
-                            "processes: each reads the whole stream and keeps every %d-th "
-                            "document", shards, part[1], part[1])
-            stream = split_dataset_by_node(stream, rank=part[0], world_size=part[1])
-        for i, rec in enumerate(stream):
+        for i, rec in enumerate(hf_stream(split, part)):
             yield Document(rec["text"], rec["meta"]["redpajama_set_name"],
                            f"hf:cerebras/SlimPajama-627B/{hf_split}:{i}")
     elif source == "wikitext":
         # Rows are the lines of the raw files, so articles split exactly as local files do.
-        stream = datasets.load_dataset("wikitext", "wikitext-103-raw-v1", split=hf_split,
-                                       streaming=True)
+        stream = _datasets().load_dataset("wikitext", "wikitext-103-raw-v1", split=hf_split,
+                                          streaming=True)
         yield from wikitext_articles((r["text"] for r in stream),
                                      f"hf:wikitext-103-raw-v1/{hf_split}")
     else:

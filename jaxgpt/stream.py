@@ -13,14 +13,19 @@ document and the token stream runs on across the seam.
 
 The iterator state is exact and small: per process, where its current block starts (pass,
 document, file, document in the file, token offset), the block number and the batches
-already taken from it. A resume re-reads from the block's first document, one block of
-tokenization, and needs the same process count (it is part of the pipeline fingerprint).
+already taken from it; of the HF SlimPajama stream, also the stream's own state at the
+block's first document (`datasets`' state_dict, a few hundred bytes of JSON). A resume
+re-reads from the block's first document, one block of tokenization, and needs the same
+process count (it is part of the pipeline fingerprint). The HF SlimPajama stream resumes
+from its saved state, reading at most the rest of one shard file again; WikiText's HF
+stream (articles span rows) is read again from its start up to the block.
 """
 
 import collections
 import dataclasses
 import hashlib
 import itertools
+import json
 import logging
 import os
 import queue
@@ -47,6 +52,9 @@ class Cursor:
     file: int = 0
     in_file: int = 0
     offset: int = 0
+    # The HF SlimPajama stream's state_dict() just before document `doc`, as JSON (None for
+    # files and WikiText): a resume loads it instead of reading `doc` documents again.
+    resume: str | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +104,12 @@ def inputs_fingerprint(dcfg, files: list[str] | None = None) -> str:
     return h.hexdigest()[:16]
 
 
+def _stream_state(rows) -> str | None:
+    """An HF IterableDataset's position as JSON (None where it has no state_dict)."""
+    state_dict = getattr(rows, "state_dict", None)
+    return None if state_dict is None else json.dumps(state_dict())
+
+
 class _Producer:
     """Reads, tokenizes and packs blocks from a cursor on, in its own thread (it holds no
     reference to the iterator, so a dropped iterator stops it)."""
@@ -118,17 +132,10 @@ class _Producer:
         limit = self.dcfg.max_documents or None
         if limit is not None and self.hf_part[1] > 1:    # a pass over all parts together
             limit = -(-limit // self.hf_part[1])
-        doc = start.doc
-        if not self.files:    # the HF stream: one input, documents in stream order
-            if start.doc:
-                log.info("HF stream: re-reading %s documents to resume", f"{start.doc:,}")
-            stream = itertools.islice(sources.hf_documents(self.dcfg.source, "train",
-                                                           self.hf_part),
-                                      start.doc, limit)
-            for d in stream:
-                yield Cursor(start.epoch, doc, 0, doc), d.text
-                doc += 1
+        if not self.files:
+            yield from self._hf_pass(start, limit)
             return
+        doc = start.doc
         reader = sources.READERS[self.dcfg.source]
         for f in range(start.file, len(self.files)):
             skip = start.in_file if f == start.file else 0
@@ -138,6 +145,53 @@ class _Producer:
                     return
                 yield Cursor(start.epoch, doc, f, i), d.text
                 doc += 1
+
+    def _hf_pass(self, start: Cursor, limit: int | None) -> Iterator[tuple[Cursor, str]]:
+        """One pass over the HF stream (this process's part of it) from `start` on. Rows of
+        SlimPajama are documents, and each cursor carries the stream's state just before
+        its document, so a resume continues the stream from it; WikiText's articles span
+        rows, and a resume reads the stream again up to `start.doc`."""
+        if self.dcfg.source != "slimpajama":
+            if start.doc:
+                log.info("HF stream: re-reading %s documents to resume", f"{start.doc:,}")
+            docs = sources.hf_documents(self.dcfg.source, "train", self.hf_part)
+            for doc, d in enumerate(itertools.islice(docs, start.doc, limit), start.doc):
+                yield Cursor(start.epoch, doc, 0, doc), d.text
+            return
+        rows, rows_it, before = self._hf_resume(start)
+        doc = start.doc
+        for rec in rows_it:
+            if limit is not None and doc >= limit:
+                return
+            yield Cursor(start.epoch, doc, 0, doc, resume=before), rec["text"]
+            before = _stream_state(rows)    # after this row: where the next one starts
+            doc += 1
+
+    def _hf_resume(self, start: Cursor):
+        """(stream, its row iterator at document `start.doc`, the stream's state there).
+
+        The saved stream state is loaded where there is one; if it fails (another
+        `datasets` version, say), the stream is read again up to `start.doc`."""
+        rows = sources.hf_stream("train", self.hf_part)
+        if start.doc and start.resume is not None:
+            try:
+                rows.load_state_dict(json.loads(start.resume))
+                rows_it = iter(rows)
+                first = next(rows_it, None)    # a state that does not fit fails here
+                log.info("HF stream: resumed at document %s from its saved state",
+                         f"{start.doc:,}")
+                rows_it = itertools.chain([] if first is None else [first], rows_it)
+                return rows, rows_it, start.resume
+            except Exception as e:    # noqa: BLE001 - reported, then read again instead
+                log.warning("HF stream: its saved state did not load (%s: %s); re-reading "
+                            "%s documents instead", type(e).__name__, e, f"{start.doc:,}")
+                rows = sources.hf_stream("train", self.hf_part)
+        elif start.doc:
+            log.info("HF stream: re-reading %s documents to resume (no saved stream state)",
+                     f"{start.doc:,}")
+        rows_it = iter(rows)
+        collections.deque(itertools.islice(rows_it, start.doc), maxlen=0)   # read, not kept
+        return rows, rows_it, _stream_state(rows)
 
     def _documents(self, start: Cursor) -> Iterator[tuple[Cursor, str]]:
         """This process's documents from `start` on, pass after pass, endlessly."""
@@ -222,6 +276,17 @@ class _Producer:
         return False
 
 
+def _allgather_text(text: str) -> list[str]:
+    """Every process's `text`, in process order (a collective: all processes call it)."""
+    from jax.experimental import multihost_utils
+    blob = np.frombuffer(text.encode(), np.uint8)
+    size = int(np.max(multihost_utils.process_allgather(np.asarray([blob.size], np.int32))))
+    padded = np.zeros(max(size, 1), np.uint8)
+    padded[:blob.size] = blob
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(-1, padded.size)
+    return [bytes(row).rstrip(b"\0").decode() for row in rows]   # JSON escapes any NUL
+
+
 class StreamIterator:
     """Endless local batches [local, block_size + 1] int32 of process `process_index`;
     `get_state`/`set_state` as grain's iterators (the state covers every process)."""
@@ -292,13 +357,19 @@ class StreamIterator:
     def get_state(self) -> dict:
         """Every process's state (a collective when there are several processes)."""
         local = self.local_state()
+        hf = self.n_files == 0 and self._producer.dcfg.source == "slimpajama"
         if self.n == 1:
-            states = [local]
-        else:
-            from jax.experimental import multihost_utils
-            states = np.asarray(multihost_utils.process_allgather(   # int32: < 2^31 docs
-                np.asarray(local, np.int32))).reshape(self.n, -1).tolist()
-        return {"format": FORMAT, "processes": states}
+            out = {"format": FORMAT, "processes": [local]}
+            if hf:
+                out["hf_states"] = [self._start.resume]
+            return out
+        from jax.experimental import multihost_utils
+        states = np.asarray(multihost_utils.process_allgather(   # int32: < 2^31 docs
+            np.asarray(local, np.int32))).reshape(self.n, -1).tolist()
+        out = {"format": FORMAT, "processes": states}
+        if hf:
+            out["hf_states"] = [s or None for s in _allgather_text(self._start.resume or "")]
+        return out
 
     def set_state(self, state: dict) -> None:
         if self._thread is not None:
@@ -315,7 +386,23 @@ class StreamIterator:
         if mine[6] > self.n_batches:
             raise ValueError(f"streaming iterator state took {mine[6]} batches of a block of "
                              f"{self.n_batches}: data.shuffle_windows or the batch changed")
-        self._start, self._number, self._taken = Cursor(*mine[:5]), mine[5], mine[6]
+        resume = None
+        if "hf_states" in state:     # absent from files' states and from older checkpoints
+            hf = state["hf_states"]
+            if (not isinstance(hf, list) or len(hf) != self.n
+                    or not all(x is None or isinstance(x, str) for x in hf)):
+                raise ValueError(f"bad HF stream states in the streaming iterator state: "
+                                 f"{str(hf)[:200]}")
+            resume = hf[self.p]
+        self._start = Cursor(*mine[:5], resume=resume)
+        self._number, self._taken = mine[5], mine[6]
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the reading thread and wait for it (at most `timeout` s): it stops after the
+        block it is tokenizing."""
+        self._producer.stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     def __del__(self):
         producer = getattr(self, "_producer", None)   # None: __init__ raised

@@ -5,6 +5,9 @@ import os
 import jax
 import pytest
 
+# Nothing reaches the HF hub from a test: a stray request fails at once, not after retries.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 

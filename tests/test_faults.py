@@ -419,7 +419,7 @@ def _launch(workdir, shared_tok, steps, extra=((), ())):
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     args = bench.run_args(workdir, *shared_tok, steps=steps)[3:]
-    return [subprocess.Popen([sys.executable, "tests/multiprocess.py", str(i), "2", str(port),
+    return [subprocess.Popen([sys.executable, "tests/process_main.py", str(i), "2", str(port),
                               "--", *args, *extra[i]], cwd=helpers.REPO, text=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             for i in range(2)]

@@ -3,14 +3,21 @@ JSON lines: every window is the stream's next one, blocks are permutations of co
 windows, processes split documents, and a saved state resumes exactly."""
 
 import json
+import logging
+import os
+import pathlib
 import random
 import shutil
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import zstandard
 
-from jaxgpt import data, sources, stream
+from jaxgpt import data, stream
+from tests import helpers
 
 T = 8          # block_size
 LOCAL = 4      # windows per batch (one process)
@@ -98,22 +105,30 @@ def test_processes_take_alternate_documents(tmp_path):
         assert sorted(got) == sorted(_windows(ref, 0, len(got)))
 
 
-def _hf_stream(texts):
-    """A stand-in for sources.hf_documents whose parts are contiguous halves, as whole
-    shard files would be."""
-    def documents(source, split, part=(0, 1)):
-        rows = texts if split == "train" else texts[:3]
-        i, n = part
-        rows = rows[i * len(rows) // n:(i + 1) * len(rows) // n]
-        return (sources.Document(t, "S", f"hf:{k}") for k, t in enumerate(rows))
-    return documents
+def _hf_hub(monkeypatch, root):
+    """The HF hub's SlimPajama, offline: the real `datasets` streams the local files of
+    `root` (JSON lines, as the hub's shards are) wherever jaxgpt asks for the hub's copy.
+    Returns the list of the texts of the rows read, in order."""
+    datasets = pytest.importorskip("datasets", reason="the HF stream needs `datasets`")
+    real_load = datasets.load_dataset
+    files = {split: sorted(str(f) for f in (pathlib.Path(root) / split).glob("*.jsonl*"))
+             for split in ("train", "validation")}
+    read = []
+
+    def load_dataset(name, *args, split, streaming):
+        assert name == "cerebras/SlimPajama-627B" and streaming and not args
+        return real_load("json", data_files={split: files[split]}, split=split,
+                         streaming=True).map(lambda row: read.append(row["text"]) or row)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return read
 
 
 @pytest.mark.parametrize("kind", ["files", "hf"])
 def test_a_saved_state_resumes_exactly(tmp_path, monkeypatch, kind):
     root, texts = _corpus(tmp_path)
     if kind == "hf":
-        monkeypatch.setattr(sources, "hf_documents", _hf_stream(texts))
+        read = _hf_hub(monkeypatch, root)
         root = None
     make = lambda: stream.StreamIterator(_dcfg(root), ByteTokenizer(), global_batch=LOCAL,
                                          seed=3)
@@ -122,23 +137,69 @@ def test_a_saved_state_resumes_exactly(tmp_path, monkeypatch, kind):
     for _ in range(5 * it.n_batches):
         states.append(it.get_state())
         batches.append(next(it))
+    it.close()
     # Block starts, mid-block, the last batch of a block, across the end of a pass.
     for k in (0, 1, it.n_batches - 1, it.n_batches, 2 * it.n_batches + 1, len(batches) - 3):
         again = make()
         again.set_state(json.loads(json.dumps(states[k])))   # as a checkpoint stores it
+        before = len(read) if kind == "hf" else 0
         for want in batches[k:k + 3]:
             np.testing.assert_array_equal(next(again), want)
+        again.close()
+        if kind == "hf":
+            # The stream resumed at the block's first document: nothing before it was read.
+            doc = states[k]["processes"][0][1]
+            assert doc == 0 or states[k]["hf_states"][0] is not None
+            assert read[before] == texts[doc], k
 
 
-def test_processes_read_their_own_part_of_an_hf_stream(tmp_path, monkeypatch):
-    _, texts = _corpus(tmp_path)
-    monkeypatch.setattr(sources, "hf_documents", _hf_stream(texts))
-    half = len(texts) // 2
-    for p, mine in ((0, texts[:half]), (1, texts[half:])):
+def test_an_hf_state_that_does_not_load_falls_back_to_reading_again(tmp_path, monkeypatch,
+                                                                  caplog):
+    root, _ = _corpus(tmp_path)
+    _hf_hub(monkeypatch, root)
+    make = lambda: stream.StreamIterator(_dcfg(None), ByteTokenizer(), global_batch=LOCAL,
+                                         seed=3)
+    it = make()
+    for _ in range(it.n_batches + 1):
+        next(it)
+    state, want = it.get_state(), [next(it) for _ in range(3)]
+    it.close()
+    state["hf_states"] = ['{"examples_iterable": "from another version"}']
+    again = make()
+    again.set_state(state)
+    with caplog.at_level(logging.INFO):
+        for w in want:
+            np.testing.assert_array_equal(next(again), w)
+    again.close()
+    assert "its saved state did not load" in caplog.text
+    state["hf_states"] = ["{}", None]
+    with pytest.raises(ValueError, match="bad HF stream states"):
+        make().set_state(state)
+
+
+def _hf_parts(n: int) -> list[list[str]]:
+    """The texts each of n processes gets of the (stand-in) hub stream, from `datasets`'
+    own split_dataset_by_node."""
+    import datasets
+    from datasets.distributed import split_dataset_by_node
+    return [[r["text"] for r in split_dataset_by_node(
+        datasets.load_dataset("cerebras/SlimPajama-627B", split="train", streaming=True),
+        rank=p, world_size=n)] for p in range(n)]
+
+
+@pytest.mark.parametrize("n_files", [4, 3])
+def test_processes_read_their_own_part_of_an_hf_stream(tmp_path, monkeypatch, n_files):
+    # 4 shard files: two for each process; 3: each process keeps every other row.
+    root, texts = _corpus(tmp_path, n_files=n_files)
+    _hf_hub(monkeypatch, root)
+    parts = _hf_parts(2)
+    assert sorted(parts[0] + parts[1]) == sorted(texts) and all(parts)
+    for p, mine in enumerate(parts):
         it = stream.StreamIterator(_dcfg(None), ByteTokenizer(), global_batch=2 * LOCAL,
                                    seed=0, process_index=p, process_count=2)
         ref = np.tile(_stream_tokens(mine), 4)
         got = _rows(next(it) for _ in range(2 * it.n_batches))
+        it.close()
         assert sorted(got) == sorted(_windows(ref, 0, len(got)))
 
 
@@ -253,15 +314,16 @@ def test_a_stream_stopped_by_a_bad_record_resumes_under_skip_where_it_stopped(tm
 
 
 def test_max_documents_of_a_split_hf_stream_counts_all_parts_together(tmp_path, monkeypatch):
-    _, texts = _corpus(tmp_path)
-    monkeypatch.setattr(sources, "hf_documents", _hf_stream(texts))
-    half = len(texts) // 2
-    for p, mine in ((0, texts[:2]), (1, texts[half:half + 2])):    # 4 documents: 2 each
+    root, _ = _corpus(tmp_path, n_files=4)
+    _hf_hub(monkeypatch, root)
+    for p, part in enumerate(_hf_parts(2)):
+        mine = part[:2]                                              # 4 documents: 2 each
         it = stream.StreamIterator(_dcfg(None, max_documents=4), ByteTokenizer(),
                                    global_batch=2 * LOCAL, seed=0, process_index=p,
                                    process_count=2)
         ref = np.tile(_stream_tokens(mine), 40)
         got = _rows(next(it) for _ in range(2 * it.n_batches))
+        it.close()
         assert sorted(got) == sorted(_windows(ref, 0, len(got)))
 
 
@@ -278,3 +340,57 @@ def test_the_pipeline_fingerprint_covers_the_validation_text(tmp_path):
         pipelines.append(data.train_iterator(corpus, dcfg, ByteTokenizer(), global_batch=LOCAL,
                                              seed=0)[1])
     assert pipelines[0] == pipelines[1] != pipelines[2]     # a copy elsewhere; other text
+
+
+_WORKER = """
+import json, sys
+import jax
+import pytest
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+p, port, root = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=p,
+                           heartbeat_timeout_seconds=10)
+from jaxgpt import stream
+from tests import test_stream as t
+with pytest.MonkeyPatch.context() as mp:
+    t._hf_hub(mp, root)
+    it = stream.StreamIterator(t._dcfg(None), t.ByteTokenizer(), global_batch=2 * t.LOCAL,
+                               seed=0, process_index=p, process_count=2)
+    for _ in range(it.n_batches + 1):
+        next(it)
+    state = it.get_state()          # a collective: both processes' states
+    print("RESULT", json.dumps({"state": state, "next": next(it).tolist()}))
+    it.close()
+"""
+
+
+@pytest.mark.slow
+def test_every_process_saves_its_hf_stream_state_and_each_resumes_from_it(tmp_path,
+                                                                       monkeypatch):
+    root, _ = _corpus(tmp_path, n_files=4)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(p), str(port), root],
+                              cwd=helpers.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+             for p in range(2)]
+    outs = [proc.communicate(timeout=120) for proc in procs]
+    for proc, (out, err) in zip(procs, outs):
+        assert proc.returncode == 0, err[-3000:]
+    results = [json.loads(out.split("RESULT ", 1)[1]) for out, _ in outs]
+    state = results[0]["state"]
+    assert results[1]["state"] == state
+    hf = state["hf_states"]
+    assert len(hf) == 2 and None not in hf and hf[0] != hf[1]
+    read = _hf_hub(monkeypatch, root)
+    parts = _hf_parts(2)
+    read.clear()
+    for p in range(2):       # each process's part resumes from its own saved stream state
+        again = stream.StreamIterator(_dcfg(None), ByteTokenizer(), global_batch=2 * LOCAL,
+                                      seed=0, process_index=p, process_count=2)
+        again.set_state(state)
+        np.testing.assert_array_equal(next(again), results[p]["next"])
+        again.close()
+        assert read[0] == parts[p][state["processes"][p][1]]
+        read.clear()

@@ -1,6 +1,8 @@
-"""Run `jaxgpt.main` as one of N local CPU processes of a jax.distributed job (tests only).
+"""Run `jaxgpt.main` as one of N local CPU processes of a jax.distributed job (tests only; not
+named multiprocess.py, which as the script's folder on sys.path would hide the `multiprocess`
+package that `datasets` imports).
 
-    python tests/multiprocess.py PROCESS_ID NUM_PROCESSES PORT -- MAIN_FLAGS...
+    python tests/process_main.py PROCESS_ID NUM_PROCESSES PORT -- MAIN_FLAGS...
 """
 
 import os
