@@ -9,7 +9,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxgpt import checkpoint, choices, data, faults, model, sharding
+from jaxgpt import checkpoint, choices, data, faults, model, sharding, tasks
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +30,28 @@ def validate_config(config: ml_collections.ConfigDict, cfg: model.GPTConfig, n_d
     if cfg.attention == "cudnn" and jax.default_backend() != "gpu":
         raise ValueError(f"model.attention='cudnn' trains only on a GPU (this backend is "
                          f"{jax.default_backend()}); use 'dot_product' or 'einsum'")
+    _validate_tasks(config.eval)
     if config.report.wandb_project and importlib.util.find_spec("wandb") is None:
         raise ValueError(f"report.wandb_project is {config.report.wandb_project!r} but wandb "
                          f"is not installed (pip install wandb)")
+
+
+def _validate_tasks(ecfg):
+    """eval.tasks: known task names, files that exist, and evaluations to score them at."""
+    if ecfg.tasks_limit < 0:
+        raise ValueError(f"eval.tasks_limit must be >= 0, got {ecfg.tasks_limit}")
+    if not ecfg.tasks:
+        return
+    try:
+        spec = tasks.parse(ecfg.tasks)
+    except ValueError as e:
+        raise ValueError(f"eval.tasks: {e}") from None
+    for task, path in spec.items():
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(f"eval.tasks: the {task} file {path!r} does not exist")
+    if not ecfg.every:
+        raise ValueError(f"eval.tasks {ecfg.tasks!r} are scored at evaluations, but "
+                         f"eval.every is 0")
 
 
 def check_batch_divisible(micro_batch: int, config, mesh, rules):

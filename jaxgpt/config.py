@@ -90,9 +90,13 @@ def base_config(size: str = "small", **model_overrides) -> ml_collections.Config
     config.optim.muon_momentum = 0.95
 
     config.eval = ml_collections.ConfigDict()
-    config.eval.every = 200                # steps between evals; 0 = only at the end? never
+    config.eval.every = 200                # steps between evals (and the last step); 0 = never
     config.eval.batch_size = 32
     config.eval.batches = 0                # 0 = the whole validation split
+    # Benchmarks also scored at every eval, as `python -m jaxgpt.tasks` scores them:
+    # "hellaswag=FILE,lambada=FILE" (a task without =FILE is downloaded once); "" = none.
+    config.eval.tasks = ""
+    config.eval.tasks_limit = 0            # first N examples of each task; 0 = all
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every = 200          # steps between checkpoints (the last is saved)

@@ -80,8 +80,9 @@ def load_lm(spec: str) -> LM:
     return LM(spec, cfg, params, tokenizer.from_meta(meta), step)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "greedy"))
-def _target_logprobs(params, tokens_BT, *, graphdef, greedy=False):
+def target_logprobs_step(params, tokens_BT, *, graphdef, greedy=False):
+    """log p(tokens[:, t] | tokens[:, :t]) [B, T - 1] (and, with `greedy`, whether each
+    target is the argmax); jit it, or pass it jitted as `target_logprobs(forward=...)`."""
     logits, _ = nnx.merge(graphdef, params)(tokens_BT[:, :-1])
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)   # float32 log-softmax
     lp = jnp.take_along_axis(logp, tokens_BT[:, 1:, None], axis=-1)[..., 0]   # [B, T - 1]
@@ -91,14 +92,20 @@ def _target_logprobs(params, tokens_BT, *, graphdef, greedy=False):
     return lp, jnp.argmax(logits, axis=-1) == tokens_BT[:, 1:]
 
 
+_target_logprobs = jax.jit(target_logprobs_step, static_argnames=("graphdef", "greedy"))
+
+
 def target_logprobs(cfg: model.GPTConfig, params, rows: Sequence[Sequence[int]], *,
-                    batch_size: int = 16, greedy: bool = False) -> list:
+                    batch_size: int = 16, greedy: bool = False,
+                    forward: Callable[[np.ndarray], Any] | None = None) -> list:
     """log p(row[t] | row[:t]) for t >= 1 of every row of 2..n_positions + 1 ids (the model
     reads all but the last id, as a training window of block_size + 1); with `greedy`,
     (log-probs, whether each target is the model's argmax) per row.
 
     Rows are right-padded to a power-of-two bucket; causal attention makes padding after a
     row invisible to its real positions, so the result equals an unpadded forward pass.
+    `forward`: int32 tokens [batch_size, T] -> numpy outputs of `target_logprobs_step`
+    (a sharded one, say); default: `params` on the default device.
     """
     for i, row in enumerate(rows):
         if not 2 <= len(row) <= cfg.n_positions + 1:
@@ -114,8 +121,8 @@ def target_logprobs(cfg: model.GPTConfig, params, rows: Sequence[Sequence[int]],
         tokens = np.zeros((batch_size, T), np.int32)
         for j, i in enumerate(idx):
             tokens[j, :len(rows[i])] = rows[i]
-        got = jax.device_get(_target_logprobs(params, jnp.asarray(tokens), graphdef=graphdef,
-                                              greedy=greedy))
+        got = (forward(tokens) if forward is not None else jax.device_get(
+            _target_logprobs(params, jnp.asarray(tokens), graphdef=graphdef, greedy=greedy)))
         for j, i in enumerate(idx):
             n = len(rows[i]) - 1
             out[i] = (got[0][j, :n], got[1][j, :n]) if greedy else got[j, :n]

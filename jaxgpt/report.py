@@ -48,9 +48,31 @@ def progress_line(m: dict) -> str:
     return line
 
 
+def benchmark_scores(m: dict) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} of the `TASK/METRIC` benchmark scores in an eval record
+    (`eval.tasks`; a per-source `val_loss/NAME` is not one)."""
+    out: dict[str, dict[str, float]] = {}
+    for key, value in m.items():
+        task, sep, metric = key.partition("/")
+        if sep and not task.startswith("val_"):
+            out.setdefault(task, {})[metric] = value
+    return out
+
+
+def _scores_text(scores: dict[str, float]) -> str:
+    def one(k, v):
+        if k != "ppl":
+            return f"{k} {v:.4f}"
+        return f"{k} {v:.2f}" if v < 1e6 else f"{k} {v:.3g}"    # an untrained model's is huge
+    return " ".join(one(k, v) for k, v in scores.items())
+
+
 def eval_line(m: dict) -> str:
-    return (f"eval @ step {m['step']}: val loss {m['val_loss']:.4f} | "
+    line = (f"eval @ step {m['step']}: val loss {m['val_loss']:.4f} | "
             f"val ppl {m['val_ppl']:.2f} ({m['val_tokens']:,.0f} tokens)")
+    for task, scores in benchmark_scores(m).items():
+        line += f" | {task} {_scores_text(scores)}"
+    return line
 
 
 def samples_block(step: int, prompts: list[str], completions: list[str]) -> str:
@@ -144,6 +166,8 @@ def status_rows(train: list[dict], evals: list[dict],
         e = evals[-1]
         rows.append(("eval", (f"val loss {e['val_loss']:.4f}, perplexity {e['val_ppl']:.2f} "
                               f"@ step {e['step']}")))
+        rows += [(task, f"{_scores_text(scores)} @ step {e['step']}")
+                 for task, scores in benchmark_scores(e).items()]
     rows.append(("epochs completed", f"{int(t['epoch'])} ({t['epoch']:.2f} epochs of data)"))
     if not finished:
         rows.append(("ETA", format_duration(t["eta_s"])))
@@ -169,7 +193,8 @@ def _png(fig) -> bytes:
 
 
 def make_plots(train: list[dict], evals: list[dict]) -> dict[str, bytes]:
-    """PNG bytes of the loss, perplexity, learning-rate and throughput curves."""
+    """PNG bytes of the loss, perplexity, learning-rate and throughput curves (and the
+    benchmark accuracies, where the run scored any)."""
     from matplotlib.figure import Figure  # Figure alone renders with Agg: no display needed
 
     steps = [r["step"] for r in train]
@@ -183,6 +208,17 @@ def make_plots(train: list[dict], evals: list[dict]) -> dict[str, bytes]:
         "learning_rate": ("learning rate", [("lr", steps, [r["lr"] for r in train])]),
         "throughput": ("tokens/s", [("tokens/s", steps, [r["tokens_per_s"] for r in train])]),
     }
+    accuracy = {}    # (task, metric) -> (steps, values) of the benchmarks scored in training
+    for r in evals:
+        for task, scores in benchmark_scores(r).items():
+            for metric, v in scores.items():
+                if metric != "ppl":
+                    x, y = accuracy.setdefault(f"{task} {metric}", ([], []))
+                    x.append(r["step"])
+                    y.append(v)
+    if accuracy:
+        specs["benchmarks"] = ("zero-shot accuracy (eval.tasks)",
+                               [(label, x, y) for label, (x, y) in accuracy.items()])
     out = {}
     for name, (ylabel, series) in specs.items():
         fig = Figure(figsize=(6.4, 3.6))

@@ -7,6 +7,7 @@ scored as EleutherAI's lm-evaluation-harness scores `hellaswag` and `lambada_ope
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -15,12 +16,13 @@ import re
 import sys
 import time
 import urllib.request
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
+import jax
 import numpy as np
 
 from jaxgpt import eval as evaluation
-from jaxgpt import report
+from jaxgpt import report, sharding
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +106,16 @@ def fetch(task: str, cache: str = CACHE) -> str:
     if not os.path.isfile(path):
         os.makedirs(cache, exist_ok=True)
         log.info("downloading %s to %s", URLS[task], path)
+        partial = f"{path}.{os.getpid()}.partial"    # processes sharing the cache race
         try:
-            urllib.request.urlretrieve(URLS[task], path + ".partial")
-            READERS[task](path + ".partial")     # an error page or a cut file stays out
+            urllib.request.urlretrieve(URLS[task], partial)
+            READERS[task](partial)     # an error page or a cut file stays out
         except (OSError, ValueError) as e:
-            if os.path.exists(path + ".partial"):
-                os.remove(path + ".partial")
-            raise OSError(f"could not download {URLS[task]} ({e}); pass --data=FILE") from None
-        os.replace(path + ".partial", path)
+            if os.path.exists(partial):
+                os.remove(partial)
+            raise OSError(f"could not download {URLS[task]} ({e}); give the file instead "
+                          f"(--data=FILE, or {task}=FILE in a task list)") from None
+        os.replace(partial, path)
     return path
 
 
@@ -128,31 +132,39 @@ def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[i
     return ctx, tok.encode(context + continuation)[len(ctx):]
 
 
-def score(lm: evaluation.LM, examples: Sequence[Example], *, batch_size: int = 16):
-    """Per example and choice: (sum of log p(choice tokens | context), all tokens greedy).
-
-    A context too long for the model loses its first tokens; a choice is never cut."""
-    rows, spans, limit = [], [], lm.cfg.n_positions + 1
+def encode(tok, examples: Sequence[Example], n_positions: int,
+           name: str) -> list[tuple[list[int], int]]:
+    """(context + choice ids, choice length) per example and choice, in order, for a model
+    named `name` reading `n_positions` tokens: a context too long loses its first tokens; a
+    choice is never cut."""
+    out, limit = [], n_positions + 1
     for ex in examples:
         for choice in ex.choices:
-            ctx, c_ids = encode_pair(lm.tok, ex.context, choice)
-            ctx = ctx or [lm.tok.eot_id]      # a context of spaces only
+            ctx, c_ids = encode_pair(tok, ex.context, choice)
+            ctx = ctx or [tok.eot_id]      # a context of spaces only
             if not 1 <= len(c_ids) < limit:
                 raise ValueError(f"{ex.where}: choice {choice!r} is {len(c_ids)} tokens; "
-                                 f"{lm.name} scores 1..{limit - 1}")
+                                 f"{name} scores 1..{limit - 1}")
             p_ids, _ = evaluation.fit(ctx, c_ids, limit)
-            rows.append(p_ids + c_ids)
-            spans.append(len(c_ids))
+            out.append((p_ids + c_ids, len(c_ids)))
+    return out
+
+
+def score_encoded(logprobs: Callable[[list], list], encoded, examples: Sequence[Example],
+                  name: str):
+    """Per example and choice: (sum of log p(choice tokens | context), all tokens greedy).
+
+    `logprobs(rows)`: (log-probs, greedy hits) per row (`eval.target_logprobs`, greedy)."""
+    rows = [ids for ids, _ in encoded]
     lps, start = [], time.monotonic()
     for lo in range(0, len(rows), PROGRESS_ROWS):    # a progress line per chunk of rows
-        lps += evaluation.target_logprobs(lm.cfg, lm.params, rows[lo:lo + PROGRESS_ROWS],
-                                          batch_size=batch_size, greedy=True)
+        lps += logprobs(rows[lo:lo + PROGRESS_ROWS])
         if len(rows) > PROGRESS_ROWS:
             rate = len(lps) / max(time.monotonic() - start, 1e-9)
-            log.info("%s: %s/%s rows scored, %.1f rows/s, ETA %s", lm.name, f"{len(lps):,}",
+            log.info("%s: %s/%s rows scored, %.1f rows/s, ETA %s", name, f"{len(lps):,}",
                      f"{len(rows):,}", rate,
                      report.format_duration((len(rows) - len(lps)) / rate))
-    got = iter(zip(lps, spans))
+    got = iter(zip(lps, (n for _, n in encoded)))
     out = []
     for ex in examples:
         scores = []
@@ -161,6 +173,14 @@ def score(lm: evaluation.LM, examples: Sequence[Example], *, batch_size: int = 1
             scores.append((float(lp[-n:].sum()), bool(hit[-n:].all())))
         out.append(scores)
     return out
+
+
+def score(lm: evaluation.LM, examples: Sequence[Example], *, batch_size: int = 16):
+    """`score_encoded` of one model on its own encoding of `examples`."""
+    logprobs = functools.partial(evaluation.target_logprobs, lm.cfg, lm.params,
+                                 batch_size=batch_size, greedy=True)
+    return score_encoded(logprobs, encode(lm.tok, examples, lm.cfg.n_positions, lm.name),
+                         examples, lm.name)
 
 
 def _accuracy(correct: Sequence[bool]) -> tuple[float, float]:
@@ -217,6 +237,64 @@ def evaluate(task: str, lms: Iterable[evaluation.LM], path: str,
         results.append({"model": lm.name, "step": lm.step,
                         **metrics(task, examples, score(lm, examples, batch_size=batch_size))})
     return {"task": task, "data": path, "results": results}
+
+
+# What a training run logs of each task at every evaluation, as `TASK/KEY`.
+TRAINING_KEYS = {"hellaswag": ("acc", "acc_norm"), "lambada": ("acc", "ppl")}
+
+
+def load_spec(spec: str, limit: int = 0) -> list[tuple[str, str, list[Example]]]:
+    """(task, file, its first `limit` examples) of each task of a `parse` spec; a task
+    without a file is downloaded once (`fetch`)."""
+    out = []
+    for task, path in parse(spec).items():
+        path = path or fetch(task)
+        out.append((task, path, load(task, path, limit)))
+    return out
+
+
+class DuringTraining:
+    """The benchmarks a training run scores at every evaluation (`eval.tasks`).
+
+    Each task is encoded once with the run's tokenizer; an evaluation scores it with the
+    run's sharded params on its mesh, every process feeding its share of each batch of
+    `batch` rows (as validation batches are fed) and getting every result back."""
+
+    def __init__(self, loaded, tok, n_positions: int, batch: int):
+        self.batch = batch
+        self.tasks = [(task, examples, encode(tok, examples, n_positions, "this run"))
+                      for task, _, examples in loaded]
+        log.info("eval.tasks, scored at every evaluation: %s", ", ".join(
+            f"{task} ({len(examples):,} examples of {path})" for task, path, examples in loaded))
+        self._step = None      # jitted on the first call, when the trainer is known
+
+    def _forward(self, trainer, params) -> Callable[[np.ndarray], list[np.ndarray]]:
+        batch_sh = sharding.batch_sharding(trainer.mesh, trainer.rules)
+        if self._step is None:
+            self._step = jax.jit(
+                functools.partial(evaluation.target_logprobs_step, graphdef=trainer.graphdef,
+                                  greedy=True),
+                in_shardings=(trainer.state_shardings.params, batch_sh),
+                out_shardings=jax.sharding.NamedSharding(trainer.mesh,
+                                                         jax.sharding.PartitionSpec()))
+        rows = self.batch // jax.process_count()
+        lo = jax.process_index() * rows
+
+        def forward(tokens):
+            x = jax.make_array_from_process_local_data(batch_sh, tokens[lo:lo + rows])
+            return [np.asarray(out.addressable_data(0)) for out in self._step(params, x)]
+        return forward
+
+    def __call__(self, trainer, params) -> dict:
+        """{TASK/KEY: value} of every task for `params` (a collective: every process)."""
+        logprobs = functools.partial(evaluation.target_logprobs, trainer.cfg, params,
+                                     batch_size=self.batch, greedy=True,
+                                     forward=self._forward(trainer, params))
+        out = {}
+        for task, examples, encoded in self.tasks:
+            m = metrics(task, examples, score_encoded(logprobs, encoded, examples, task))
+            out |= {f"{task}/{key}": m[key] for key in TRAINING_KEYS[task]}
+        return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

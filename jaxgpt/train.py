@@ -35,6 +35,7 @@ from jaxgpt import (
     sharding,
     shards,
     stream,
+    tasks,
     tokenizer,
 )
 from jaxgpt import eval as evaluation
@@ -407,6 +408,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # A missing path (or, streaming, a missing validation split) fails here, before the
     # workdir is touched.
     (stream.check_inputs if dcfg.streaming else shards.find_inputs)(dcfg)
+    benchmarks = tasks.load_spec(config.eval.tasks, config.eval.tasks_limit)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise FileExistsError(f"workdir {workdir} exists and is not a directory")
 
@@ -449,8 +451,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         log.info("model: %s parameters; %s train windows of %d tokens; mesh %s",
                  f"{n_params:,}", "streamed" if dcfg.streaming else len(corpus.train),
                  config.data.block_size, dict(mesh.shape))
+        bench = tasks.DuringTraining(benchmarks, tok, cfg.n_positions,
+                                     config.eval.batch_size) if benchmarks else None
         return _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts,
-                           meta, schedule=schedule)
+                           meta, schedule=schedule, bench=bench)
     finally:
         lock.release()
 
@@ -485,7 +489,7 @@ def _flush(pending: list, ledger, guard) -> dict:
 
 
 def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts, meta,
-                *, schedule) -> dict:
+                *, schedule, bench=None) -> dict:
     writer = MetricsWriter(workdir, tensorboard=config.report.tensorboard,
                            wandb_project=config.report.wandb_project, config=config.to_dict())
     total, accum = config.train.steps, config.train.grad_accum
@@ -555,7 +559,7 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts,
                 with watchdog.phase("evaluation"):
                     last_eval = {"step": done, **evaluate(
                         trainer, state.params, val, config.eval.batch_size,
-                        config.eval.batches)}
+                        config.eval.batches), **(bench(trainer, state.params) if bench else {})}
                 writer.write(last_eval)
                 log.info(report.eval_line(last_eval))
             if is_save:

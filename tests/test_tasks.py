@@ -16,8 +16,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from jaxgpt import eval as evaluation
-from jaxgpt import tasks, tokenizer
+from jaxgpt import report, tasks, tokenizer, train
 from jaxgpt.convert import hf
+from tests import helpers
 
 HELLASWAG = [
     {"activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.",
@@ -198,7 +199,7 @@ def test_fetch_downloads_once_and_names_the_url_when_it_cannot(tmp_path, monkeyp
     src.unlink()
     assert tasks.fetch("lambada", str(cache)) == path          # cached: no second download
     monkeypatch.setitem(tasks.URLS, "hellaswag", (tmp_path / "gone.jsonl").as_uri())
-    with pytest.raises(OSError, match="gone.jsonl .*pass --data=FILE"):
+    with pytest.raises(OSError, match="gone.jsonl .*give the file instead"):
         tasks.fetch("hellaswag", str(cache))
     assert sorted(os.listdir(cache)) == ["lambada_test.jsonl"]
 
@@ -218,3 +219,52 @@ def test_scoring_in_chunks_logs_progress_and_changes_nothing(gpt2_pair, tmp_path
                                [[ll for ll, _ in s] for s in whole], rtol=1e-6)
     assert [[g for _, g in s] for s in chunked] == [[g for _, g in s] for s in whole]
     assert "hf:tiny: 15/16 rows scored" in caplog.text and "ETA" in caplog.text
+
+
+def _task_files(tmp_path) -> tuple[pathlib.Path, pathlib.Path]:
+    hs, lb = tmp_path / "hs.jsonl", tmp_path / "lb.jsonl"
+    hs.write_text("".join(json.dumps(r) + "\n" for r in HELLASWAG))
+    lb.write_text("".join(json.dumps({"text": t}) + "\n" for t in LAMBADA))
+    return hs, lb
+
+
+def test_a_run_scores_its_tasks_at_every_eval_as_the_cli_scores_its_checkpoint(tmp_path):
+    """eval.tasks: params sharded over 8 devices (FSDP) give the scores that the final
+    checkpoint gets on one device through `tasks.score`."""
+    hs, lb = _task_files(tmp_path)
+    config = helpers.tiny_run_config(helpers.small_corpus(tmp_path),
+                                     eval__tasks=f"hellaswag={hs},lambada={lb}",
+                                     mesh__shape=(1, -1, 1), mesh__rules="fsdp")
+    run = str(tmp_path / "run")
+    train.train_and_evaluate(config, run)
+    _, evals = report.read_metrics(run)
+    assert [e["step"] for e in evals] == [3, 6]
+    lm = evaluation.load_lm(run)
+    assert lm.step == 6
+    for task, path in (("hellaswag", hs), ("lambada", lb)):
+        examples = tasks.load(task, str(path))
+        want = tasks.metrics(task, examples, tasks.score(lm, examples, batch_size=3))
+        for key in tasks.TRAINING_KEYS[task]:
+            assert evals[-1][f"{task}/{key}"] == pytest.approx(want[key], rel=1e-5), key
+    line = report.eval_line(evals[-1])
+    assert (f"hellaswag acc {evals[-1]['hellaswag/acc']:.4f} "
+            f"acc_norm {evals[-1]['hellaswag/acc_norm']:.4f}") in line
+    assert f"lambada acc {evals[-1]['lambada/acc']:.4f} ppl " in line
+    rows = dict(report.status_rows(*report.read_metrics(run)))
+    assert rows["hellaswag"].endswith("@ step 6")
+    assert "benchmarks" in report.make_plots(*report.read_metrics(run))
+
+
+def test_eval_tasks_are_checked_before_the_workdir_is_touched(tmp_path):
+    hs, _ = _task_files(tmp_path)
+    corpus = helpers.small_corpus(tmp_path)
+    run = tmp_path / "run"
+    for tasks_spec, changes, error in (
+            ("hellaswag=/no/such.jsonl", {}, "the hellaswag file '/no/such.jsonl' does not"),
+            ("hellaswog", {}, "eval.tasks: unknown task 'hellaswog'"),
+            (f"hellaswag={hs}", {"eval__every": 0}, "eval.every is 0"),
+            (f"hellaswag={hs}", {"eval__tasks_limit": -1}, "eval.tasks_limit must be >= 0")):
+        config = helpers.tiny_run_config(corpus, eval__tasks=tasks_spec, **changes)
+        with pytest.raises((ValueError, FileNotFoundError), match=error):
+            train.train_and_evaluate(config, str(run))
+        assert not run.exists()
