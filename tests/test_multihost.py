@@ -101,7 +101,13 @@ def test_tpu_pod_dry_run():
 @pytest.mark.slow
 def test_two_processes_train_like_one_and_resume_in_one(tmp_path):
     corpus = helpers.small_corpus(tmp_path)
-    args = TINY + [f"--config.data.path={corpus}", "--config.eval.every=4"]
+    # A benchmark scored at every eval (LAMBADA's format, argparse's docstrings as passages).
+    lambada = tmp_path / "lambada.jsonl"
+    lambada.write_text("".join(json.dumps({"text": t}) + "\n" for t in (
+        "Return the namespace populated with the parsed arguments",
+        "Add an argument to the parser with these options", "Print a help message")))
+    args = TINY + [f"--config.data.path={corpus}", "--config.eval.every=4",
+                   f"--config.eval.tasks=lambada={lambada}"]
     one, two = tmp_path / "one", tmp_path / "two"
     _one_process(args + ["--config.train.steps=6"], one)
     out = subprocess.run(
@@ -117,6 +123,10 @@ def test_two_processes_train_like_one_and_resume_in_one(tmp_path):
     val = {r["step"]: r["val_loss"] for r in _records(two) if "val_loss" in r}
     ref_val = {r["step"]: r["val_loss"] for r in _records(one) if "val_loss" in r}
     assert val[4] == pytest.approx(ref_val[4], rel=1e-5)
+    # Both processes scored the benchmark with the params sharded over both.
+    lambada_ppl = {r["step"]: r["lambada/ppl"] for r in _records(two) if "val_loss" in r}
+    ref_ppl = {r["step"]: r["lambada/ppl"] for r in _records(one) if "val_loss" in r}
+    assert lambada_ppl[4] == pytest.approx(ref_ppl[4], rel=1e-5)
     assert sorted(os.listdir(two / "checkpoints")) == ["2", "4"]
     # The checkpoint both processes wrote resumes in one process, on the same trajectory.
     _one_process(args + ["--config.train.steps=6"], two)
