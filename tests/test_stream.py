@@ -394,5 +394,8 @@ def test_every_process_saves_its_hf_stream_state_and_each_resumes_from_it(tmp_pa
         again.set_state(state)
         np.testing.assert_array_equal(next(again), results[p]["next"])
         again.close()
-        assert read[0] == parts[p][state["processes"][p][1]]
+        # Read from the block's first document on: in this mode a process reads the other's
+        # rows too, so at most one row comes before it.
+        doc = state["processes"][p][1]
+        assert doc > 2 and read.index(parts[p][doc]) < 2
         read.clear()
