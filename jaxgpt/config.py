@@ -37,6 +37,11 @@ def base_config(size: str = "small", **model_overrides) -> ml_collections.Config
     # Documents per split to prepare, 0 = all: exact for HF streams; files are read whole
     # until the count is reached (a quick run on part of a local corpus).
     config.data.max_documents = 0
+    # Validation documents to prepare, 0 = all (and at most max_documents). Evaluation reads
+    # eval.batches batches per source, so a long validation split (SlimPajama's holds 0.5B
+    # tokens) need not be tokenized whole; the train split is not capped by it. For sources
+    # with a validation split of their own (SlimPajama, WikiText), not 'text'.
+    config.data.val_max_documents = 0
     config.data.read_threads = 2           # grain threads reading/tokenizing and serving windows
     config.data.prefetch = 4               # batches buffered ahead of the trainer
     # grain worker processes (0 = read in the trainer process); the iterator state saved in

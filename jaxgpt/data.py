@@ -49,6 +49,7 @@ class DataConfig:
     on_bad_record: str = "error"
     mixture: dict = dataclasses.field(default_factory=dict)
     max_documents: int = 0
+    val_max_documents: int = 0
     read_threads: int = 2
     prefetch: int = 4
     worker_count: int = 0
@@ -66,9 +67,14 @@ class DataConfig:
                 raise ValueError(f"data.mixture.{name} must be a weight >= 0, got {w!r}")
         if self.mixture and not any(self.mixture.values()):
             raise ValueError("data.mixture has no positive weight")
-        for name in ("max_documents", "read_threads", "prefetch", "worker_count"):
+        for name in ("max_documents", "val_max_documents", "read_threads", "prefetch",
+                     "worker_count"):
             if getattr(self, name) < 0:
                 raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
+        if self.val_max_documents and self.source == "text":
+            raise ValueError(f"data.val_max_documents={self.val_max_documents} caps a "
+                             f"validation split of its own; data.source 'text' holds out "
+                             f"data.val_fraction of the text instead")
         if self.shuffle_windows < 1:
             raise ValueError(f"data.shuffle_windows must be >= 1, got {self.shuffle_windows}")
         if self.streaming and self.prepared is not None:
@@ -237,8 +243,9 @@ def load_corpus(dcfg: DataConfig, tok, cache_dir: str) -> Corpus:
         return load_prepared(root, dcfg, tok.fingerprint)
     if not shards.find_inputs(dcfg) and dcfg.source == "slimpajama" and not dcfg.max_documents:
         raise ValueError("data.path is unset, so SlimPajama would stream from the HF hub into "
-                         "WORKDIR/data in full (~1.3 TB of tokens); set data.max_documents, or "
-                         "prepare shards once and set data.prepared")
+                         "WORKDIR/data in full (~1.3 TB of tokens); set data.max_documents, "
+                         "stream it (data.streaming=True), or prepare shards once and set "
+                         "data.prepared")
     root = os.path.join(cache_dir, shards.inputs_fingerprint(dcfg, tok.fingerprint))
     if not os.path.exists(os.path.join(root, MANIFEST)):
         shards.prepare(dcfg, tok, root)

@@ -52,6 +52,8 @@ def inputs_fingerprint(dcfg, tokenizer_fingerprint: str) -> str:
     """Hash of the inputs (paths, sizes, mtimes) and everything that shapes their tokens."""
     h = hashlib.sha256(f"{tokenizer_fingerprint}|{dcfg.source}|{dcfg.on_bad_record}|"
                        f"{dcfg.max_documents}".encode())
+    if dcfg.val_max_documents:     # (absent when 0, so older caches keep their names)
+        h.update(f"|val:{dcfg.val_max_documents}".encode())
     for split, files in sorted(find_inputs(dcfg).items()):
         for path in files:
             st = os.stat(path)
@@ -130,7 +132,7 @@ def _tokenized_files(files, dcfg, tok):
 def _tokenized_stream(split: str, dcfg, tok):
     """An HF stream in chunks of documents (bad records there are the hub's to fix)."""
     docs = itertools.islice(sources.hf_documents(dcfg.source, split),
-                            dcfg.max_documents or None)
+                            documents_cap(dcfg, split) or None)
     while chunk := list(itertools.islice(docs, _HF_CHUNK_DOCS)):
         yield _tokenize_by_source(chunk, tok), {}
 
@@ -194,6 +196,13 @@ class _Progress:
                  n_tokens / max(now - self.start, 1e-9) / 1e6, eta)
 
 
+def documents_cap(dcfg, split: str) -> int:
+    """How many documents of `split` to prepare (0 = all): data.max_documents, and for the
+    validation split also data.val_max_documents, whichever is smaller."""
+    caps = [dcfg.max_documents, dcfg.val_max_documents if split == "val" else 0]
+    return min((c for c in caps if c), default=0)
+
+
 def _write_splits(dcfg, tok, splits: dict, tmp: str, manifest: dict, only=None) -> None:
     dtype = np.dtype(manifest["dtype"])
     bad_total: dict[str, int] = {}
@@ -211,7 +220,7 @@ def _write_splits(dcfg, tok, splits: dict, tmp: str, manifest: dict, only=None) 
                 n_tokens += tokens.size
             _add_counts(bad_total, bad)
             progress.step(n_docs, n_tokens)
-            if dcfg.max_documents and n_docs >= dcfg.max_documents:
+            if documents_cap(dcfg, split) and n_docs >= documents_cap(dcfg, split):
                 break
         tokens = {}
         for s in writer.shards:
@@ -247,9 +256,10 @@ def _part_inputs(dcfg, splits: dict, index: int, count: int) -> tuple[dict, dict
     if not splits:
         raise ValueError(f"data.source {dcfg.source!r} with no data.path streams from the HF "
                          f"hub, which is prepared in one piece, not in parts")
-    if dcfg.max_documents:
-        raise ValueError(f"data.max_documents={dcfg.max_documents} caps a whole preparation "
-                         f"and cannot be split into parts")
+    for name in ("max_documents", "val_max_documents"):
+        if getattr(dcfg, name):
+            raise ValueError(f"data.{name}={getattr(dcfg, name)} caps a whole preparation "
+                             f"and cannot be split into parts")
     if len(splits["train"]) < count:
         raise ValueError(f"{len(splits['train'])} train files cannot be split into {count} "
                          f"parts")

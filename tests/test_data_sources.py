@@ -229,3 +229,8 @@ def test_hf_streams_through_a_stand_in_datasets_module(tmp_path, monkeypatch, ca
     manifest = shards.prepare(dcfg, _ByteTokenizer(), str(tmp_path / "out"))
     assert manifest["splits"]["train"]["documents"] == {"RedPajamaC4": 3}
     assert manifest["inputs"] == {"hf": ["slimpajama"]}
+    # val_max_documents caps the validation split only (the stand-in's splits hold 5 each).
+    dcfg = data.DataConfig(source="slimpajama", max_documents=4, val_max_documents=2)
+    manifest = shards.prepare(dcfg, _ByteTokenizer(), str(tmp_path / "out2"))
+    assert manifest["splits"]["train"]["documents"] == {"RedPajamaC4": 4}
+    assert manifest["splits"]["val"]["documents"] == {"RedPajamaC4": 2}

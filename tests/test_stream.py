@@ -259,6 +259,27 @@ def test_streaming_prepares_only_validation(tmp_path):
     assert set(corpus.stats["tokens"]) == {"val"}
 
 
+def test_val_max_documents_caps_validation_by_whole_files_and_not_train(tmp_path):
+    (tmp_path / "in").mkdir()
+    root, texts = _corpus(tmp_path / "in")
+    for f in (1, 2):     # three validation files of 7 documents
+        shutil.copy(tmp_path / "in" / "validation" / "chunk_0.jsonl.zst",
+                    tmp_path / "in" / "validation" / f"chunk_{f}.jsonl.zst")
+    whole = data.load_corpus(_dcfg(root), ByteTokenizer(), cache_dir=str(tmp_path / "a"))
+    capped = data.load_corpus(_dcfg(root, val_max_documents=9), ByteTokenizer(),
+                              cache_dir=str(tmp_path / "b"))
+    assert whole.stats["documents"]["val"] == {"S": 21}
+    assert capped.stats["documents"]["val"] == {"S": 14}      # files are read whole
+    it = stream.StreamIterator(_dcfg(root, val_max_documents=9), ByteTokenizer(),
+                               global_batch=LOCAL, seed=0)
+    got = _rows(next(it) for _ in range(4 * it.n_batches))
+    it.close()
+    ref = np.tile(_stream_tokens(texts), 4)                   # every train document
+    assert sorted(got) == sorted(_windows(ref, 0, len(got)))
+    with pytest.raises(ValueError, match="data.source 'text' holds out"):
+        _dcfg(root, source="text", val_max_documents=9)
+
+
 def test_huge_documents_are_tokenized_as_needed_not_a_chunk_at_a_time(tmp_path):
     root, _ = _corpus(tmp_path)
     it = stream.StreamIterator(_dcfg(root), ByteTokenizer(), global_batch=LOCAL, seed=0)
