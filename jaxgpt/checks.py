@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 
 from jaxgpt import checkpoint, choices, data, faults, model, sharding, tasks
+from jaxgpt import config as config_schema
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,20 @@ def check_inputs(config, workdir: str, corpus, tok, cfg: model.GPTConfig):
                                  f"exceeds the context model.n_positions {cfg.n_positions}")
 
 
+def _with_defaults(saved: dict) -> dict:
+    """A checkpoint's config with the fields added to the schema since it was written set to
+    their defaults, which reproduce what runs did before those fields existed."""
+    def fill(saved, defaults):
+        out = dict(saved)
+        for key, value in defaults.items():
+            if key not in out:
+                out[key] = value
+            elif isinstance(value, dict) and isinstance(out[key], dict) and value:
+                out[key] = fill(out[key], value)
+        return out
+    return fill(saved, config_schema.base_config().to_dict())
+
+
 def resume_guard(config, meta: dict, *, quiet: bool = False):
     """check_meta for `Checkpoints.restore`: refuse a checkpoint of another model, tokenizer
     or data pipeline unless checkpoint.allow_config_change is set (`quiet`: without logging
@@ -132,7 +147,8 @@ def resume_guard(config, meta: dict, *, quiet: bool = False):
             raise ValueError(f"checkpoint at step {step} holds {was} optimizer state, but "
                              f"optim.optimizer is {now!r}; keep optim.optimizer={was!r} to "
                              f"resume it, or start a new workdir")
-        changed = faults.config_diff(saved.get("config", {}), meta["config"], RESUME_FIELDS)
+        changed = faults.config_diff(_with_defaults(saved.get("config", {})), meta["config"],
+                                     RESUME_FIELDS)
         free = [d for d in changed if d.startswith(tuple(f + ":" for f in RESUME_FREE))]
         diff = [d for d in changed if d not in free]
         for key in ("tokenizer", "pipeline"):

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxgpt import checkpoint, faults, sharding, train
+from jaxgpt import checkpoint, checks, faults, sharding, train
 from tests import helpers
 
 sys.path.insert(0, os.path.join(helpers.REPO, "bench"))
@@ -511,3 +511,15 @@ def test_resume_allows_loader_and_location_changes_the_pipeline_fingerprint_acce
     config.data.block_size = 64
     with pytest.raises(ValueError, match=r"data.block_size: 128 -> 64"):
         checks.resume_guard(config, {**meta, "config": config.to_dict()})(7, saved)
+
+
+def test_a_checkpoint_older_than_a_field_resumes_while_the_field_keeps_its_default():
+    """Fields added to the schema after a checkpoint was written count as their defaults
+    (what runs did before them): such a checkpoint resumes; a changed value is refused."""
+    config = helpers.tiny_run_config("corpus.txt")
+    saved = {"config": config.to_dict()}
+    del saved["config"]["data"]["val_max_documents"], saved["config"]["model"]["qk_norm"]
+    checks.resume_guard(config, {"config": config.to_dict()})(5, saved)
+    config.data.val_max_documents = 7
+    with pytest.raises(ValueError, match=r"differing fields: data.val_max_documents: 0 -> 7"):
+        checks.resume_guard(config, {"config": config.to_dict()})(5, saved)
