@@ -1,15 +1,17 @@
-"""jaxgpt's HellaSwag/LAMBADA scoring next to EleutherAI's lm-evaluation-harness itself.
+"""jaxgpt next to EleutherAI's lm-evaluation-harness itself, on one model and the same files.
 
     pip install lm_eval accelerate         # anywhere, e.g. a venv: pass its --lm_eval
     python bench/harness.py [--lm_eval=/venv/bin/lm_eval] [--examples=300]
 
 One model (a small GPT-2 with random weights and the real GPT-2 BPE, or --model=DIR, a
-`save_pretrained` GPT-2 with its tokenizer files) and the same files go through the
-harness's own `hellaswag` and `lambada_openai` task definitions (their YAML included, only
-the data source swapped for local files) and through `jaxgpt.tasks` (the model imported
-with convert.hf). Offline: the files are HellaSwag- and LAMBADA-format records built from
-the shared Shakespeare and WikiText-2 text. Prints acc/acc_norm/ppl from both and the
-largest per-choice log-likelihood difference.
+`save_pretrained` GPT-2 with its tokenizer files) goes through the harness three ways:
+its `hf` model (PyTorch, the reference), its `jaxgpt` model (`jaxgpt.harness`, the model
+imported with convert.hf), and for HellaSwag/LAMBADA also `jaxgpt.tasks`. Tasks: the
+harness's own `hellaswag`, `lambada_openai` and `wikitext` definitions (their YAML
+included, only the data swapped for local files: log-likelihoods of choices, of last words,
+rolling log-likelihoods of whole articles) and a greedy generation task. Offline: the files
+are built from the shared Shakespeare and WikiText-2 text. Prints every metric side by side,
+the largest log-likelihood differences, and how many generations are identical.
 """
 
 import argparse
@@ -26,11 +28,15 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxgpt import eval as evaluation
-from jaxgpt import tasks
+from jaxgpt import sources, tasks
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
                       "shared", "data")
-LOCAL = {"hellaswag": ("hellaswag", "validation"), "lambada": ("lambada_openai", "test")}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# task -> (the harness's task folder, its YAML, the split the local file stands for)
+INCLUDED = {"hellaswag": ("hellaswag", "hellaswag", "validation"),
+            "lambada": ("lambada", "lambada_openai", "test"),
+            "wikitext": ("wikitext", "wikitext", "test")}
 
 
 def random_gpt2(out: str) -> str:
@@ -53,7 +59,8 @@ def random_gpt2(out: str) -> str:
 
 def write_data(out: str, n: int) -> dict[str, str]:
     """HellaSwag records (context: a line; endings: the next line's rest and three others;
-    some WikiHow-style [tags]) and LAMBADA passages (WikiText-2 sentences)."""
+    some WikiHow-style [tags]), LAMBADA passages (WikiText-2 sentences), 12 WikiText-2
+    articles (rolling log-likelihood) and 40 prompts (a line's first 6 words) to continue."""
     rng = random.Random(0)
     with open(os.path.join(SHARED, "tinyshakespeare", "input.txt"), encoding="utf-8") as f:
         lines = [s.strip() for s in f if len(s.split()) >= 6]
@@ -77,9 +84,13 @@ def write_data(out: str, n: int) -> dict[str, str]:
     sentences = [s.strip().rstrip(". ") for s in re.split(r"(?<=\.) ", text)
                  if 15 <= len(s.split()) <= 60 and "=" not in s]
     rng.shuffle(sentences)
-    files = {"hellaswag": os.path.join(out, "hellaswag.jsonl"),
-             "lambada": os.path.join(out, "lambada.jsonl")}
-    for task, rows in (("hellaswag", records), ("lambada", [{"text": s} for s in sentences[:n]])):
+    pages = [d.text for d in sources.wikitext_articles(text.splitlines(keepends=True), "wt2")]
+    prompts = [{"prompt": " ".join(line.split()[:6]), "target": " ".join(line.split()[6:])}
+               for line in rng.sample(lines, 40)]
+    files = {}
+    for task, rows in (("hellaswag", records), ("lambada", [{"text": s} for s in sentences[:n]]),
+                       ("wikitext", [{"page": p} for p in pages[:12]]), ("generate", prompts)):
+        files[task] = os.path.join(out, f"{task}.jsonl")
         with open(files[task], "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     return files
@@ -107,73 +118,108 @@ def greedy_endings(path: str, model: str) -> int:
     return changed
 
 
-def run_harness(lm_eval: str, model: str, files: dict[str, str], out: str) -> dict:
-    """{task: [[(ll, greedy) per choice] per example]} and the harness's metrics."""
-    python = os.path.join(os.path.dirname(lm_eval), "python")
+def task_yamls(python: str, files: dict[str, str], out: str) -> str:
+    """A folder of task YAMLs: the harness's own hellaswag, lambada_openai and wikitext
+    definitions (included) on the local files, and a greedy generation task."""
     task_dir = subprocess.run(
-        [python if os.path.exists(python) else sys.executable, "-c",
-         "import lm_eval, os; print(os.path.join(os.path.dirname(lm_eval.__file__), 'tasks'))"],
+        [python, "-c", ("import lm_eval, os; print(os.path.join(os.path.dirname("
+                        "lm_eval.__file__), 'tasks'))")],
         capture_output=True, text=True, check=True).stdout.strip()
     yaml_dir = os.path.join(out, "tasks")
     os.makedirs(yaml_dir, exist_ok=True)
-    for task, (name, split) in LOCAL.items():
-        sub = "lambada" if task == "lambada" else task
+    for task, (folder, name, split) in INCLUDED.items():
         with open(os.path.join(yaml_dir, f"{task}_local.yaml"), "w") as f:
-            f.write(f"include: {os.path.join(task_dir, sub, name + '.yaml')}\n"
+            f.write(f"include: {os.path.join(task_dir, folder, name + '.yaml')}\n"
                     f"task: {task}_local\ndataset_path: json\ndataset_name: null\n"
-                    f"training_split: null\n"     # the local files hold one split
+                    f"training_split: null\nvalidation_split: null\ntest_split: null\n"
+                    f"{split}_split: {split}\n"     # the local file holds this one split
                     f"dataset_kwargs:\n  data_files:\n    {split}: {files[task]}\n")
+    with open(os.path.join(yaml_dir, "generate_local.yaml"), "w") as f:
+        f.write(f"task: generate_local\ndataset_path: json\ndataset_name: null\n"
+                f"test_split: test\ndataset_kwargs:\n  data_files:\n"
+                f"    test: {files['generate']}\noutput_type: generate_until\n"
+                f"doc_to_text: '{{{{prompt}}}}'\ndoc_to_target: '{{{{target}}}}'\n"
+                f"generation_kwargs:\n  until: ['\\n', '.']\n  max_gen_toks: 24\n"
+                f"  do_sample: false\nmetric_list:\n  - metric: exact_match\n"
+                f"metadata:\n  version: 1.0\n")
+    return yaml_dir
+
+
+def run_harness(lm_eval: str, model_flags: list[str], yaml_dir: str, out: str) -> dict:
+    """{task: {"samples": [resps per doc], "metrics": {...}}} of one harness run."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    subprocess.run([lm_eval, "--model", "hf", "--model_args", f"pretrained={model},dtype=float32",
-                    "--tasks", "hellaswag_local,lambada_local", "--include_path", yaml_dir,
-                    "--device", "cpu", "--batch_size", "16", "--output_path",
-                    os.path.join(out, "harness"), "--log_samples"], env=env, check=True)
-    scores, results = {}, {}
-    for task in LOCAL:
-        path = max(glob.glob(os.path.join(out, "harness", "*", f"samples_{task}_local_*")))
-        with open(path) as f:
+    names = ",".join(f"{t}_local" for t in (*INCLUDED, "generate"))
+    subprocess.run([*lm_eval.split(), *model_flags, "--tasks", names, "--include_path",
+                    yaml_dir, "--device", "cpu", "--batch_size", "16", "--output_path", out,
+                    "--log_samples"], env=env, check=True, cwd=REPO)
+    got = {}
+    with open(max(glob.glob(os.path.join(out, "*", "results_*.json")))) as f:
+        for task, metrics in json.load(f)["results"].items():
+            got[task.removesuffix("_local")] = {"metrics": {
+                k.split(",")[0]: v for k, v in metrics.items()
+                if isinstance(v, float) and "stderr" not in k}}
+    for task, entry in got.items():
+        with open(max(glob.glob(os.path.join(out, "*", f"samples_{task}_local_*")))) as f:
             samples = sorted((json.loads(line) for line in f), key=lambda s: s["doc_id"])
-        scores[task] = [[(float(r[0][0]), r[0][1] in (True, "True")) for r in s["resps"]]
-                        for s in samples]
-    path = max(glob.glob(os.path.join(out, "harness", "*", "results_*.json")))
-    with open(path) as f:
-        for task, got in json.load(f)["results"].items():
-            results[task.removesuffix("_local")] = {
-                k.split(",")[0]: v for k, v in got.items() if k.split(",")[0] in
-                ("acc", "acc_norm", "perplexity")}
-    return {"scores": scores, "metrics": results}
+        entry["samples"] = [s["resps"] for s in samples]
+    return got
+
+
+def _lls(resps) -> np.ndarray:
+    return np.array([float(r[0][0] if isinstance(r[0], list) else r[0]) for doc in resps
+                     for r in doc])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lm_eval", default="lm_eval", help="the harness's command")
+    parser.add_argument("--python", help="the Python with lm_eval installed (default: the "
+                                         "one beside --lm_eval, else this one)")
     parser.add_argument("--model", help="a GPT-2 save_pretrained directory with tokenizer "
                                         "files (default: a small random one)")
     parser.add_argument("--examples", type=int, default=300)
     parser.add_argument("--out", help="working directory (default: a temporary one)")
     args = parser.parse_args()
+    beside = os.path.join(os.path.dirname(args.lm_eval), "python")
+    python = args.python or (beside if os.path.exists(beside) else sys.executable)
     out = args.out or tempfile.mkdtemp(prefix="jaxgpt-harness-")
     model = args.model or random_gpt2(out)
     files = write_data(out, args.examples)
     print(f"{greedy_endings(files['lambada'], model)} LAMBADA passages end in the model's "
           f"greedy word")
-    harness = run_harness(args.lm_eval, model, files, out)
+    yaml_dir = task_yamls(python, files, out)
+    hf = run_harness(args.lm_eval, ["--model", "hf", "--model_args",
+                                    f"pretrained={model},dtype=float32"], yaml_dir,
+                     os.path.join(out, "harness-hf"))
+    adapter = run_harness(f"{python} -m jaxgpt.harness",
+                          ["--model", "jaxgpt", "--model_args", f"run=hf:{model}"], yaml_dir,
+                          os.path.join(out, "harness-jaxgpt"))
     lm = evaluation.load_lm(f"hf:{model}")
-    print(f"\n{'task':10} {'metric':10} {'harness':>16} {'jaxgpt':>16}")
-    for task, path in files.items():
-        examples = tasks.load(task, path)
-        ours = tasks.score(lm, examples)
-        mine = tasks.metrics(task, examples, ours)
-        mine["perplexity"] = mine.get("ppl")
-        for key, theirs in harness["metrics"][task].items():
-            print(f"{task:10} {key:10} {theirs:16.8g} {mine[key]:16.8g}")
-        a = np.array([ll for s in ours for ll, _ in s])
-        b = np.array([ll for s in harness["scores"][task] for ll, _ in s])
-        same_greedy = [g for s in ours for _, g in s] == [g for s in harness["scores"][task]
-                                                          for _, g in s]
-        print(f"{task:10} per choice: {len(a)} log-likelihoods, max |diff| "
-              f"{np.abs(a - b).max():.2e} (relative {np.max(np.abs(a - b) / np.abs(b)):.2e}); "
-              f"greedy flags {'equal' if same_greedy else 'DIFFER'}")
+    print(f"\n{'task':10} {'metric':16} {'harness: hf':>16} {'harness: jaxgpt':>16} "
+          f"{'jaxgpt.tasks':>16}")
+    for task in (*INCLUDED, "generate"):
+        mine = {}
+        if task in tasks.READERS:
+            examples = tasks.load(task, files[task])
+            ours = tasks.score(lm, examples)
+            mine = tasks.metrics(task, examples, ours) | {"perplexity": None}
+            mine["perplexity"] = mine.get("ppl")
+        for key, theirs in hf[task]["metrics"].items():
+            print(f"{task:10} {key:16} {theirs:16.8g} {adapter[task]['metrics'][key]:16.8g} "
+                  + (f"{mine[key]:16.8g}" if key in mine else f"{'':>16}"))
+        if task == "generate":
+            a, b = adapter[task]["samples"], hf[task]["samples"]
+            print(f"{task:10} {sum(x == y for x, y in zip(a, b))}/{len(b)} generations "
+                  f"identical to the hf model's")
+            continue
+        ref = _lls(hf[task]["samples"])
+        pairs = [("harness: jaxgpt", _lls(adapter[task]["samples"]))]
+        if task in tasks.READERS:
+            pairs.append(("jaxgpt.tasks", np.array([ll for s in ours for ll, _ in s])))
+        for name, lls in pairs:
+            d = np.abs(lls - ref)
+            print(f"{task:10} {name}: {len(ref)} log-likelihoods, max |diff| from hf "
+                  f"{d.max():.2e} (relative {np.max(d / np.abs(ref)):.2e})")
 
 
 if __name__ == "__main__":

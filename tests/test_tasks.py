@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import pathlib
+import types
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from jaxgpt import eval as evaluation
-from jaxgpt import report, tasks, tokenizer, train
+from jaxgpt import harness, report, tasks, tokenizer, train
 from jaxgpt.convert import hf
 from tests import helpers
 
@@ -268,3 +269,70 @@ def test_eval_tasks_are_checked_before_the_workdir_is_touched(tmp_path):
         with pytest.raises((ValueError, FileNotFoundError), match=error):
             train.train_and_evaluate(config, str(run))
         assert not run.exists()
+
+
+# ---- jaxgpt.harness: the lm-evaluation-harness model interface (without lm_eval) ----
+
+
+def _requests(*args):
+    return [types.SimpleNamespace(args=a) for a in args]
+
+
+def test_rolling_windows_are_the_harness_documented_ones():
+    # lm_eval's LM.loglikelihood_rolling docstring: tokens 0..9, prefix BOS, max length 4 ->
+    # inputs [BOS 0 1 2] [3 4 5 6] [5 6 7 8] predicting [0 1 2 3] [4 5 6 7] [8 9].
+    windows = harness.rolling_windows(range(10), -1, 4)
+    inputs = [(ctx + targets)[-5:-1] for ctx, targets in windows]
+    assert inputs == [[-1, 0, 1, 2], [3, 4, 5, 6], [5, 6, 7, 8]]
+    assert [t for _, t in windows] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert harness.rolling_windows([7, 8], -1, 4) == [([-1], [7, 8])]
+    assert harness.rolling_windows([], -1, 4) == []
+
+
+def test_harness_adapter_scores_match_pytorch(gpt2_pair):
+    lm, m, ref_tok = gpt2_pair
+    adapter = harness.Adapter(lm, batch_size=4)
+    pairs = [("The cat sat on the", " mat"), ("", "Hello world"), ("Say it ", "again"),
+             (QUERIES[0], " " + ENDINGS[0][3])]
+    got = adapter.loglikelihood(_requests(*pairs))
+    ref = [_reference(m, ref_tok, c or "<|endoftext|>", x) for c, x in pairs]
+    np.testing.assert_allclose([g[0] for g in got], [r[0] for r in ref], rtol=2e-5, atol=2e-4)
+    assert [g[1] for g in got] == [r[1] for r in ref]
+    # Rolling: the whole text after end-of-text, in windows of n_positions (64) tokens; a
+    # text of ~150 tokens takes three.
+    text = " ".join(LAMBADA * 3)
+    ids = ref_tok(text)["input_ids"]
+    assert len(ids) > 2 * lm.cfg.n_positions
+    want = 0.0
+    for ctx, targets in harness.rolling_windows(ids, ref_tok.eos_token_id, lm.cfg.n_positions):
+        row = ctx + targets
+        with torch.no_grad():
+            logp = torch.log_softmax(m(torch.tensor([row[:-1]])).logits[0].double(), -1)
+        want += float(logp[torch.arange(len(row) - 1), torch.tensor(row[1:])][-len(targets):]
+                      .sum())
+    short = LAMBADA[0]
+    with torch.no_grad():
+        ids_short = [ref_tok.eos_token_id] + ref_tok(short)["input_ids"]
+        logp = torch.log_softmax(m(torch.tensor([ids_short[:-1]])).logits[0].double(), -1)
+    want_short = float(logp[torch.arange(len(ids_short) - 1), torch.tensor(ids_short[1:])].sum())
+    got = adapter.loglikelihood_rolling(_requests((text,), (short,), ("",)))
+    np.testing.assert_allclose(got, [want, want_short, 0.0], rtol=2e-5)
+
+
+def test_harness_adapter_generates_as_hf_greedy_and_cuts_at_stop_strings(gpt2_pair):
+    lm, m, ref_tok = gpt2_pair
+    prompts = ["The history of the Roman Empire", "Once upon a time", "def main():"]
+    want = []
+    for p in prompts:
+        ids = ref_tok(p)["input_ids"]
+        with torch.no_grad():
+            out = m.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                             pad_token_id=ref_tok.eos_token_id)
+        want.append(ref_tok.decode(out[0, len(ids):].tolist()))
+    got = harness.Adapter(lm, batch_size=2).generate_until(
+        _requests(*((p, {"until": [], "max_gen_toks": 12}) for p in prompts)))
+    assert got == want
+    stop = want[0][len(want[0]) // 2]       # a character from the middle of the first one
+    cut = harness.Adapter(lm).generate_until(
+        _requests((prompts[0], {"until": stop, "max_gen_toks": 12, "do_sample": False})))
+    assert cut == [want[0].split(stop)[0]] and len(cut[0]) < len(want[0])
