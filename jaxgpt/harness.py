@@ -76,11 +76,14 @@ class Adapter:
             until = kwargs.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
             max_new = min(int(kwargs.pop("max_gen_toks", self.max_gen_toks)), n_positions - 1)
-            temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
+            # As HF generate: greedy unless do_sample, which samples at temperature 1 by default.
+            do_sample = bool(kwargs.pop("do_sample", False))
+            temperature = kwargs.pop("temperature", None)
+            temperature = (1.0 if do_sample else 0.0) if temperature is None else float(temperature)
             method = (sample.Sampling(temperature=temperature,
                                       top_k=int(kwargs.pop("top_k", 0) or 0),
                                       top_p=float(kwargs.pop("top_p", 1.0) or 1.0))
-                      if kwargs.pop("do_sample", False) and temperature > 0 else sample.Greedy())
+                      if do_sample and temperature > 0 else sample.Greedy())
             ids = (tok.encode(context) or [tok.eot_id])[-(n_positions - max_new):]
             jobs.setdefault((max_new, method), []).append((i, ids, until))
         out = [""] * len(requests)

@@ -11,6 +11,7 @@ token stream is the one a single `prepare` would write.
     python -m jaxgpt.shards merge --out=DIR
 """
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -256,14 +257,15 @@ def _part_inputs(dcfg, splits: dict, index: int, count: int) -> tuple[dict, dict
     if not splits:
         raise ValueError(f"data.source {dcfg.source!r} with no data.path streams from the HF "
                          f"hub, which is prepared in one piece, not in parts")
-    for name in ("max_documents", "val_max_documents"):
-        if getattr(dcfg, name):
-            raise ValueError(f"data.{name}={getattr(dcfg, name)} caps a whole preparation "
-                             f"and cannot be split into parts")
+    if dcfg.max_documents:
+        raise ValueError(f"data.max_documents={dcfg.max_documents} caps a whole preparation "
+                         f"and cannot be split into parts")
     if len(splits["train"]) < count:
         raise ValueError(f"{len(splits['train'])} train files cannot be split into {count} "
                          f"parts")
-    record = json.dumps([splits, dcfg.source, dcfg.on_bad_record], sort_keys=True)
+    options = [splits, dcfg.source, dcfg.on_bad_record] + (
+        [dcfg.val_max_documents] if dcfg.val_max_documents else [])
+    record = json.dumps(options, sort_keys=True)
     info = {"index": index, "count": count,
             "inputs": hashlib.sha256(record.encode()).hexdigest()[:16]}
     return {k: sources.part_files(files, index, count) for k, files in splits.items()}, info
@@ -283,14 +285,18 @@ def prepare(dcfg, tok, out_dir: str, part: tuple[int, int] | None = None,
 
     Written into a folder private to this process and renamed at the end, so `out_dir` is
     complete or absent, also when several hosts prepare the same shared folder at once.
-    With `part=(i, n)` only part i of every split's files is prepared, into
-    out_dir/part-0000i-of-0000n/; a part already there from the same inputs and tokenizer
-    is kept (so a rerun array job redoes only what failed). `only` names the splits to
-    write (streaming prepares only "val"). Returns the manifest.
+    With `part=(i, n)` only part i of every split's files is prepared (of its validation
+    files, 1/n of data.val_max_documents), into out_dir/part-0000i-of-0000n/; a part
+    already there from the same inputs and tokenizer is kept (so a rerun array job redoes
+    only what failed). `only` names the splits to write (streaming prepares only "val").
+    Returns the manifest.
     """
     splits, info = find_inputs(dcfg), None
     if part is not None:
         splits, info = _part_inputs(dcfg, splits, *part)
+        if dcfg.val_max_documents:    # each part's share of the cap (by whole files)
+            dcfg = dataclasses.replace(
+                dcfg, val_max_documents=-(-dcfg.val_max_documents // part[1]))
         out_dir = os.path.join(out_dir, part_name(*part))
         done = _read_manifest(out_dir)
         if done is not None and done.get("part") == info and (

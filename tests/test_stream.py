@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import zstandard
 
-from jaxgpt import data, stream
+from jaxgpt import data, shards, stream
 from tests import helpers
 
 T = 8          # block_size
@@ -278,6 +278,27 @@ def test_val_max_documents_caps_validation_by_whole_files_and_not_train(tmp_path
     assert sorted(got) == sorted(_windows(ref, 0, len(got)))
     with pytest.raises(ValueError, match="data.source 'text' holds out"):
         _dcfg(root, source="text", val_max_documents=9)
+
+
+def test_val_max_documents_is_shared_between_parts_and_part_of_their_inputs(tmp_path):
+    (tmp_path / "in").mkdir()
+    root, texts = _corpus(tmp_path / "in")
+    for f in (1, 2, 3):     # four validation files of 7 documents: two for each part
+        shutil.copy(tmp_path / "in" / "validation" / "chunk_0.jsonl.zst",
+                    tmp_path / "in" / "validation" / f"chunk_{f}.jsonl.zst")
+    dcfg = data.DataConfig(source="slimpajama", path=root, block_size=T, val_max_documents=10)
+    out = str(tmp_path / "parts")
+    for i in (0, 1):        # each part reads whole files until it has 5 (half of 10)
+        shards.prepare(dcfg, ByteTokenizer(), out, part=(i, 2))
+    merged = shards.merge(out)
+    assert merged["splits"]["val"]["documents"] == {"S": 14}
+    assert merged["splits"]["train"]["documents"] == {"S": len(texts)}
+    other = str(tmp_path / "other")
+    shards.prepare(dcfg, ByteTokenizer(), other, part=(0, 2))
+    shards.prepare(data.DataConfig(**{**dcfg.__dict__, "val_max_documents": 20}),
+                   ByteTokenizer(), other, part=(1, 2))
+    with pytest.raises(ValueError, match="part 1 was prepared from other input files"):
+        shards.merge(other)
 
 
 def test_huge_documents_are_tokenized_as_needed_not_a_chunk_at_a_time(tmp_path):

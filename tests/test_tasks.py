@@ -336,3 +336,8 @@ def test_harness_adapter_generates_as_hf_greedy_and_cuts_at_stop_strings(gpt2_pa
     cut = harness.Adapter(lm).generate_until(
         _requests((prompts[0], {"until": stop, "max_gen_toks": 12, "do_sample": False})))
     assert cut == [want[0].split(stop)[0]] and len(cut[0]) < len(want[0])
+    # As HF: sampling only with do_sample, and temperature 0 is greedy even then.
+    greedy = harness.Adapter(lm).generate_until(_requests(
+        (prompts[1], {"until": [], "max_gen_toks": 12, "temperature": 0.9}),
+        (prompts[1], {"until": [], "max_gen_toks": 12, "do_sample": True, "temperature": 0})))
+    assert greedy == [want[1], want[1]]
