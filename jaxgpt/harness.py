@@ -122,7 +122,8 @@ def main() -> None:
     try:
         from lm_eval.__main__ import cli_evaluate
     except ImportError:
-        sys.exit("jaxgpt.harness runs EleutherAI's lm-evaluation-harness: pip install lm_eval")
+        sys.exit("jaxgpt.harness runs EleutherAI's lm-evaluation-harness: "
+                 "pip install 'jaxgpt[harness]' (lm_eval)")
     register()
     cli_evaluate()
 

@@ -3,6 +3,8 @@
 scored as EleutherAI's lm-evaluation-harness scores `hellaswag` and `lambada_openai`.
 
     python -m jaxgpt.tasks --task=hellaswag --models=runs/default,hf:gpt2 [--data=FILE]
+
+A training run scores them at every evaluation too (`eval.tasks`, `DuringTraining`).
 """
 
 import argparse
