@@ -54,6 +54,9 @@ def test_perplexity_is_exp_of_numpy_mean_nll(tiny_lm):
     # The standalone path (padded, bucketed log-probs) gives the same per-token numbers.
     lps = evaluation.target_logprobs(cfg, params, [list(w) for w in windows], batch_size=5)
     np.testing.assert_allclose(-np.concatenate(lps), nll, rtol=1e-4, atol=1e-5)
+    for bad in (97, -1):     # ids JAX would clamp are refused, naming the row
+        with pytest.raises(ValueError, match=f"row 1 has token id {bad} outside"):
+            evaluation.target_logprobs(cfg, params, [[1, 2], [3, bad, 4]])
 
 
 @pytest.mark.parametrize("context,stride", [(16, 16), (16, 5), (32, 32)])
