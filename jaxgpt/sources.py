@@ -194,14 +194,24 @@ def wikitext_articles(lines: Iterable[str], name: str) -> Iterator[Document]:
     """Lines -> one document per article, each from its ` = Title = ` line to the next;
     text before the first title joins the first article. Text is kept verbatim (tokenized
     WikiText keeps its ` @-@ ` and `<unk>`, as in published perplexities)."""
-    article, start = [], 1
-    for lineno, line in enumerate(lines, 1):
+    numbered = ((line, n) for n, line in enumerate(lines, 1))
+    for text, start in tagged_wikitext_articles(numbered):
+        yield Document(text, "wikitext", f"{name}:{start}")
+
+
+def tagged_wikitext_articles(lines: Iterable[tuple[str, object]]) -> Iterator[tuple[str, object]]:
+    """(line, tag) pairs -> (article text, the tag of its first line), articles as
+    `wikitext_articles` splits them (the tag: a line number, or a stream's position)."""
+    article, start = [], None
+    for line, tag in lines:
         if _WIKITEXT_TITLE.match(line.rstrip("\n")) and any(s.strip() for s in article):
-            yield Document("".join(article), "wikitext", f"{name}:{start}")
-            article, start = [], lineno
+            yield "".join(article), start
+            article = []
+        if not article:
+            start = tag
         article.append(line)
     if any(s.strip() for s in article):
-        yield Document("".join(article), "wikitext", f"{name}:{start}")
+        yield "".join(article), start
 
 
 def read_wikitext(path: str, bad: BadRecords) -> Iterator[Document]:
@@ -227,14 +237,22 @@ def _datasets():
     return datasets
 
 
-def hf_stream(split: str, part: tuple[int, int] = (0, 1)):
-    """SlimPajama-627B's `split` from the HF hub as a `datasets.IterableDataset` of rows
-    `{"text", "meta": {"redpajama_set_name"}}`, one document each (needs the network).
-    `part=(i, n)`: only the i-th of n parts (`datasets.distributed.split_dataset_by_node`:
-    whole shard files per part where they divide evenly). Its `state_dict()` taken between
-    rows resumes it there (`load_state_dict`), reading only the rest of one shard file."""
+def hf_stream(source: str, split: str, part: tuple[int, int] = (0, 1)):
+    """A split from the HF hub as a `datasets.IterableDataset` (needs the network): rows of
+    SlimPajama-627B are documents `{"text", "meta": {"redpajama_set_name"}}`, rows of
+    WikiText-103 (raw) are lines `{"text"}`. `part=(i, n)`: only the i-th of n parts
+    (`datasets.distributed.split_dataset_by_node`: whole shard files per part where they
+    divide evenly), for `hf_splittable` sources. Its `state_dict()` taken between rows
+    resumes it there (`load_state_dict`), reading only the rest of one shard file."""
+    if part[1] > 1 and not hf_splittable(source):
+        raise ValueError(f"the HF stream of {source!r} cannot be split into parts")
     datasets = _datasets()
     hf_split = {"train": "train", "val": "validation"}[split]
+    if source == "wikitext":
+        return datasets.load_dataset("wikitext", "wikitext-103-raw-v1", split=hf_split,
+                                     streaming=True)
+    if source != "slimpajama":
+        raise ValueError(f"data.source {source!r} has no HF stream; set data.path")
     stream = datasets.load_dataset("cerebras/SlimPajama-627B", split=hf_split, streaming=True)
     if part[1] > 1:
         from datasets.distributed import split_dataset_by_node
@@ -250,21 +268,16 @@ def hf_stream(split: str, part: tuple[int, int] = (0, 1)):
 def hf_documents(source: str, split: str, part: tuple[int, int] = (0, 1)) -> Iterator[Document]:
     """Stream a split from the HF hub (`pip install jaxgpt[datasets]`; needs the network).
     `part=(i, n)`: only the i-th of n parts, for `hf_splittable` sources (`hf_stream`)."""
-    if part[1] > 1 and not hf_splittable(source):
-        raise ValueError(f"the HF stream of {source!r} cannot be split into parts")
     hf_split = {"train": "train", "val": "validation"}[split]
+    stream = hf_stream(source, split, part)
     if source == "slimpajama":
-        for i, rec in enumerate(hf_stream(split, part)):
+        for i, rec in enumerate(stream):
             yield Document(rec["text"], rec["meta"]["redpajama_set_name"],
                            f"hf:cerebras/SlimPajama-627B/{hf_split}:{i}")
-    elif source == "wikitext":
+    else:
         # Rows are the lines of the raw files, so articles split exactly as local files do.
-        stream = _datasets().load_dataset("wikitext", "wikitext-103-raw-v1", split=hf_split,
-                                          streaming=True)
         yield from wikitext_articles((r["text"] for r in stream),
                                      f"hf:wikitext-103-raw-v1/{hf_split}")
-    else:
-        raise ValueError(f"data.source {source!r} has no HF stream; set data.path")
 
 
 def iter_documents(source: str, files: list[str], bad: BadRecords) -> Iterator[Document]:

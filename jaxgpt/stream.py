@@ -13,12 +13,11 @@ document and the token stream runs on across the seam.
 
 The iterator state is exact and small: per process, where its current block starts (pass,
 document, file, document in the file, token offset), the block number and the batches
-already taken from it; of the HF SlimPajama stream, also the stream's own state at the
-block's first document (`datasets`' state_dict, a few hundred bytes of JSON). A resume
-re-reads from the block's first document, one block of tokenization, and needs the same
-process count (it is part of the pipeline fingerprint). The HF SlimPajama stream resumes
-from its saved state, reading at most the rest of one shard file again; WikiText's HF
-stream (articles span rows) is read again from its start up to the block.
+already taken from it; of an HF stream, also the stream's own state before the first row
+of the block's first document (`datasets`' state_dict, a few hundred bytes of JSON). A
+resume re-reads from the block's first document, one block of tokenization, and needs the
+same process count (it is part of the pipeline fingerprint). An HF stream resumes from its
+saved state, reading at most the rest of one shard file again.
 """
 
 import collections
@@ -52,8 +51,8 @@ class Cursor:
     file: int = 0
     in_file: int = 0
     offset: int = 0
-    # The HF SlimPajama stream's state_dict() just before document `doc`, as JSON (None for
-    # files and WikiText): a resume loads it instead of reading `doc` documents again.
+    # An HF stream's state_dict() just before the first row of document `doc`, as JSON
+    # (None for files): a resume loads it instead of reading `doc` documents again.
     resume: str | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
@@ -110,6 +109,19 @@ def _stream_state(rows) -> str | None:
     return None if state_dict is None else json.dumps(state_dict())
 
 
+def _hf_documents(source: str, rows, rows_it, before: str | None):
+    """(text, the stream's state before the document's first row) of each document that
+    `rows_it` (an iterator over `rows`) still holds; `before`: the state before its next row."""
+    def tagged():
+        state = before
+        for rec in rows_it:
+            yield rec["text"], state
+            state = _stream_state(rows)    # after this row: where the next one starts
+    if source == "wikitext":
+        return sources.tagged_wikitext_articles(tagged())
+    return tagged()
+
+
 class _Producer:
     """Reads, tokenizes and packs blocks from a cursor on, in its own thread (it holds no
     reference to the iterator, so a dropped iterator stops it)."""
@@ -147,32 +159,24 @@ class _Producer:
                 doc += 1
 
     def _hf_pass(self, start: Cursor, limit: int | None) -> Iterator[tuple[Cursor, str]]:
-        """One pass over the HF stream (this process's part of it) from `start` on. Rows of
-        SlimPajama are documents, and each cursor carries the stream's state just before
-        its document, so a resume continues the stream from it; WikiText's articles span
-        rows, and a resume reads the stream again up to `start.doc`."""
-        if self.dcfg.source != "slimpajama":
-            if start.doc:
-                log.info("HF stream: re-reading %s documents to resume", f"{start.doc:,}")
-            docs = sources.hf_documents(self.dcfg.source, "train", self.hf_part)
-            for doc, d in enumerate(itertools.islice(docs, start.doc, limit), start.doc):
-                yield Cursor(start.epoch, doc, 0, doc), d.text
-            return
-        rows, rows_it, before = self._hf_resume(start)
-        doc = start.doc
-        for rec in rows_it:
+        """One pass over the HF stream (this process's part of it) from `start` on. Each
+        cursor carries the stream's state just before its document's first row (a
+        SlimPajama row is a document; a WikiText article spans rows), so a resume continues
+        the stream there."""
+        rows, rows_it, before, skip = self._hf_resume(start)
+        docs = _hf_documents(self.dcfg.source, rows, rows_it, before)
+        for doc, (text, state) in enumerate(itertools.islice(docs, skip, None), start.doc):
             if limit is not None and doc >= limit:
                 return
-            yield Cursor(start.epoch, doc, 0, doc, resume=before), rec["text"]
-            before = _stream_state(rows)    # after this row: where the next one starts
-            doc += 1
+            yield Cursor(start.epoch, doc, 0, doc, resume=state), text
 
     def _hf_resume(self, start: Cursor):
-        """(stream, its row iterator at document `start.doc`, the stream's state there).
+        """(stream, its row iterator, the stream's state before its next row, documents
+        still to skip to reach `start.doc`).
 
-        The saved stream state is loaded where there is one; if it fails (another
-        `datasets` version, say), the stream is read again up to `start.doc`."""
-        rows = sources.hf_stream("train", self.hf_part)
+        The saved stream state is loaded where there is one (nothing to skip); if it fails
+        (another `datasets` version, say), the stream is read again up to `start.doc`."""
+        rows = sources.hf_stream(self.dcfg.source, "train", self.hf_part)
         if start.doc and start.resume is not None:
             try:
                 rows.load_state_dict(json.loads(start.resume))
@@ -181,17 +185,15 @@ class _Producer:
                 log.info("HF stream: resumed at document %s from its saved state",
                          f"{start.doc:,}")
                 rows_it = itertools.chain([] if first is None else [first], rows_it)
-                return rows, rows_it, start.resume
+                return rows, rows_it, start.resume, 0
             except Exception as e:    # noqa: BLE001 - reported, then read again instead
                 log.warning("HF stream: its saved state did not load (%s: %s); re-reading "
                             "%s documents instead", type(e).__name__, e, f"{start.doc:,}")
-                rows = sources.hf_stream("train", self.hf_part)
+                rows = sources.hf_stream(self.dcfg.source, "train", self.hf_part)
         elif start.doc:
             log.info("HF stream: re-reading %s documents to resume (no saved stream state)",
                      f"{start.doc:,}")
-        rows_it = iter(rows)
-        collections.deque(itertools.islice(rows_it, start.doc), maxlen=0)   # read, not kept
-        return rows, rows_it, _stream_state(rows)
+        return rows, iter(rows), _stream_state(rows), start.doc
 
     def _documents(self, start: Cursor) -> Iterator[tuple[Cursor, str]]:
         """This process's documents from `start` on, pass after pass, endlessly."""
@@ -357,7 +359,7 @@ class StreamIterator:
     def get_state(self) -> dict:
         """Every process's state (a collective when there are several processes)."""
         local = self.local_state()
-        hf = self.n_files == 0 and self._producer.dcfg.source == "slimpajama"
+        hf = self.n_files == 0
         if self.n == 1:
             out = {"format": FORMAT, "processes": [local]}
             if hf:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import zstandard
 
-from jaxgpt import data, shards, stream
+from jaxgpt import data, shards, sources, stream
 from tests import helpers
 
 T = 8          # block_size
@@ -151,6 +151,55 @@ def test_a_saved_state_resumes_exactly(tmp_path, monkeypatch, kind):
             doc = states[k]["processes"][0][1]
             assert doc == 0 or states[k]["hf_states"][0] is not None
             assert read[before] == texts[doc], k
+
+
+def test_the_hf_wikitext_stream_resumes_at_an_articles_title_line(tmp_path, monkeypatch):
+    """WikiText-103's HF rows are lines: a saved state points before the title line of the
+    block's first article, so a resume reads nothing before it."""
+    datasets = pytest.importorskip("datasets", reason="the HF stream needs `datasets`")
+    rng = random.Random(0)
+    lines = [" = Intro text before any title = = \n", " stray\n"]   # joins the first article
+    for k in range(12):
+        lines += [f" = Article {k} = \n", "\n"] + [
+            " " + " ".join(rng.choice(["alpha", "beta", "gamma", "delta"])
+                           for _ in range(rng.randint(3, 12))) + " \n"
+            for _ in range(rng.randint(1, 4))]
+    rows = tmp_path / "wikitext.jsonl"
+    rows.write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
+    real_load = datasets.load_dataset
+    read = []
+
+    def load_dataset(name, config, *, split, streaming):
+        assert (name, config, streaming) == ("wikitext", "wikitext-103-raw-v1", True)
+        return real_load("json", data_files={split: str(rows)}, split=split,
+                         streaming=True).map(lambda row: read.append(row["text"]) or row)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    articles = [d.text for d in sources.wikitext_articles(lines, "w")]
+    make = lambda: stream.StreamIterator(_dcfg(None, source="wikitext"), ByteTokenizer(),
+                                         global_batch=LOCAL, seed=1)
+    it = make()
+    states, batches = [], []
+    for _ in range(6 * it.n_batches):
+        states.append(it.get_state())
+        batches.append(next(it))
+    it.close()
+    ref = np.tile(_stream_tokens(articles), 8)       # the articles as local files split them
+    W = it.n_batches * LOCAL
+    assert sorted(_rows(batches[:it.n_batches])) == sorted(_windows(ref, 0, W))
+    resumed_inside = 0
+    for k in range(it.n_batches, len(batches) - 2, it.n_batches):    # block starts
+        doc = states[k]["processes"][0][1]
+        read.clear()
+        again = make()
+        again.set_state(json.loads(json.dumps(states[k])))
+        for want in batches[k:k + 2]:
+            np.testing.assert_array_equal(next(again), want)
+        again.close()
+        if doc:
+            assert read[0] == articles[doc].splitlines(keepends=True)[0], k
+            resumed_inside += 1
+    assert resumed_inside >= 2
 
 
 def test_an_hf_state_that_does_not_load_falls_back_to_reading_again(tmp_path, monkeypatch,
