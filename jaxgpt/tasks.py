@@ -20,11 +20,10 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
-import jax
 import numpy as np
 
 from jaxgpt import eval as evaluation
-from jaxgpt import report, sharding
+from jaxgpt import report
 
 log = logging.getLogger(__name__)
 
@@ -256,11 +255,8 @@ def load_spec(spec: str, limit: int = 0) -> list[tuple[str, str, list[Example]]]
 
 
 class DuringTraining:
-    """The benchmarks a training run scores at every evaluation (`eval.tasks`).
-
-    Each task is encoded once with the run's tokenizer; an evaluation scores it with the
-    run's sharded params on its mesh, every process feeding its share of each batch of
-    `batch` rows (as validation batches are fed) and getting every result back."""
+    """The benchmarks a training run scores at every evaluation (`eval.tasks`): each task
+    is encoded once with the run's tokenizer, then scored by the trainer's sharded step."""
 
     def __init__(self, loaded, tok, n_positions: int, batch: int):
         self.batch = batch
@@ -268,30 +264,14 @@ class DuringTraining:
                       for task, _, examples in loaded]
         log.info("eval.tasks, scored at every evaluation: %s", ", ".join(
             f"{task} ({len(examples):,} examples of {path})" for task, path, examples in loaded))
-        self._step = None      # jitted on the first call, when the trainer is known
 
-    def _forward(self, trainer, params) -> Callable[[np.ndarray], list[np.ndarray]]:
-        batch_sh = sharding.batch_sharding(trainer.mesh, trainer.rules)
-        if self._step is None:
-            self._step = jax.jit(
-                functools.partial(evaluation.target_logprobs_step, graphdef=trainer.graphdef,
-                                  greedy=True),
-                in_shardings=(trainer.state_shardings.params, batch_sh),
-                out_shardings=jax.sharding.NamedSharding(trainer.mesh,
-                                                         jax.sharding.PartitionSpec()))
-        rows = self.batch // jax.process_count()
-        lo = jax.process_index() * rows
-
-        def forward(tokens):
-            x = jax.make_array_from_process_local_data(batch_sh, tokens[lo:lo + rows])
-            return [np.asarray(out.addressable_data(0)) for out in self._step(params, x)]
-        return forward
-
-    def __call__(self, trainer, params) -> dict:
-        """{TASK/KEY: value} of every task for `params` (a collective: every process)."""
-        logprobs = functools.partial(evaluation.target_logprobs, trainer.cfg, params,
-                                     batch_size=self.batch, greedy=True,
-                                     forward=self._forward(trainer, params))
+    def __call__(self, cfg, params, step: Callable[[np.ndarray], tuple]) -> dict:
+        """{TASK/KEY: value} of every task for `params`. `step`: int32 tokens [batch, T] ->
+        (log-probs, greedy hits) as global arrays replicated on every device (the trainer's
+        logprob_step, fed by every process alike: a collective)."""
+        forward = lambda tokens: [np.asarray(x.addressable_data(0)) for x in step(tokens)]
+        logprobs = functools.partial(evaluation.target_logprobs, cfg, params,
+                                     batch_size=self.batch, greedy=True, forward=forward)
         out = {}
         for task, examples, encoded in self.tasks:
             m = metrics(task, examples, score_encoded(logprobs, encoded, examples, task))

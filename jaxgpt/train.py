@@ -243,6 +243,7 @@ class Trainer:
     init: callable
     train_step: callable
     eval_step: callable
+    logprob_step: callable   # eval.target_logprobs_step with greedy hits, replicated out
 
 
 def make_trainer(cfg: model.GPTConfig, tx, mesh, rules, seed: int, *,
@@ -261,7 +262,11 @@ def make_trainer(cfg: model.GPTConfig, tx, mesh, rules, seed: int, *,
                    donate_argnums=0)
     evaluate = jax.jit(functools.partial(eval_step, graphdef=graphdef),
                        in_shardings=(state_sh.params, windows_sh))
-    return Trainer(cfg, mesh, rules, graphdef, state_sh, init, step, evaluate)
+    logprobs = jax.jit(functools.partial(evaluation.target_logprobs_step, graphdef=graphdef,
+                                         greedy=True),
+                       in_shardings=(state_sh.params, windows_sh),
+                       out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    return Trainer(cfg, mesh, rules, graphdef, state_sh, init, step, evaluate, logprobs)
 
 
 def to_global(x: np.ndarray, mesh, spec_names, rules) -> jax.Array:
@@ -270,15 +275,20 @@ def to_global(x: np.ndarray, mesh, spec_names, rules) -> jax.Array:
     return jax.make_array_from_process_local_data(sh, x)
 
 
-def evaluate(trainer: Trainer, params, windows, batch: int, max_batches: int):
-    """Token-weighted validation loss over up to `max_batches` batches per source (0 = all);
-    `windows` is one [W, T + 1] array or {source name: windows} (see eval.evaluate_windows).
-    Every process reads the same batches and feeds its contiguous share of rows."""
+def fed_by_share(trainer: Trainer, step, params, batch: int):
+    """step(params, global batch) as a function of a host batch of `batch` rows that every
+    process reads alike: each process feeds its contiguous share of the rows."""
     rows = batch // jax.process_count()
     lo = jax.process_index() * rows
-    step_fn = lambda b: trainer.eval_step(params, to_global(b[lo:lo + rows], trainer.mesh,
-                                                            ("batch", None), trainer.rules))
-    return evaluation.evaluate_windows(step_fn, windows, batch=batch, max_batches=max_batches)
+    return lambda b: step(params, to_global(b[lo:lo + rows], trainer.mesh, ("batch", None),
+                                            trainer.rules))
+
+
+def evaluate(trainer: Trainer, params, windows, batch: int, max_batches: int):
+    """Token-weighted validation loss over up to `max_batches` batches per source (0 = all);
+    `windows` is one [W, T + 1] array or {source name: windows} (see eval.evaluate_windows)."""
+    return evaluation.evaluate_windows(fed_by_share(trainer, trainer.eval_step, params, batch),
+                                       windows, batch=batch, max_batches=max_batches)
 
 
 def _tokenizer_location(path: str) -> str:
@@ -559,7 +569,11 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts,
                 with watchdog.phase("evaluation"):
                     last_eval = {"step": done, **evaluate(
                         trainer, state.params, val, config.eval.batch_size,
-                        config.eval.batches), **(bench(trainer, state.params) if bench else {})}
+                        config.eval.batches)}
+                    if bench:
+                        last_eval |= bench(trainer.cfg, state.params, fed_by_share(
+                            trainer, trainer.logprob_step, state.params,
+                            config.eval.batch_size))
                 writer.write(last_eval)
                 log.info(report.eval_line(last_eval))
             if is_save:
