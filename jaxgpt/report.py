@@ -122,6 +122,53 @@ def tasks_table(result: dict) -> str:
 # The run report: status, curves, model comparison, prompts side by side
 
 
+class MetricsWriter:
+    """Appends one JSON object per line to WORKDIR/metrics.jsonl and mirrors the numbers
+    (and sample text) to TensorBoard event files in WORKDIR and, if asked, to Weights &
+    Biases; `read_metrics` reads the file back."""
+
+    def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = False,
+                 wandb_project: str | None = None, config: dict | None = None):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.enabled = enabled     # the training loop: process 0 only
+        self.tb = self.wandb = None
+        if self.enabled and tensorboard:
+            import tensorboardX
+            self.tb = tensorboardX.SummaryWriter(logdir=workdir, flush_secs=30)
+        if self.enabled and wandb_project:
+            import wandb  # checks.validate_config checked that it is installed
+            self.wandb = wandb.init(project=wandb_project, dir=workdir, config=config,
+                                    name=os.path.basename(os.path.abspath(workdir)))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        group = "eval" if "val_loss" in record else "train"
+        scalars = {f"{group}/{k}": v for k, v in record.items()
+                   if k not in ("step", "time", "total_steps") and isinstance(v, (int, float))}
+        if self.tb is not None:
+            for tag, v in scalars.items():
+                self.tb.add_scalar(tag, v, record["step"])
+            self.tb.flush()   # a run still training shows up in TensorBoard at once
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
+
+    def write_text(self, tag: str, text: str, step: int) -> None:
+        if self.tb is not None:
+            self.tb.add_text(tag, text.replace("\n", "  \n"), step)   # markdown line breaks
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({tag: text}, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
 def read_metrics(workdir: str) -> tuple[list[dict], list[dict]]:
     """(train records, eval records) of RUN/metrics.jsonl.
 

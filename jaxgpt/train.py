@@ -317,53 +317,6 @@ def _make_tokenizer(dcfg: data.DataConfig, workdir: str, cfg: model.GPTConfig):
     return tok
 
 
-class MetricsWriter:
-    """Appends one JSON object per line to WORKDIR/metrics.jsonl and mirrors the numbers
-    (and sample text) to TensorBoard event files in WORKDIR and, if asked, to Weights &
-    Biases (process 0 only)."""
-
-    def __init__(self, workdir: str, *, tensorboard: bool = False,
-                 wandb_project: str | None = None, config: dict | None = None):
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self.enabled = jax.process_index() == 0
-        self.tb = self.wandb = None
-        if self.enabled and tensorboard:
-            import tensorboardX
-            self.tb = tensorboardX.SummaryWriter(logdir=workdir, flush_secs=30)
-        if self.enabled and wandb_project:
-            import wandb  # checks.validate_config checked that it is installed
-            self.wandb = wandb.init(project=wandb_project, dir=workdir, config=config,
-                                    name=os.path.basename(os.path.abspath(workdir)))
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        group = "eval" if "val_loss" in record else "train"
-        scalars = {f"{group}/{k}": v for k, v in record.items()
-                   if k not in ("step", "time", "total_steps") and isinstance(v, (int, float))}
-        if self.tb is not None:
-            for tag, v in scalars.items():
-                self.tb.add_scalar(tag, v, record["step"])
-            self.tb.flush()   # a run still training shows up in TensorBoard at once
-        if self.wandb is not None:
-            self.wandb.log(scalars, step=record["step"])
-
-    def write_text(self, tag: str, text: str, step: int) -> None:
-        if self.tb is not None:
-            self.tb.add_text(tag, text.replace("\n", "  \n"), step)   # markdown line breaks
-            self.tb.flush()
-        if self.wandb is not None:
-            self.wandb.log({tag: text}, step=step)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
 def _sample_text(config, trainer: Trainer, params, tok, step: int) -> list[str]:
     prompts = list(config.sample.prompts)
     ids = [tok.encode(p) or [tok.eot_id] for p in prompts]
@@ -456,7 +409,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                        async_save=config.checkpoint.async_save)
         state = _restore_or_init(config, trainer, ckpts, meta, train_iter)
         # Tokens and documents per source and split, and bad records skipped while preparing.
-        MetricsWriter(workdir).write({"step": int(state.step), "data": corpus.stats})
+        report.MetricsWriter(workdir, enabled=jax.process_index() == 0).write(
+            {"step": int(state.step), "data": corpus.stats})
         n_params = model.count_params(state.params)
         log.info("model: %s parameters; %s train windows of %d tokens; mesh %s",
                  f"{n_params:,}", "streamed" if dcfg.streaming else len(corpus.train),
@@ -500,8 +454,10 @@ def _flush(pending: list, ledger, guard) -> dict:
 
 def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts, meta,
                 *, schedule, bench=None) -> dict:
-    writer = MetricsWriter(workdir, tensorboard=config.report.tensorboard,
-                           wandb_project=config.report.wandb_project, config=config.to_dict())
+    writer = report.MetricsWriter(workdir, enabled=jax.process_index() == 0,
+                                  tensorboard=config.report.tensorboard,
+                                  wandb_project=config.report.wandb_project,
+                                  config=config.to_dict())
     total, accum = config.train.steps, config.train.grad_accum
     start = int(state.step)
     tokens_per_step = config.train.batch_size * config.data.block_size

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxgpt import checkpoint, data, model, sharding, tokenizer, train
+from jaxgpt import checkpoint, data, model, report, sharding, tokenizer, train
 from tests import helpers
 
 
@@ -256,8 +256,8 @@ def test_metrics_reach_weights_and_biases_with_their_steps(tmp_path, monkeypatch
     monkeypatch.setitem(sys.modules, "wandb", module)
     checks.validate_config(config, model.GPTConfig(**config.model), 1)
     (tmp_path / "run").mkdir()
-    writer = train.MetricsWriter(str(tmp_path / "run"), wandb_project="jaxgpt-test",
-                                 config={"train": {"steps": 9}})
+    writer = report.MetricsWriter(str(tmp_path / "run"), wandb_project="jaxgpt-test",
+                                  config={"train": {"steps": 9}})
     writer.write({"step": 5, "total_steps": 9, "loss": 2.5, "lr": 1e-3, "eta_s": None,
                   "time": 1.0})
     writer.write({"step": 9, "val_loss": 2.25, "val_ppl": 9.49})
