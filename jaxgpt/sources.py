@@ -228,6 +228,10 @@ def hf_splittable(source: str) -> bool:
     return source == "slimpajama"
 
 
+# jaxgpt's split names -> the HF datasets' split names.
+HF_SPLITS = {"train": "train", "val": "validation"}
+
+
 def _datasets():
     try:
         import datasets
@@ -247,7 +251,7 @@ def hf_stream(source: str, split: str, part: tuple[int, int] = (0, 1)):
     if part[1] > 1 and not hf_splittable(source):
         raise ValueError(f"the HF stream of {source!r} cannot be split into parts")
     datasets = _datasets()
-    hf_split = {"train": "train", "val": "validation"}[split]
+    hf_split = HF_SPLITS[split]
     if source == "wikitext":
         return datasets.load_dataset("wikitext", "wikitext-103-raw-v1", split=hf_split,
                                      streaming=True)
@@ -268,7 +272,7 @@ def hf_stream(source: str, split: str, part: tuple[int, int] = (0, 1)):
 def hf_documents(source: str, split: str, part: tuple[int, int] = (0, 1)) -> Iterator[Document]:
     """Stream a split from the HF hub (`pip install jaxgpt[datasets]`; needs the network).
     `part=(i, n)`: only the i-th of n parts, for `hf_splittable` sources (`hf_stream`)."""
-    hf_split = {"train": "train", "val": "validation"}[split]
+    hf_split = HF_SPLITS[split]
     stream = hf_stream(source, split, part)
     if source == "slimpajama":
         for i, rec in enumerate(stream):

@@ -358,19 +358,16 @@ class StreamIterator:
 
     def get_state(self) -> dict:
         """Every process's state (a collective when there are several processes)."""
-        local = self.local_state()
-        hf = self.n_files == 0
-        if self.n == 1:
-            out = {"format": FORMAT, "processes": [local]}
-            if hf:
-                out["hf_states"] = [self._start.resume]
-            return out
-        from jax.experimental import multihost_utils
-        states = np.asarray(multihost_utils.process_allgather(   # int32: < 2^31 docs
-            np.asarray(local, np.int32))).reshape(self.n, -1).tolist()
+        states, resumes = [self.local_state()], [self._start.resume]
+        if self.n > 1:
+            from jax.experimental import multihost_utils
+            states = np.asarray(multihost_utils.process_allgather(   # int32: < 2^31 docs
+                np.asarray(states[0], np.int32))).reshape(self.n, -1).tolist()
+            if self.n_files == 0:     # every process streams from the hub, or none does
+                resumes = [s or None for s in _allgather_text(resumes[0] or "")]
         out = {"format": FORMAT, "processes": states}
-        if hf:
-            out["hf_states"] = [s or None for s in _allgather_text(self._start.resume or "")]
+        if self.n_files == 0:
+            out["hf_states"] = resumes
         return out
 
     def set_state(self, state: dict) -> None:
