@@ -105,23 +105,38 @@ def test_processes_take_alternate_documents(tmp_path):
         assert sorted(got) == sorted(_windows(ref, 0, len(got)))
 
 
-def _hf_hub(monkeypatch, root):
-    """The HF hub's SlimPajama, offline: the real `datasets` streams the local files of
-    `root` (JSON lines, as the hub's shards are) wherever jaxgpt asks for the hub's copy.
-    Returns the list of the texts of the rows read, in order."""
+def _local_hub(monkeypatch, asked: tuple, files: dict[str, list[str]]) -> list[str]:
+    """An HF hub dataset, offline: the real `datasets` streams local JSON-lines `files` (per
+    HF split) wherever jaxgpt calls load_dataset(*asked). Returns the list of the texts of
+    the rows read, in order."""
     datasets = pytest.importorskip("datasets", reason="the HF stream needs `datasets`")
     real_load = datasets.load_dataset
-    files = {split: sorted(str(f) for f in (pathlib.Path(root) / split).glob("*.jsonl*"))
-             for split in ("train", "validation")}
     read = []
 
-    def load_dataset(name, *args, split, streaming):
-        assert name == "cerebras/SlimPajama-627B" and streaming and not args
+    def load_dataset(*args, split, streaming):
+        assert args == asked and streaming
         return real_load("json", data_files={split: files[split]}, split=split,
                          streaming=True).map(lambda row: read.append(row["text"]) or row)
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     return read
+
+
+def _hf_hub(monkeypatch, root):
+    """The hub's SlimPajama: the local SlimPajama-layout files of `root` (`_local_hub`)."""
+    files = {split: sorted(str(f) for f in (pathlib.Path(root) / split).glob("*.jsonl*"))
+             for split in ("train", "validation")}
+    return _local_hub(monkeypatch, ("cerebras/SlimPajama-627B",), files)
+
+
+def _states_and_batches(it, n: int) -> tuple[list, list]:
+    """The state before each of the next n batches, and the batches; then stops `it`."""
+    states, batches = [], []
+    for _ in range(n):
+        states.append(it.get_state())
+        batches.append(next(it))
+    it.close()
+    return states, batches
 
 
 @pytest.mark.parametrize("kind", ["files", "hf"])
@@ -133,11 +148,7 @@ def test_a_saved_state_resumes_exactly(tmp_path, monkeypatch, kind):
     make = lambda: stream.StreamIterator(_dcfg(root), ByteTokenizer(), global_batch=LOCAL,
                                          seed=3)
     it = make()
-    states, batches = [], []
-    for _ in range(5 * it.n_batches):
-        states.append(it.get_state())
-        batches.append(next(it))
-    it.close()
+    states, batches = _states_and_batches(it, 5 * it.n_batches)
     # Block starts, mid-block, the last batch of a block, across the end of a pass.
     for k in (0, 1, it.n_batches - 1, it.n_batches, 2 * it.n_batches + 1, len(batches) - 3):
         again = make()
@@ -156,7 +167,6 @@ def test_a_saved_state_resumes_exactly(tmp_path, monkeypatch, kind):
 def test_the_hf_wikitext_stream_resumes_at_an_articles_title_line(tmp_path, monkeypatch):
     """WikiText-103's HF rows are lines: a saved state points before the title line of the
     block's first article, so a resume reads nothing before it."""
-    datasets = pytest.importorskip("datasets", reason="the HF stream needs `datasets`")
     rng = random.Random(0)
     lines = [" = Intro text before any title = = \n", " stray\n"]   # joins the first article
     for k in range(12):
@@ -166,24 +176,12 @@ def test_the_hf_wikitext_stream_resumes_at_an_articles_title_line(tmp_path, monk
             for _ in range(rng.randint(1, 4))]
     rows = tmp_path / "wikitext.jsonl"
     rows.write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
-    real_load = datasets.load_dataset
-    read = []
-
-    def load_dataset(name, config, *, split, streaming):
-        assert (name, config, streaming) == ("wikitext", "wikitext-103-raw-v1", True)
-        return real_load("json", data_files={split: str(rows)}, split=split,
-                         streaming=True).map(lambda row: read.append(row["text"]) or row)
-
-    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    read = _local_hub(monkeypatch, ("wikitext", "wikitext-103-raw-v1"), {"train": [str(rows)]})
     articles = [d.text for d in sources.wikitext_articles(lines, "w")]
     make = lambda: stream.StreamIterator(_dcfg(None, source="wikitext"), ByteTokenizer(),
                                          global_batch=LOCAL, seed=1)
     it = make()
-    states, batches = [], []
-    for _ in range(6 * it.n_batches):
-        states.append(it.get_state())
-        batches.append(next(it))
-    it.close()
+    states, batches = _states_and_batches(it, 6 * it.n_batches)
     ref = np.tile(_stream_tokens(articles), 8)       # the articles as local files split them
     W = it.n_batches * LOCAL
     assert sorted(_rows(batches[:it.n_batches])) == sorted(_windows(ref, 0, W))
