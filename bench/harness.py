@@ -202,8 +202,9 @@ def main():
         if task in tasks.READERS:
             examples = tasks.load(task, files[task])
             ours = tasks.score(lm, examples)
-            mine = tasks.metrics(task, examples, ours) | {"perplexity": None}
-            mine["perplexity"] = mine.get("ppl")
+            mine = tasks.metrics(task, examples, ours)
+            if "ppl" in mine:
+                mine["perplexity"] = mine["ppl"]     # the harness's name for it
         for key, theirs in hf[task]["metrics"].items():
             print(f"{task:10} {key:16} {theirs:16.8g} {adapter[task]['metrics'][key]:16.8g} "
                   + (f"{mine[key]:16.8g}" if key in mine else f"{'':>16}"))

@@ -11,7 +11,6 @@ tokens), and generation until a stop string (greedy unless the task asks to samp
 `register()` makes it the harness's `jaxgpt` model.
 """
 
-import functools
 import sys
 from collections.abc import Sequence
 
@@ -41,17 +40,11 @@ class Adapter:
     def __init__(self, lm: evaluation.LM, batch_size: int = 16, max_gen_toks: int = 256):
         self.lm, self.batch_size, self.max_gen_toks = lm, batch_size, max_gen_toks
 
-    def _logprobs(self, rows, greedy: bool):
-        return evaluation.target_logprobs(self.lm.cfg, self.lm.params, rows,
-                                          batch_size=self.batch_size, greedy=greedy)
-
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """(log p(continuation | context), whether greedy decoding gives it) per request."""
         examples = [tasks.Example(context, (continuation,), 0, f"request {i}")
                     for i, (context, continuation) in enumerate(r.args for r in requests)]
-        encoded = tasks.encode(self.lm.tok, examples, self.lm.cfg.n_positions, self.lm.name)
-        logprobs = functools.partial(self._logprobs, greedy=True)
-        return [s[0] for s in tasks.score_encoded(logprobs, encoded, examples, self.lm.name)]
+        return [s[0] for s in tasks.score(self.lm, examples, batch_size=self.batch_size)]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """log p(text | end-of-text) per request, window by window (`rolling_windows`)."""
@@ -62,7 +55,9 @@ class Adapter:
                 rows.append(context + targets)
                 owners.append((i, len(targets)))
         totals = [0.0] * len(requests)
-        for lp, (i, n) in zip(self._logprobs(rows, greedy=False) if rows else [], owners):
+        lps = evaluation.target_logprobs(self.lm.cfg, self.lm.params, rows,
+                                         batch_size=self.batch_size) if rows else []
+        for lp, (i, n) in zip(lps, owners):
             totals[i] += float(lp[-n:].sum())
         return totals
 
