@@ -111,8 +111,9 @@ def target_logprobs(cfg: model.GPTConfig, params, rows: Sequence[Sequence[int]],
         if not 2 <= len(row) <= cfg.n_positions + 1:
             raise ValueError(f"row {i} has {len(row)} tokens; scoring needs 2..n_positions + 1"
                              f" = {cfg.n_positions + 1}")
-        if not 0 <= min(row) <= max(row) < cfg.vocab_size:   # JAX would clamp, not fail
-            bad = min(row) if min(row) < 0 else max(row)
+        lo, hi = min(row), max(row)
+        if lo < 0 or hi >= cfg.vocab_size:     # JAX would clamp them, not fail
+            bad = lo if lo < 0 else hi
             raise ValueError(f"row {i} has token id {bad} outside the model's vocabulary "
                              f"[0, {cfg.vocab_size}): a tokenizer of another model?")
     graphdef = sample.graphdef_of(cfg)

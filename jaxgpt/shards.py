@@ -214,6 +214,7 @@ def _write_splits(dcfg, tok, splits: dict, tmp: str, manifest: dict, only=None) 
         results = (_tokenized_files(splits[split], dcfg, tok) if splits
                    else _tokenized_stream(split, dcfg, tok))
         n_docs, n_tokens, progress = 0, 0, _Progress(split, len(splits.get(split) or ()))
+        cap = documents_cap(dcfg, split)
         for by_source, bad in results:
             for name, (tokens, docs) in by_source.items():
                 writer.add(name, tokens, docs)
@@ -221,7 +222,7 @@ def _write_splits(dcfg, tok, splits: dict, tmp: str, manifest: dict, only=None) 
                 n_tokens += tokens.size
             _add_counts(bad_total, bad)
             progress.step(n_docs, n_tokens)
-            if documents_cap(dcfg, split) and n_docs >= documents_cap(dcfg, split):
+            if cap and n_docs >= cap:
                 break
         tokens = {}
         for s in writer.shards:
