@@ -83,6 +83,40 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def verify_step(directory: str, *, crc: bool = True) -> tuple[str | None, dict | None]:
+    """(problem or None, meta) of a finalized step directory, from its files alone: each
+    file of its `integrity.json` present at its size (and, with `crc`, its CRC32), else the
+    files every step has; then its metadata readable."""
+    if not os.listdir(directory):
+        return "is an empty directory", None
+    try:
+        with open(os.path.join(directory, INTEGRITY)) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        record = {}
+    if record:
+        for rel, (size, _) in record["files"].items():
+            path = os.path.join(directory, rel)
+            if not os.path.isfile(path):
+                return f"is missing {rel}", None
+            if os.path.getsize(path) != size:
+                return f"has {rel} of {os.path.getsize(path)} bytes, not {size}", None
+        if crc:
+            for rel, (_, value) in _file_crcs(directory).items():
+                if rel in record["files"] and record["files"][rel][1] != value:
+                    return f"has {rel} failing its CRC32 check", None
+    else:
+        for rel in _REQUIRED:
+            if not os.path.isfile(os.path.join(directory, rel)):
+                return f"is missing {rel}", None
+    try:
+        with open(os.path.join(directory, "meta", "metadata")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"has unreadable meta/metadata ({e})", None
+    return None, meta
+
+
 class Checkpoints:
     """The run's checkpoint directory: async saves, verified restores, retention."""
 
@@ -205,31 +239,7 @@ class Checkpoints:
     # ------------------------------------------------------------ restoring
 
     def _verify(self, step: int) -> tuple[str | None, dict | None]:
-        """(problem or None, meta) of a step directory, from files alone."""
-        directory = os.path.join(self.root, str(step))
-        if not os.listdir(directory):
-            return "is an empty directory", None
-        record = self._integrity(step)
-        if record:
-            for rel, (size, crc) in record["files"].items():
-                path = os.path.join(directory, rel)
-                if not os.path.isfile(path):
-                    return f"is missing {rel}", None
-                if os.path.getsize(path) != size:
-                    return f"has {rel} of {os.path.getsize(path)} bytes, not {size}", None
-            for rel, (size, crc) in _file_crcs(directory).items():
-                if rel in record["files"] and record["files"][rel][1] != crc:
-                    return f"has {rel} failing its CRC32 check", None
-        else:
-            for rel in _REQUIRED:
-                if not os.path.isfile(os.path.join(directory, rel)):
-                    return f"is missing {rel}", None
-        try:
-            with open(os.path.join(directory, "meta", "metadata")) as f:
-                meta = json.load(f)
-        except (OSError, ValueError) as e:
-            return f"has unreadable meta/metadata ({e})", None
-        return None, meta
+        return verify_step(os.path.join(self.root, str(step)))
 
     def _choose(self, check_meta) -> int:
         """Newest step that passes `_verify` (bad ones moved aside); -1 if none."""
@@ -293,14 +303,33 @@ def _reader(workdir: str) -> ocp.CheckpointManager:
                                  options=options)
 
 
-def read_meta(workdir: str, step: int | None = None) -> tuple[int, dict]:
-    """The metadata of a checkpoint without touching its arrays (for tools like sampling)."""
+def read_meta(workdir: str, step: int | None = None, *,
+              quiet: bool = False) -> tuple[int, dict]:
+    """(step, metadata) of a run's checkpoint without touching its arrays, for tools.
+
+    `step` None means the newest step whose files are all there at their recorded sizes
+    (a damaged newer one is passed over with a warning, and left where it is); a given step
+    that is absent or damaged is an error naming it.
+    """
     manager = _reader(workdir)
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
-    out = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    return step, out.meta
+    root = str(manager.directory)
+    steps = sorted(manager.all_steps())
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {root}")
+    if step is not None and step not in steps:
+        raise FileNotFoundError(f"no checkpoint at step {step} in {root} (steps: {steps})")
+    problems = []
+    for s in [step] if step is not None else reversed(steps):
+        problem, _ = verify_step(os.path.join(root, str(s)), crc=False)
+        if problem is None:
+            if problems and not quiet:
+                log.warning("using checkpoint step %d: %s", s, "; ".join(problems))
+            out = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            return s, out.meta
+        if step is not None:
+            raise ValueError(f"checkpoint step {step} in {root} {problem}")
+        problems.append(f"step {s} {problem}")
+    raise ValueError(f"no readable checkpoint in {root}: {'; '.join(problems)}")
 
 
 def load_params(workdir: str, step: int | None = None):
@@ -315,8 +344,16 @@ def load_params(workdir: str, step: int | None = None):
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = {"params": jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)}
-    out = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(target, restore_args=jax.tree.map(
-            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target),
-            partial_restore=True)))
+    try:
+        out = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(target, restore_args=jax.tree.map(
+                lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target),
+                partial_restore=True)))
+    except Exception as e:    # tensorstore raises a bare Exception too
+        cause = e
+        while cause.__cause__ is not None:    # tensorstore's own message is the innermost
+            cause = cause.__cause__
+        first = (str(cause).strip() or type(cause).__name__).splitlines()[0]
+        raise ValueError(f"checkpoint step {step} in {manager.directory} could not be read: "
+                         f"{first}") from e
     return cfg, out.state["params"], step, meta

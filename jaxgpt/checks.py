@@ -176,7 +176,8 @@ def precheck_resume(config, workdir: str) -> None:
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         return
     try:
-        step, saved = checkpoint.read_meta(workdir, config.checkpoint.restore_step)
+        step, saved = checkpoint.read_meta(workdir, config.checkpoint.restore_step,
+                                           quiet=True)
     except Exception:    # noqa: BLE001 - none, or unreadable: the restore decides and says
         return
     resume_guard(config, {"config": config.to_dict()}, quiet=True)(step, saved)

@@ -73,9 +73,6 @@ def load_lm(spec: str) -> LM:
     if not os.path.isdir(ckpts):
         raise FileNotFoundError(f"model {spec!r}: no checkpoints/ folder, so it has no saved "
                                 f"model yet")
-    if step and not os.path.isdir(os.path.join(ckpts, step)):
-        raise FileNotFoundError(f"model {spec!r}: no checkpoint {step} in {ckpts} (there are "
-                                f"{', '.join(sorted(os.listdir(ckpts))) or 'none'})")
     cfg, params, step, meta = checkpoint.load_params(workdir, int(step) if step else None)
     return LM(spec, cfg, params, tokenizer.from_meta(meta), step)
 

@@ -97,12 +97,21 @@ def load_model(args):
 
 
 class _Streamer:
-    """Prints row 0's text as the decode loop produces it (called from inside the scan)."""
+    """Prints the prompt, then row 0's text as the decode loop produces it (called from
+    inside the scan), so nothing is printed for a prompt that `generate` refuses."""
 
-    def __init__(self, tok, out):
+    def __init__(self, tok, out, prompt: str):
         self.tok, self.out, self.ids, self.shown, self.done = tok, out, [], "", False
+        self.prompt = prompt
+
+    def start(self) -> None:
+        if self.prompt is not None:
+            self.out.write(self.prompt)
+            self.out.flush()
+            self.prompt = None
 
     def __call__(self, tokens_B):
+        self.start()
         token = int(np.asarray(tokens_B)[0])
         if self.done or token == self.tok.eot_id:
             self.done = True
@@ -127,11 +136,8 @@ def run_cli(args, cfg, params, tok, out=None):
     for start in range(0, len(texts), args.batch_size):
         chunk = texts[start:start + args.batch_size]
         one_row = len(chunk) == 1 and not isinstance(method, sample.Beam)
-        streamer = _Streamer(tok, out) if one_row else None
+        streamer = _Streamer(tok, out, chunk[0]) if one_row else None
         stats: dict = {}
-        if streamer:
-            out.write(chunk[0])
-            out.flush()
         rows = sample.generate(cfg, params, [tok.encode(t) for t in chunk],
                         max_new_tokens=args.max_new_tokens, method=method, penalties=penalties,
                         seed=args.seed + start, eot_id=tok.eot_id, n_valid_vocab=tok.vocab_size,
@@ -139,6 +145,7 @@ def run_cli(args, cfg, params, tok, out=None):
         per = len(rows) // len(chunk)
         for i, row in enumerate(rows):
             if streamer:
+                streamer.start()
                 out.write(tok.decode(row)[len(streamer.shown):] + "\n")
             else:
                 out.write(f"--- prompt {start + i // per}\n{chunk[i // per]}{tok.decode(row)}\n")

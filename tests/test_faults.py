@@ -1,6 +1,7 @@
 """Fault tolerance: verified checkpoints, exact resume, guards, preemption, NaN, watchdog,
 bad input. Subprocess tests (kill -9, SIGTERM, watchdog, CLI errors) are marked slow."""
 
+import dataclasses
 import glob
 import logging
 import os
@@ -40,7 +41,7 @@ def _abstract(state):
 def _saved(tmp_path, cfg, steps, val_losses=None, keep=5):
     ckpts = checkpoint.Checkpoints(str(tmp_path), keep=keep)
     for i, s in enumerate(steps):
-        ckpts.save(_state(cfg, s), {"pos": s}, {"config": {}},
+        ckpts.save(_state(cfg, s), {"pos": s}, {"config": {"model": dataclasses.asdict(cfg)}},
                    val_loss=val_losses[i] if val_losses else None)
     ckpts.close()
     return os.path.join(str(tmp_path), "checkpoints")
@@ -95,6 +96,34 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, tiny_cfg, caplog, mode):
     assert f"checkpoint {bad_step}" in warning and cause in warning, warning
     moved = os.listdir(tmp_path / checkpoint.CORRUPT_DIR)   # moved aside, not deleted
     assert len(moved) == 1 and moved[0].startswith(f"{bad_step}")
+
+
+def test_tools_read_the_newest_intact_checkpoint_and_name_a_damaged_one(tmp_path, tiny_cfg,
+                                                                          caplog):
+    root = _saved(tmp_path, tiny_cfg, [1, 2])
+    _truncate(root)
+    with caplog.at_level(logging.WARNING):
+        cfg, params, step, _ = checkpoint.load_params(str(tmp_path))
+    assert step == 1 and cfg == tiny_cfg
+    helpers.assert_trees_close(jax.device_get(params),
+                               jax.device_get(_state(tiny_cfg, 1).params), rtol=0, atol=0)
+    assert re.search(r"using checkpoint step 1: step 2 has state/\S+ of \d+ bytes, not \d+",
+                     caplog.text), caplog.text
+    assert sorted(os.listdir(root)) == ["1", "2"]    # a reader moves nothing
+    with pytest.raises(ValueError, match=r"checkpoint step 2 in \S+ has state/\S+ of \d+ bytes"):
+        checkpoint.load_params(str(tmp_path), 2)
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 5 in .*\[1, 2\]"):
+        checkpoint.load_params(str(tmp_path), 5)
+
+
+def test_tools_name_a_checkpoint_whose_arrays_cannot_be_decoded(tmp_path, tiny_cfg):
+    root = _saved(tmp_path, tiny_cfg, [1])
+    for path in glob.glob(f"{root}/1/state/ocdbt.process_0/d/*"):   # sizes stay the same
+        raw = bytearray(pathlib.Path(path).read_bytes())
+        raw[:64] = bytes(b ^ 0xFF for b in raw[:64])
+        pathlib.Path(path).write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"checkpoint step 1 in \S+ could not be read: \w"):
+        checkpoint.load_params(str(tmp_path))
 
 
 def test_keeps_newest_plus_best_and_never_saves_nonfinite(tmp_path, tiny_cfg):

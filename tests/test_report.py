@@ -270,7 +270,8 @@ def test_html_renders_in_headless_chromium(made, tmp_path):
 def test_a_model_spec_can_name_an_earlier_checkpoint(runs):
     assert evaluation.load_lm(runs["a"] + "@3").step == 3
     assert evaluation.load_lm(runs["a"]).step == 6
-    with pytest.raises(FileNotFoundError, match="no checkpoint 9 in .* \\(there are 3, 6\\)"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"no checkpoint at step 9 in .* \(steps: \[3, 6\]\)"):
         evaluation.load_lm(runs["a"] + "@9")
 
 

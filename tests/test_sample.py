@@ -417,7 +417,12 @@ def test_cli_streams_and_rejects_bad_files(tmp_path, hf_pair, capsys):
     assert "tokens/s" in out and "compile" in out
     want = sample.generate(cfg, params, [Chars().encode("ab")], max_new_tokens=5,
                            method=sample.Greedy(), eot_id=0)[0]
-    assert Chars().decode(want) in out
+    assert out.startswith("ab" + Chars().decode(want) + "\n")   # the prompt, then its tokens
+    too_long = sample_cli.parse_args(["--hf=unused", "--prompt=" + "x" * 30,
+                                      "--max_new_tokens=4"])
+    with pytest.raises(ValueError, match="prompt 0 has 30 tokens"):
+        sample_cli.run_cli(too_long, cfg, params, Chars())
+    assert capsys.readouterr().out == ""     # a refused prompt is not echoed
     proc = subprocess.run([sys.executable, "-m", "jaxgpt.sample", f"--checkpoint={tmp_path}",
                            f"--prompts_file={bad}"], check=False, cwd=REPO,
                           capture_output=True, text=True, timeout=120,
