@@ -15,6 +15,7 @@ Every weight records logical axis names; only `sharding.py` maps them to mesh ax
 """
 
 import dataclasses
+import logging
 import math
 
 import jax
@@ -22,6 +23,8 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from jaxgpt import choices, ops
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Activation rematerialisation per block: what the backward pass may keep instead of
@@ -34,10 +37,13 @@ REMAT_POLICIES = {
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 # "einsum": explicit scores and float32 softmax. "dot_product": jax.nn.dot_product_attention,
-# which runs cuDNN's fused flash kernel on GPUs where it applies (XLA elsewhere, silently).
-# "cudnn": the same call insisting on cuDNN on a GPU, so it runs or fails with cuDNN's reason
-# (elsewhere, e.g. evaluating the checkpoint on a CPU, it is "dot_product").
+# asked for cuDNN's fused flash kernel on a GPU and, where cuDNN refuses the call (float32,
+# an unsupported head size or GPU), XLA's attention with a warning; XLA's off GPUs. (JAX's
+# own default is XLA's attention everywhere, whose backward runs two float32 matmuls.)
+# "cudnn": cuDNN or an error with cuDNN's reason on a GPU (elsewhere, e.g. evaluating the
+# checkpoint on a CPU, it is "dot_product").
 ATTENTION_KERNELS = ("einsum", "dot_product", "cudnn")
+_CUDNN_REFUSED: list[str] = []    # why cuDNN refused "dot_product" calls (warned once)
 
 # name -> (n_layer, n_head, n_embd). The four GPT-2 sizes are OpenAI's; the small ones are
 # for tests and CPU runs.
@@ -392,12 +398,21 @@ class Attention(nnx.Module):
 def _fused_attention(q, k, v, mask_BTS, cudnn: bool = False):
     """jax.nn.dot_product_attention on q [B, T, H, K], k/v [B, S, G, K] (it groups query heads
     over G key/value heads itself); mask_BTS None means plain causal, which takes the
-    kernel's is_causal path (the one cuDNN flash attention accelerates), with
-    implementation="cudnn" when asked for on a GPU. Masked calls (sampling) let JAX choose."""
+    kernel's is_causal path, the one cuDNN flash attention accelerates: on a GPU cuDNN's,
+    or (not `cudnn`) XLA's where cuDNN refuses. Masked calls (sampling) take XLA's."""
     if mask_BTS is None:
-        insist = cudnn and jax.default_backend() == "gpu"
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                            implementation="cudnn" if insist else None)
+        if jax.default_backend() == "gpu":
+            try:
+                return jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                    implementation="cudnn")
+            except (ValueError, NotImplementedError, RuntimeError) as e:
+                if cudnn:
+                    raise
+                if not _CUDNN_REFUSED:
+                    log.warning("attention: cuDNN refused q %s %s (%s); using XLA's",
+                                q.shape, q.dtype, e)
+                _CUDNN_REFUSED.append(str(e))
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
     return jax.nn.dot_product_attention(q, k, v, mask=mask_BTS[:, None])
 
 

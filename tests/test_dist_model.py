@@ -43,6 +43,28 @@ def test_options_give_the_same_logits_and_grads(baseline, options):
     assert_trees_close(got[2], want[2], rtol=1e-4, atol=1e-6)
 
 
+def test_dot_product_asks_a_gpu_for_cudnn_and_falls_back_to_xla_where_refused(
+        baseline, monkeypatch, caplog):
+    # This machine's jax has no cuDNN, so a GPU backend stood in for here sees cuDNN refuse
+    # (RuntimeError "cuDNN is not detected"), as a GPU refuses float32 or a head too large.
+    asked = []
+    real = jax.nn.dot_product_attention
+
+    def recorded(*args, implementation=None, **kwargs):
+        asked.append(implementation)
+        return real(*args, implementation=implementation, **kwargs)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax.nn, "dot_product_attention", recorded)
+    monkeypatch.setattr(model, "_CUDNN_REFUSED", [])
+    with caplog.at_level("WARNING"):
+        got = _loss_and_grads(dataclasses.replace(TINY, attention="dot_product"), TOKENS)
+    assert asked == ["cudnn", None] * TINY.n_layer      # each layer: cuDNN first, then XLA
+    assert caplog.text.count("cuDNN refused") == 1 and "using XLA's" in caplog.text
+    np.testing.assert_allclose(got[1], baseline[1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="cuDNN"):     # "cudnn" insists
+        _loss_and_grads(dataclasses.replace(TINY, attention="cudnn"), TOKENS)
+
+
 def _padded_and_cached_logits(cfg, tokens, mask):
     graphdef, params = nnx.split(model.GPT(cfg, rngs=nnx.Rngs(0)), nnx.Param)
 
