@@ -16,6 +16,10 @@ def get_config(size: str = "small") -> ml_collections.ConfigDict:
     # 50304 = GPT-2's 50257 BPE ids padded to a multiple of 128 for faster matmuls;
     # the padded rows are never sampled and are dropped on HF export.
     config = base.base_config(size, vocab_size=50304, n_positions=1024)
+    # Accelerator settings: bfloat16 matmuls (params and optimizer state stay float32) and
+    # cuDNN's flash attention on GPUs (XLA's attention elsewhere).
+    config.model.dtype = "bfloat16"
+    config.model.attention = "dot_product"
     config.data.source = "slimpajama"
     config.data.tokenizer = "gpt2"
     config.data.block_size = 1024

@@ -13,6 +13,10 @@ from jaxgpt import config as base
 
 def get_config(size: str = "small") -> ml_collections.ConfigDict:
     config = base.base_config(size, vocab_size=50304, n_positions=1024)
+    # Accelerator settings: bfloat16 matmuls (params and optimizer state stay float32) and
+    # cuDNN's flash attention on GPUs (XLA's attention elsewhere).
+    config.model.dtype = "bfloat16"
+    config.model.attention = "dot_product"
     config.data.source = "wikitext"            # one document per article (` = Title = `)
     config.data.tokenizer = "gpt2"
     config.data.block_size = 1024

@@ -70,11 +70,13 @@ def check_batch_divisible(micro_batch: int, config, mesh, rules):
 # Groups and fields a checkpoint must share with the run resuming it (the rest, e.g.
 # train.steps, eval, sample, mesh, may change between segments).
 RESUME_FIELDS = ("model.", "data.", "train.seed", "train.batch_size", "train.grad_accum")
-# Data fields a resume may change freely: loader speed, or where the data lives and how bad
-# records are treated, whose effect on the batches the pipeline fingerprint judges (prepared
-# tokens, or a stream's cursors, which count good documents of the same files).
-RESUME_FREE = ("data.read_threads", "data.prefetch", "data.path", "data.prepared",
-               "data.on_bad_record")
+# Fields a resume may change freely: the model's speed options, which change no numbers but
+# rounding (tests/test_dist_model.py) nor the state's tree; loader speed, or where the data
+# lives and how bad records are treated, whose effect on the batches the pipeline
+# fingerprint judges (prepared tokens, or a stream's cursors, which count good documents of
+# the same files).
+RESUME_FREE = ("model.attention", "model.remat", "model.scan_layers", "data.read_threads",
+               "data.prefetch", "data.path", "data.prepared", "data.on_bad_record")
 NONFINITE_MODES = ("halt", "skip")
 SCAN_LIMIT = 1 << 28   # tokens: a full id-range check at start-up reads this much at most
 
@@ -157,8 +159,8 @@ def resume_guard(config, meta: dict, *, quiet: bool = False):
         if diff:
             diff += free     # what may explain a changed pipeline
         elif free and not quiet:
-            log.info("resuming step %d with changed %s (the data pipeline is the same)", step,
-                     "; ".join(free))
+            log.info("resuming step %d with changed %s (speed or location only: the same "
+                     "batches and state tree)", step, "; ".join(free))
         if diff and not config.checkpoint.allow_config_change:
             raise ValueError(f"checkpoint at step {step} was written by an incompatible run; "
                              f"differing fields: {'; '.join(diff)} (pass --config.checkpoint."

@@ -105,3 +105,28 @@ def test_cudnn_attention_is_refused_for_training_off_a_gpu():
     with pytest.raises(ValueError, match="attention='cudnn' trains only on a GPU \\(this "
                                          "backend is cpu\\)"):
         checks.validate_config(config, cfg, jax.device_count())
+
+
+def _matmul_dtypes(cfg, batch: int = 8) -> list[tuple[str, str]]:
+    """Operand dtypes of every matmul of one train step as `jax.export` lowers it for CUDA
+    (no GPU needed: lowering is not compiling)."""
+    import re
+
+    from jaxgpt import sharding, train
+    tx = train.make_optimizer(train.OptimConfig(warmup_steps=0), 10)
+    trainer = train.make_trainer(cfg, tx, sharding.make_mesh((-1, 1, 1)), sharding.RULES["dp"],
+                                 seed=0)
+    windows = jax.ShapeDtypeStruct((1, batch, cfg.n_positions + 1), jnp.int32)
+    lowered = jax.export.export(trainer.train_step, platforms=["cuda"])(
+        jax.eval_shape(trainer.init), windows)
+    return re.findall(r"stablehlo\.dot_general [^\n]*? : \(tensor<(?:\d+x)+(\w+)>, "
+                      r"tensor<(?:\d+x)+(\w+)>\)", lowered.mlir_module())
+
+
+def test_a_bfloat16_step_lowered_for_a_gpu_has_only_bfloat16_matmuls():
+    # A float32 operand would put that matmul off the GPU's bf16 tensor-core path; the step
+    # has 6 per layer and the head's 3 at least, and none may be float32 (attention, fused
+    # head + loss and the hand-written backward passes included).
+    dtypes = _matmul_dtypes(dataclasses.replace(TINY, dtype="bfloat16"))
+    assert len(dtypes) >= 6 * TINY.n_layer + 3
+    assert set(dtypes) == {("bf16", "bf16")}, sorted(set(dtypes))

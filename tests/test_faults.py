@@ -523,17 +523,23 @@ def test_checkpoint_saved_on_2_devices_restores_onto_1_and_4(tmp_path, tiny_cfg)
         assert _bits_equal(expect, jax.device_get(restored))
 
 
-def test_resume_allows_loader_and_location_changes_the_pipeline_fingerprint_accepts(caplog):
+def test_resume_allows_speed_and_location_changes_the_pipeline_fingerprint_accepts(caplog):
     from jaxgpt import checks
     from jaxgpt import config as config_lib
     config = config_lib.base_config()
     saved = {"config": config.to_dict(), "tokenizer": "t", "pipeline": "p"}
     config.data.prefetch, config.data.on_bad_record = 9, "skip"
     config.data.path = "/moved/copy"
+    config.model.attention, config.model.scan_layers = "dot_product", True
     meta = {**saved, "config": config.to_dict()}
     with caplog.at_level(logging.INFO):
         checks.resume_guard(config, meta)(7, saved)           # same pipeline: accepted
-    assert "resuming step 7 with changed data.on_bad_record: 'error' -> 'skip'" in caplog.text
+    assert "data.on_bad_record: 'error' -> 'skip'" in caplog.text
+    assert "model.attention: 'einsum' -> 'dot_product'" in caplog.text
+    config.model.dtype = "bfloat16"                           # other numbers: refused
+    with pytest.raises(ValueError, match=r"model.dtype: 'float32' -> 'bfloat16'"):
+        checks.resume_guard(config, {**meta, "config": config.to_dict()})(7, saved)
+    config.model.dtype = "float32"
     with pytest.raises(ValueError, match=r"pipeline: 'p' -> 'q'; data.on_bad_record: "
                                          r"'error' -> 'skip'; data.path"):
         checks.resume_guard(config, {**meta, "pipeline": "q"})(7, saved)
