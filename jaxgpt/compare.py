@@ -7,6 +7,7 @@ agreement and KL(HF || jaxgpt). It exits 1 when max |Δlogit| exceeds the tolera
 """
 
 import argparse
+import dataclasses
 import sys
 
 import jax
@@ -100,6 +101,9 @@ def _load_jaxgpt(args, hf_model):
         return hf.import_gpt2(args.hf)
     from jaxgpt import checkpoint
     cfg, params, _, _ = checkpoint.load_params(args.checkpoint)
+    # A parity check of weights and architecture: float32 like the PyTorch side, whatever
+    # compute dtype the run trained in (its params are float32 either way).
+    cfg = dataclasses.replace(cfg, dtype="float32")
     hf_cfg = hf.config_from_hf(hf_model.config.to_dict(), args.hf)
     diff = hf.architecture_diff(hf_cfg, cfg, [f for f in hf.ARCH_FIELDS if f != "vocab_size"])
     if cfg.vocab_size < hf_cfg.vocab_size:

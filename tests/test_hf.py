@@ -270,7 +270,8 @@ def _make_run(workdir, cfg, params, tok_spec):
 @pytest.mark.slow
 def test_export_cli_of_a_gpt2_bpe_run_and_compare_cli(tmp_path, shared_data, capsys):
     bpe = tokenizer.load("gpt2", os.path.join(shared_data, "gpt2-bpe"))
-    cfg = model.GPTConfig(**(TINY | {"vocab_size": 50304}))     # padded GPT-2 vocabulary
+    # The padded GPT-2 vocabulary and bf16 compute, as configs/wikitext.py trains.
+    cfg = model.GPTConfig(**(TINY | {"vocab_size": 50304, "dtype": "bfloat16"}))
     params = _random_params(cfg, 3)
     run = tmp_path / "run"
     _make_run(run, cfg, params, {"kind": "gpt2", "path": bpe.path,
