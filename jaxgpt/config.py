@@ -71,6 +71,11 @@ def base_config(size: str = "small", **model_overrides) -> ml_collections.Config
     # or an eval/save runs past max(min_s, factor * its longest earlier run); 0 disables it.
     config.train.watchdog_min_s = 60.0
     config.train.watchdog_factor = 10.0
+    # JAX's persistent compilation cache (`python -m jaxgpt.main` only): a restart, a resume
+    # or another run of the same shapes loads its compiled steps from here instead of
+    # compiling them again (minutes for the large sizes). Steps compiled in under a second
+    # are not kept; $JAX_COMPILATION_CACHE_DIR, when set, wins; "" = off.
+    config.train.compilation_cache = "~/.cache/jaxgpt/xla"
     # Fault injection for tests only: poison loss and grads of steps
     # [inject_nan_at_step, inject_nan_at_step + inject_nan_steps); hang before step
     # inject_hang_at_step. -1 = off.

@@ -41,9 +41,14 @@ def test_every_config_loads_and_builds_a_model(path):
 def test_main_job_runs_end_to_end(tmp_path):
     corpus = helpers.small_corpus(tmp_path)
     workdir = tmp_path / "run"
+    cache = tmp_path / "xla"
+    env = {"JAX_COMPILATION_CACHE_DIR": "", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     proc = helpers.run_main("--config=configs/default.py", f"--workdir={workdir}",
-                            f"--config.data.path={corpus}", *TINY)
+                            f"--config.data.path={corpus}", *TINY,
+                            f"--config.train.compilation_cache={cache}", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"compilation cache {cache}" in proc.stderr
+    assert any(n.startswith("jit_train_step-") for n in os.listdir(cache))   # kept for reruns
     records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r]
