@@ -16,6 +16,7 @@ import re
 import sysconfig
 from collections.abc import Iterable, Iterator
 
+import numpy as np
 import zstandard
 
 from jaxgpt import choices
@@ -35,6 +36,9 @@ class Document:
     text: str
     source: str    # SlimPajama's meta.redpajama_set_name; the source kind elsewhere
     where: str     # "file:line" of the record, for messages
+    # How much of its file lies before it (bytes, or characters of a WikiText file; for a
+    # .zst file its compressed bytes, to within a read chunk): a stream's progress measure.
+    share: float = 0.0
 
 
 class BadRecords:
@@ -115,12 +119,15 @@ def find_splits(source: str, path: str | None) -> dict[str, list[str]]:
     return {"train": train, "val": val} if train and val else {"train": files}
 
 
-def _zst_lines(path: str) -> Iterator[tuple[int, bytes]]:
-    """(line number, bytes) of a zstd file, frame by frame; a cut-off frame raises EOFError."""
+def _zst_lines(path: str) -> Iterator[tuple[int, bytes, float]]:
+    """(line number, bytes, share of the compressed file read before the chunk that ended
+    the line) of a zstd file, frame by frame; a cut-off frame raises EOFError."""
     dctx = zstandard.ZstdDecompressor()
     dobj, pending, lineno = None, b"", 0
+    size = max(os.path.getsize(path), 1)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(_ZST_CHUNK), b""):
+            share = (f.tell() - len(chunk)) / size
             while chunk:
                 if dobj is None or dobj.eof:
                     dobj = dctx.decompressobj()
@@ -132,11 +139,11 @@ def _zst_lines(path: str) -> Iterator[tuple[int, bytes]]:
             *lines, pending = pending.split(b"\n")
             for line in lines:
                 lineno += 1
-                yield lineno, line
+                yield lineno, line, share
     if dobj is not None and not dobj.eof:
         raise EOFError(f"truncated zstd stream after line {lineno}")
     if pending:
-        yield lineno + 1, pending
+        yield lineno + 1, pending, share
 
 
 def read_jsonl(path: str, bad: BadRecords) -> Iterator[Document]:
@@ -146,9 +153,13 @@ def read_jsonl(path: str, bad: BadRecords) -> Iterator[Document]:
         lines = _zst_lines(path)
     else:
         with open(path, "rb") as f:
-            lines = list(enumerate(f.read().split(b"\n"), 1))
+            raw_lines = f.read().split(b"\n")
+        starts = np.cumsum([0] + [len(x) + 1 for x in raw_lines[:-1]])
+        size = max(int(starts[-1]) + len(raw_lines[-1]), 1)
+        lines = ((i, x, int(start) / size)
+                 for i, (x, start) in enumerate(zip(raw_lines, starts), 1))
     try:
-        for lineno, raw in lines:
+        for lineno, raw, share in lines:
             where = f"{path}:{lineno}"
             if not raw.strip():
                 continue
@@ -172,7 +183,7 @@ def read_jsonl(path: str, bad: BadRecords) -> Iterator[Document]:
             meta = rec.get("meta")
             name = meta.get("redpajama_set_name") if isinstance(meta, dict) else None
             n += 1
-            yield Document(rec["text"], name or "unknown", where)
+            yield Document(rec["text"], name or "unknown", where, share)
     except EOFError as e:
         bad("truncated_file", path, str(e))
     if n == 0:
@@ -190,13 +201,18 @@ def read_text(path: str, bad: BadRecords) -> Iterator[Document]:
         bad("non_utf8", f"{path}:{line}", f"not valid UTF-8 ({e.reason} at byte {e.start})")
 
 
-def wikitext_articles(lines: Iterable[str], name: str) -> Iterator[Document]:
+def wikitext_articles(lines: Iterable[str], name: str, total: int = 0) -> Iterator[Document]:
     """Lines -> one document per article, each from its ` = Title = ` line to the next;
     text before the first title joins the first article. Text is kept verbatim (tokenized
-    WikiText keeps its ` @-@ ` and `<unk>`, as in published perplexities)."""
-    numbered = ((line, n) for n, line in enumerate(lines, 1))
-    for text, start in tagged_wikitext_articles(numbered):
-        yield Document(text, "wikitext", f"{name}:{start}")
+    WikiText keeps its ` @-@ ` and `<unk>`, as in published perplexities). `total`: the
+    lines' characters, when known, for each document's share."""
+    def numbered():
+        chars = 0     # before the line
+        for n, line in enumerate(lines, 1):
+            yield line, (n, chars)
+            chars += len(line)
+    for text, (start, chars) in tagged_wikitext_articles(numbered()):
+        yield Document(text, "wikitext", f"{name}:{start}", chars / total if total else 0.0)
 
 
 def tagged_wikitext_articles(lines: Iterable[tuple[str, object]]) -> Iterator[tuple[str, object]]:
@@ -216,7 +232,7 @@ def tagged_wikitext_articles(lines: Iterable[tuple[str, object]]) -> Iterator[tu
 
 def read_wikitext(path: str, bad: BadRecords) -> Iterator[Document]:
     for doc in read_text(path, bad):
-        yield from wikitext_articles(doc.text.splitlines(keepends=True), path)
+        yield from wikitext_articles(doc.text.splitlines(keepends=True), path, len(doc.text))
 
 
 READERS = {"text": read_text, "wikitext": read_wikitext, "slimpajama": read_jsonl}

@@ -54,6 +54,9 @@ class Cursor:
     # An HF stream's state_dict() just before the first row of document `doc`, as JSON
     # (None for files): a resume loads it instead of reading `doc` documents again.
     resume: str | None = dataclasses.field(default=None, compare=False, repr=False)
+    # sources.Document.share of document `doc`: how much of its file lies before it (not
+    # saved: a resume reads that document again, and its reader says).
+    share: float = dataclasses.field(default=0.0, compare=False, repr=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +64,7 @@ class _Block:
     start: Cursor
     number: int
     windows: np.ndarray      # [n_batches * local, block_size + 1] int32, shuffled
+    end: Cursor              # where the next block starts
 
 
 def check_inputs(dcfg) -> dict[str, list[str]]:
@@ -155,7 +159,7 @@ class _Producer:
                                          None):
                 if limit is not None and doc >= limit:
                     return
-                yield Cursor(start.epoch, doc, f, i), d.text
+                yield Cursor(start.epoch, doc, f, i, share=d.share), d.text
                 doc += 1
 
     def _hf_pass(self, start: Cursor, limit: int | None) -> Iterator[tuple[Cursor, str]]:
@@ -248,14 +252,15 @@ class _Producer:
                     break
             windows = pack_windows(np.concatenate(parts), T)          # [W, T + 1]
             order = np.random.default_rng([self.seed, self.p, number]).permutation(W)
-            yield _Block(dataclasses.replace(pending[0][0], offset=offset), number,
-                         windows[order])
+            start = dataclasses.replace(pending[0][0], offset=offset)
             advance, have = W * T, have - W * T     # the next block starts at window W
             while advance >= pending[0][1].size - offset:
                 advance -= pending[0][1].size - offset
                 pending.popleft()
                 offset = 0
             offset += advance
+            yield _Block(start, number, windows[order],
+                         dataclasses.replace(pending[0][0], offset=offset))
             number += 1
 
     def run(self, start: Cursor, number: int) -> None:
@@ -301,6 +306,8 @@ class StreamIterator:
         local = global_batch // process_count
         files = check_inputs(dcfg).get("train", [])
         self.n_files = len(files)
+        sizes = [os.path.getsize(f) for f in files]
+        self._bytes_before = np.cumsum([0] + sizes)       # of the files before each file
         self.inputs_fingerprint = inputs_fingerprint(dcfg, files)   # in the pipeline fingerprint
         self.n_batches = -(-dcfg.shuffle_windows // local)     # batches per block
         self.p, self.n = process_index, process_count
@@ -346,11 +353,22 @@ class StreamIterator:
         """Bad records the reader has skipped so far, by kind (data.on_bad_record='skip')."""
         return dict(self._producer.bad.counts)
 
+    def _passes(self, cursor: Cursor) -> float:
+        """Passes done at `cursor`: over files, by the bytes before its document."""
+        if not self.n_files:
+            return cursor.epoch      # an HF stream's length is unknown
+        size = self._bytes_before[cursor.file + 1] - self._bytes_before[cursor.file]
+        done = self._bytes_before[cursor.file] + cursor.share * size
+        return cursor.epoch + float(done / max(self._bytes_before[-1], 1))
+
     @property
     def epoch(self) -> float:
-        """Passes done when the current block started (within a pass over files, the
-        fraction of files begun; an HF stream's length is unknown)."""
-        return self._start.epoch + (self._start.file / self.n_files if self.n_files else 0)
+        """Passes done so far, estimated from the input bytes before the current block's
+        first document and the next block's, in proportion to the batches taken."""
+        if self._block is None:
+            return self._passes(self._start)
+        first, after = self._passes(self._block.start), self._passes(self._block.end)
+        return first + (after - first) * self._taken / self.n_batches
 
     def local_state(self) -> list[int]:
         s = self._start

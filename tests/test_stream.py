@@ -2,6 +2,7 @@
 JSON lines: every window is the stream's next one, blocks are permutations of consecutive
 windows, processes split documents, and a saved state resumes exactly."""
 
+import itertools
 import json
 import logging
 import os
@@ -91,6 +92,31 @@ def test_blocks_are_shuffled_runs_of_the_stream_across_passes(tmp_path):
         assert sorted(got[b * W:(b + 1) * W]) == sorted(_windows(ref, b * W, (b + 1) * W))
     assert got != _windows(ref, 0, n_blocks * W)            # shuffled within blocks
     assert it.epoch >= 1
+
+
+def test_epochs_follow_the_bytes_read_within_a_single_file(tmp_path):
+    # One WikiText file of 40 articles of very different sizes: passes are measured inside
+    # the file, not only at its end.
+    rng = random.Random(0)
+    articles = [f" = Article {i} = \n" + "".join(f" {t}\n" for t in _texts(rng.randint(1, 60), i))
+                for i in range(40)]
+    (tmp_path / "wiki.train.tokens").write_text("".join(articles))
+    (tmp_path / "wiki.valid.tokens").write_text(" = V = \n some text\n")
+    per_pass = len(_stream_tokens(articles))
+    it = stream.StreamIterator(_dcfg(str(tmp_path), source="wikitext", shuffle_windows=32),
+                               ByteTokenizer(), global_batch=LOCAL, seed=0)
+    epochs, taken = [], 0
+    while taken < 1.5 * per_pass:
+        next(it)
+        taken += LOCAL * T
+        epochs.append((taken / per_pass, it.epoch))
+    it.close()
+    assert all(b[1] >= a[1] for a, b in itertools.pairwise(epochs))     # never goes back
+    # Resolution: the largest document (block starts count whole documents) and a block.
+    largest = max(len(a) for a in articles) / sum(len(a) for a in articles)
+    block = 32 * T / per_pass
+    assert max(abs(e - want) for want, e in epochs) < largest + 2 * block, epochs
+    assert epochs[len(epochs) // 3][1] > 0.2 and epochs[-1][1] > 1
 
 
 def test_processes_take_alternate_documents(tmp_path):
