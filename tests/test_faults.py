@@ -2,6 +2,7 @@
 bad input. Subprocess tests (kill -9, SIGTERM, watchdog, CLI errors) are marked slow."""
 
 import dataclasses
+import gc
 import glob
 import logging
 import os
@@ -116,6 +117,9 @@ def test_tools_read_the_newest_intact_checkpoint_and_name_a_damaged_one(tmp_path
         checkpoint.load_params(str(tmp_path), 5)
 
 
+# orbax leaves the reads of the other arrays un-awaited when one fails; they are collected
+# (and reported unraisable) here, not in whichever test runs next.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_tools_name_a_checkpoint_whose_arrays_cannot_be_decoded(tmp_path, tiny_cfg):
     root = _saved(tmp_path, tiny_cfg, [1])
     for path in glob.glob(f"{root}/1/state/ocdbt.process_0/d/*"):   # sizes stay the same
@@ -124,6 +128,7 @@ def test_tools_name_a_checkpoint_whose_arrays_cannot_be_decoded(tmp_path, tiny_c
         pathlib.Path(path).write_bytes(bytes(raw))
     with pytest.raises(ValueError, match=r"checkpoint step 1 in \S+ could not be read: \w"):
         checkpoint.load_params(str(tmp_path))
+    gc.collect()
 
 
 def test_keeps_newest_plus_best_and_never_saves_nonfinite(tmp_path, tiny_cfg):
