@@ -14,10 +14,12 @@ declined or failed save as an error. It keeps the newest `keep` steps plus the b
 validation loss.
 """
 
+import gc
 import json
 import logging
 import os
 import subprocess
+import sys
 import time
 import zlib
 
@@ -338,9 +340,13 @@ def load_params(workdir: str, step: int | None = None):
     Only the params subtree is read (not the optimizer moments), onto the default device.
     """
     step, meta = read_meta(workdir, step)
-    cfg = model.GPTConfig(**meta["config"]["model"])
-    abstract = nnx.state(nnx.eval_shape(lambda: model.GPT(cfg, rngs=nnx.Rngs(0))), nnx.Param)
     manager = _reader(workdir)
+    try:
+        cfg = model.GPTConfig(**meta["config"]["model"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"checkpoint step {step} in {manager.directory}: its metadata holds "
+                         f"no model config ({type(e).__name__}: {e})") from None
+    abstract = nnx.state(nnx.eval_shape(lambda: model.GPT(cfg, rngs=nnx.Rngs(0))), nnx.Param)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = {"params": jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)}
@@ -349,11 +355,36 @@ def load_params(workdir: str, step: int | None = None):
             state=ocp.args.PyTreeRestore(target, restore_args=jax.tree.map(
                 lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), target),
                 partial_restore=True)))
-    except Exception as e:    # tensorstore raises a bare Exception too
-        cause = e
-        while cause.__cause__ is not None:    # tensorstore's own message is the innermost
-            cause = cause.__cause__
-        first = (str(cause).strip() or type(cause).__name__).splitlines()[0]
-        raise ValueError(f"checkpoint step {step} in {manager.directory} could not be read: "
-                         f"{first}") from e
-    return cfg, out.state["params"], step, meta
+    except Exception as e:    # noqa: BLE001 - tensorstore raises a bare Exception too
+        problem = _innermost_line(e)
+    else:
+        return cfg, out.state["params"], step, meta
+    _collect_abandoned_reads()
+    raise ValueError(f"checkpoint step {step} in {manager.directory} could not be read: "
+                     f"{problem}")
+
+
+def _innermost_line(e: BaseException) -> str:
+    """The first line of the innermost cause (tensorstore's own message)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return (str(e).strip() or type(e).__name__).splitlines()[0]
+
+
+def _collect_abandoned_reads() -> None:
+    """A failed restore leaves orbax's other array reads un-awaited, each reported by
+    Python when collected (a page of tensorstore specs per array, many at exit): from now
+    on those reports are dropped (others still go to the previous hook), so the one error
+    line is all a tool prints."""
+    previous = sys.unraisablehook
+    if not getattr(previous, "drops_abandoned_reads", False):
+        def hook(unraisable):
+            code = getattr(unraisable.object, "cr_code", None)
+            read = code is not None and "orbax" in code.co_filename
+            closed = (isinstance(unraisable.exc_value, RuntimeError)
+                      and "Event loop is closed" in str(unraisable.exc_value))
+            if not (read or closed):
+                previous(unraisable)
+        hook.drops_abandoned_reads = True
+        sys.unraisablehook = hook
+    gc.collect()

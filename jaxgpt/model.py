@@ -38,8 +38,9 @@ REMAT_POLICIES = {
 }
 # "einsum": explicit scores and float32 softmax. "dot_product": jax.nn.dot_product_attention,
 # asked for cuDNN's fused flash kernel on a GPU and, where cuDNN refuses the call (float32,
-# an unsupported head size or GPU), XLA's attention with a warning; XLA's off GPUs. (JAX's
-# own default is XLA's attention everywhere, whose backward runs two float32 matmuls.)
+# an unsupported head size, a GPU before Ampere), XLA's attention with a warning; XLA's off
+# GPUs. (JAX's own default is XLA's attention everywhere, whose backward runs two float32
+# matmuls.)
 # "cudnn": cuDNN or an error with cuDNN's reason on a GPU (elsewhere, e.g. evaluating the
 # checkpoint on a CPU, it is "dot_product").
 ATTENTION_KERNELS = ("einsum", "dot_product", "cudnn")
@@ -395,6 +396,14 @@ class Attention(nnx.Module):
         return self.resid_dropout(out, deterministic=rngs is None, rngs=rngs), new_kv
 
 
+def gpu_capability() -> float:
+    """The first device's CUDA compute capability (9.0 for an H100), 0 when it has none."""
+    try:
+        return float(getattr(jax.devices()[0], "compute_capability", 0) or 0)
+    except ValueError:
+        return 0.0
+
+
 def _fused_attention(q, k, v, mask_BTS, cudnn: bool = False):
     """jax.nn.dot_product_attention on q [B, T, H, K], k/v [B, S, G, K] (it groups query heads
     over G key/value heads itself); mask_BTS None means plain causal, which takes the
@@ -403,6 +412,11 @@ def _fused_attention(q, k, v, mask_BTS, cudnn: bool = False):
     if mask_BTS is None:
         if jax.default_backend() == "gpu":
             try:
+                if not cudnn and gpu_capability() < 8.0:
+                    # jax leaves this check to cuDNN, which fails only when XLA compiles
+                    raise NotImplementedError(f"cuDNN flash attention needs compute "
+                                              f"capability 8.0 (Ampere), not "
+                                              f"{gpu_capability()}")
                 return jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                     implementation="cudnn")
             except (ValueError, NotImplementedError, RuntimeError) as e:

@@ -54,6 +54,7 @@ def test_dot_product_asks_a_gpu_for_cudnn_and_falls_back_to_xla_where_refused(
         asked.append(implementation)
         return real(*args, implementation=implementation, **kwargs)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(model, "gpu_capability", lambda: 9.0)     # an H100
     monkeypatch.setattr(jax.nn, "dot_product_attention", recorded)
     monkeypatch.setattr(model, "_CUDNN_REFUSED", [])
     with caplog.at_level("WARNING"):
@@ -61,7 +62,13 @@ def test_dot_product_asks_a_gpu_for_cudnn_and_falls_back_to_xla_where_refused(
     assert asked == ["cudnn", None] * TINY.n_layer      # each layer: cuDNN first, then XLA
     assert caplog.text.count("cuDNN refused") == 1 and "using XLA's" in caplog.text
     np.testing.assert_allclose(got[1], baseline[1], rtol=1e-5, atol=1e-5)
-    with pytest.raises(RuntimeError, match="cuDNN"):     # "cudnn" insists
+    # A GPU before Ampere is not asked: cuDNN would fail only when XLA compiles the step.
+    monkeypatch.setattr(model, "gpu_capability", lambda: 7.0)    # a V100
+    asked.clear()
+    _loss_and_grads(dataclasses.replace(TINY, attention="dot_product"), TOKENS)
+    assert asked == [None] * TINY.n_layer
+    # "cudnn" insists (this machine: no cuDNN; a GPU: float32 is refused).
+    with pytest.raises((RuntimeError, NotImplementedError), match="cuDNN|fp16"):
         _loss_and_grads(dataclasses.replace(TINY, attention="cudnn"), TOKENS)
 
 
