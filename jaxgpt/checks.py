@@ -4,6 +4,7 @@ and the guard that refuses to resume a checkpoint of an incompatible run."""
 import importlib.util
 import logging
 import os
+import shlex
 
 import jax
 import ml_collections
@@ -149,10 +150,11 @@ def resume_guard(config, meta: dict, *, quiet: bool = False):
             raise ValueError(f"checkpoint at step {step} holds {was} optimizer state, but "
                              f"optim.optimizer is {now!r}; keep optim.optimizer={was!r} to "
                              f"resume it, or start a new workdir")
-        changed = faults.config_diff(_with_defaults(saved.get("config", {})), meta["config"],
-                                     RESUME_FIELDS)
-        free = [d for d in changed if d.startswith(tuple(f + ":" for f in RESUME_FREE))]
-        diff = [d for d in changed if d not in free]
+        changes = faults.config_changes(_with_defaults(saved.get("config", {})),
+                                        meta["config"], RESUME_FIELDS)
+        free = [f"{n}: {old!r} -> {new!r}" for n, old, new in changes if n in RESUME_FREE]
+        fixed = [(n, old, new) for n, old, new in changes if n not in RESUME_FREE]
+        diff = [f"{n}: {old!r} -> {new!r}" for n, old, new in fixed]
         for key in ("tokenizer", "pipeline"):
             if key in meta and saved.get(key) != meta[key]:
                 diff.append(f"{key}: {saved.get(key)!r} -> {meta[key]!r}")
@@ -162,9 +164,13 @@ def resume_guard(config, meta: dict, *, quiet: bool = False):
             log.info("resuming step %d with changed %s (speed or location only: the same "
                      "batches and state tree)", step, "; ".join(free))
         if diff and not config.checkpoint.allow_config_change:
+            # The overrides that give the differing fields their saved values back.
+            back = [f"--config.{n}={shlex.quote(str(old))}" for n, old, _ in fixed
+                    if isinstance(old, (str, int, float, bool)) and old != "<absent>"]
+            hint = f"resume as it was with {' '.join(back)}, or pass" if back else "pass"
             raise ValueError(f"checkpoint at step {step} was written by an incompatible run; "
-                             f"differing fields: {'; '.join(diff)} (pass --config.checkpoint."
-                             f"allow_config_change=True to resume anyway)")
+                             f"differing fields: {'; '.join(diff)} ({hint} --config."
+                             f"checkpoint.allow_config_change=True to resume anyway)")
         if diff and not quiet:
             log.warning("resuming step %d despite differing fields: %s", step,
                         "; ".join(diff))

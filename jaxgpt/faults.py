@@ -297,12 +297,17 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_diff(a: dict, b: dict, prefixes: tuple[str, ...] = ("",)) -> list[str]:
-    """Dotted names of the fields under `prefixes` whose values differ: 'x.y: a -> b'."""
+def config_changes(a: dict, b: dict, prefixes: tuple[str, ...] = ("",)) -> list[tuple]:
+    """(dotted name, value in a, value in b) of the fields under `prefixes` that differ."""
     fa, fb = _flatten(json.loads(json.dumps(a))), _flatten(json.loads(json.dumps(b)))
     names = sorted(n for n in set(fa) | set(fb) if n.startswith(prefixes))
-    return [f"{n}: {fa.get(n, '<absent>')!r} -> {fb.get(n, '<absent>')!r}"
+    return [(n, fa.get(n, "<absent>"), fb.get(n, "<absent>"))
             for n in names if fa.get(n, "<absent>") != fb.get(n, "<absent>")]
+
+
+def config_diff(a: dict, b: dict, prefixes: tuple[str, ...] = ("",)) -> list[str]:
+    """The fields under `prefixes` whose values differ, as 'x.y: a -> b'."""
+    return [f"{n}: {old!r} -> {new!r}" for n, old, new in config_changes(a, b, prefixes)]
 
 
 def assert_same_config_everywhere(config_dict: dict) -> None:

@@ -545,7 +545,8 @@ def test_resume_allows_speed_and_location_changes_the_pipeline_fingerprint_accep
     assert "data.on_bad_record: 'error' -> 'skip'" in caplog.text
     assert "model.attention: 'einsum' -> 'dot_product'" in caplog.text
     config.model.dtype = "bfloat16"                           # other numbers: refused
-    with pytest.raises(ValueError, match=r"model.dtype: 'float32' -> 'bfloat16'"):
+    with pytest.raises(ValueError, match=r"model.dtype: 'float32' -> 'bfloat16'.*resume as "
+                                         r"it was with --config.model.dtype=float32, or"):
         checks.resume_guard(config, {**meta, "config": config.to_dict()})(7, saved)
     config.model.dtype = "float32"
     with pytest.raises(ValueError, match=r"pipeline: 'p' -> 'q'; data.on_bad_record: "
