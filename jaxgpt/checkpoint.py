@@ -96,6 +96,8 @@ def verify_step(directory: str, *, crc: bool = True) -> tuple[str | None, dict |
             record = json.load(f)
     except (OSError, ValueError):
         record = {}
+    if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
+        record = {}      # not one we wrote: check the files every step has instead
     if record:
         for rel, (size, _) in record["files"].items():
             path = os.path.join(directory, rel)
@@ -223,9 +225,10 @@ class Checkpoints:
     def _integrity(self, step: int) -> dict:
         try:
             with open(os.path.join(self.root, str(step), INTEGRITY)) as f:
-                return json.load(f)
+                record = json.load(f)
         except (OSError, ValueError):
             return {}
+        return record if isinstance(record, dict) else {}
 
     def close(self) -> None:
         self.flush()

@@ -36,8 +36,9 @@ class Document:
     text: str
     source: str    # SlimPajama's meta.redpajama_set_name; the source kind elsewhere
     where: str     # "file:line" of the record, for messages
-    # How much of its file lies before it (bytes, or characters of a WikiText file; for a
-    # .zst file its compressed bytes, to within a read chunk): a stream's progress measure.
+    # The fraction of its file before it, in [0, 1): of the bytes (the compressed bytes of
+    # a .zst file, to within a read chunk), or of a WikiText file's characters. A stream's
+    # measure of progress.
     share: float = 0.0
 
 

@@ -308,6 +308,7 @@ class StreamIterator:
         self.n_files = len(files)
         sizes = [os.path.getsize(f) for f in files]
         self._bytes_before = np.cumsum([0] + sizes)       # of the files before each file
+        self._max_documents = dcfg.max_documents
         self.inputs_fingerprint = inputs_fingerprint(dcfg, files)   # in the pipeline fingerprint
         self.n_batches = -(-dcfg.shuffle_windows // local)     # batches per block
         self.p, self.n = process_index, process_count
@@ -354,17 +355,22 @@ class StreamIterator:
         return dict(self._producer.bad.counts)
 
     def _passes(self, cursor: Cursor) -> float:
-        """Passes done at `cursor`: over files, by the bytes before its document."""
+        """Passes done at `cursor`: over files, by the bytes before its document, or by
+        documents where data.max_documents ends the pass first (each is a lower bound)."""
         if not self.n_files:
             return cursor.epoch      # an HF stream's length is unknown
         size = self._bytes_before[cursor.file + 1] - self._bytes_before[cursor.file]
         done = self._bytes_before[cursor.file] + cursor.share * size
-        return cursor.epoch + float(done / max(self._bytes_before[-1], 1))
+        share = float(done / max(self._bytes_before[-1], 1))
+        if self._max_documents:
+            share = max(share, cursor.doc / self._max_documents)
+        return cursor.epoch + share
 
     @property
     def epoch(self) -> float:
         """Passes done so far, estimated from the input bytes before the current block's
-        first document and the next block's, in proportion to the batches taken."""
+        first document and the next block's, in proportion to the batches taken (before
+        the first batch after set_state: at the block's first document)."""
         if self._block is None:
             return self._passes(self._start)
         first, after = self._passes(self._block.start), self._passes(self._block.end)

@@ -116,6 +116,16 @@ def test_tools_read_the_newest_intact_checkpoint_and_name_a_damaged_one(tmp_path
         checkpoint.load_params(str(tmp_path), 5)
 
 
+def test_an_integrity_record_not_ours_falls_back_to_the_files_every_step_has(tmp_path,
+                                                                            tiny_cfg):
+    root = _saved(tmp_path, tiny_cfg, [1])
+    for record in ("[1]", '{"val_loss": 1.0}'):
+        pathlib.Path(f"{root}/1/{checkpoint.INTEGRITY}").write_text(record)
+        assert checkpoint.verify_step(f"{root}/1")[0] is None
+    os.remove(f"{root}/1/state/_METADATA")
+    assert checkpoint.verify_step(f"{root}/1")[0] == "is missing state/_METADATA"
+
+
 def test_tools_name_a_checkpoint_whose_arrays_cannot_be_decoded(tmp_path, tiny_cfg):
     root = _saved(tmp_path, tiny_cfg, [1])
     path = _biggest_file(f"{root}/1/state/ocdbt.process_0/d")    # its size stays the same

@@ -119,6 +119,40 @@ def test_epochs_follow_the_bytes_read_within_a_single_file(tmp_path):
     assert epochs[len(epochs) // 3][1] > 0.2 and epochs[-1][1] > 1
 
 
+@pytest.mark.parametrize("zst, cap", [(False, 0), (True, 0), (True, 200)])
+def test_epochs_follow_the_documents_read_across_files_and_under_a_cap(tmp_path, monkeypatch,
+                                                                       zst, cap):
+    # 4 files (.jsonl, or .zst of a frame per 10 lines, read in 256-byte chunks) of 100
+    # documents each, all of one length: bytes, documents and tokens measure a pass alike.
+    # Blocks of 2048 tokens span 50 documents, so the estimate must move within a block,
+    # not only from one to the next.
+    monkeypatch.setattr(sources, "_ZST_CHUNK", 256)
+    rng = random.Random(1)
+    texts = ["".join(rng.choice("abcdefghij") for _ in range(40)) for _ in range(400)]
+    for split, n_files in (("train", 4), ("validation", 1)):
+        (tmp_path / split).mkdir()
+        for f in range(n_files):
+            lines = [(json.dumps({"text": t, "meta": {"redpajama_set_name": "S"}}) + "\n")
+                     .encode() for t in texts[f * 100:(f + 1) * 100]]
+            name = tmp_path / split / f"chunk_{f}.jsonl"
+            if zst:
+                name.with_suffix(".jsonl.zst").write_bytes(b"".join(
+                    zstandard.ZstdCompressor().compress(b"".join(lines[i:i + 10]))
+                    for i in range(0, len(lines), 10)))
+            else:
+                name.write_bytes(b"".join(lines))
+    per_pass = len(_stream_tokens(texts[:cap or None]))
+    it = stream.StreamIterator(_dcfg(str(tmp_path), shuffle_windows=256, max_documents=cap),
+                               ByteTokenizer(), global_batch=LOCAL, seed=0)
+    errors, taken = [], 0
+    while taken < 1.3 * per_pass:
+        next(it)
+        taken += LOCAL * T
+        errors.append(it.epoch - taken / per_pass)
+    it.close()
+    assert max(map(abs, errors)) < 0.03, errors      # a block is 1/8 (cap: 1/4) of a pass
+
+
 def test_processes_take_alternate_documents(tmp_path):
     root, texts = _corpus(tmp_path)
     for p in range(2):
