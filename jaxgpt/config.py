@@ -73,8 +73,8 @@ def base_config(size: str = "small", **model_overrides) -> ml_collections.Config
     config.train.watchdog_factor = 10.0
     # JAX's persistent compilation cache (`python -m jaxgpt.main` only): a restart, a resume
     # or another run of the same shapes loads its compiled steps from here instead of
-    # compiling them again (minutes for the large sizes). Steps compiled in under a second
-    # are not kept; $JAX_COMPILATION_CACHE_DIR, when set, wins; "" = off.
+    # compiling them again. Steps compiled in under a second are not kept, the rest until
+    # the folder is deleted (any time); $JAX_COMPILATION_CACHE_DIR, when set, wins; "" = off.
     config.train.compilation_cache = "~/.cache/jaxgpt/xla"
     # Fault injection for tests only: poison loss and grads of steps
     # [inject_nan_at_step, inject_nan_at_step + inject_nan_steps); hang before step
