@@ -5,10 +5,36 @@ same fields and `--config.x.y=` overrides work alike everywhere.
 """
 
 import dataclasses
+import logging
+import os
 
 import ml_collections
 
 from jaxgpt import model
+
+log = logging.getLogger(__name__)
+COMPILATION_CACHE = "~/.cache/jaxgpt/xla"
+
+
+def use_compilation_cache(path: str = COMPILATION_CACHE) -> str | None:
+    """Turn on JAX's persistent compilation cache at `path` (before anything compiles), so
+    a later process of the same shapes loads its compiled programs instead of compiling them
+    again; $JAX_COMPILATION_CACHE_DIR, which JAX reads itself, wins. Returns the folder in
+    use (None: off)."""
+    import jax
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
+    if not path:
+        return None
+    path = os.path.expanduser(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:    # a read-only home, say: compile as without a cache
+        log.warning("compilation cache %s cannot be created (%s); compiling without it", path,
+                    e)
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path
 
 
 def base_config(size: str = "small", **model_overrides) -> ml_collections.ConfigDict:
@@ -75,7 +101,7 @@ def base_config(size: str = "small", **model_overrides) -> ml_collections.Config
     # or another run of the same shapes loads its compiled steps from here instead of
     # compiling them again. Steps compiled in under a second are not kept, the rest until
     # the folder is deleted (any time); $JAX_COMPILATION_CACHE_DIR, when set, wins; "" = off.
-    config.train.compilation_cache = "~/.cache/jaxgpt/xla"
+    config.train.compilation_cache = COMPILATION_CACHE
     # Fault injection for tests only: poison loss and grads of steps
     # [inject_nan_at_step, inject_nan_at_step + inject_nan_steps); hang before step
     # inject_hang_at_step. -1 = off.

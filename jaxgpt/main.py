@@ -18,6 +18,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from jaxgpt import config as config_schema
 from jaxgpt import faults, train
 
 log = logging.getLogger(__name__)
@@ -103,29 +104,11 @@ def init_distributed() -> None:
         initialization_timeout=max(60, 3 * heartbeat), shutdown_timeout_seconds=heartbeat)
 
 
-def compilation_cache(path: str) -> str | None:
-    """Turn on JAX's persistent compilation cache at `path` (before anything compiles);
-    $JAX_COMPILATION_CACHE_DIR, which JAX reads itself, wins. Returns the folder in use."""
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return os.environ["JAX_COMPILATION_CACHE_DIR"]
-    if not path:
-        return None
-    path = os.path.expanduser(path)
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:    # a read-only home, say: compile as without a cache
-        log.warning("train.compilation_cache %s cannot be created (%s); compiling without it",
-                    path, e)
-        return None
-    jax.config.update("jax_compilation_cache_dir", path)
-    return path
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     init_distributed()
-    cache = compilation_cache(FLAGS.config.train.compilation_cache)
+    cache = config_schema.use_compilation_cache(FLAGS.config.train.compilation_cache)
     # Process 0 speaks for the job; the others report warnings and errors only.
     logging.getLogger().setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
     for handler in logging.getLogger().handlers:

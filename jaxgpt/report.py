@@ -519,4 +519,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from jaxgpt import config
+    config.use_compilation_cache()
     sys.exit(main())

@@ -540,5 +540,6 @@ def generate(cfg: model.GPTConfig, params, prompts: list[list[int]], *, max_new_
 
 
 if __name__ == "__main__":    # python -m jaxgpt.sample: the command line (jaxgpt/sample_cli.py)
-    from jaxgpt import sample_cli
+    from jaxgpt import config, sample_cli
+    config.use_compilation_cache()
     sys.exit(sample_cli.main())

@@ -305,4 +305,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from jaxgpt import config
+    config.use_compilation_cache()
     sys.exit(main())
