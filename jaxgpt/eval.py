@@ -401,9 +401,9 @@ def read_sources(path: str) -> dict[str, list[str]]:
     """{source name: documents} of the files at `path`. `.jsonl` / `.jsonl.zst` lines are
     SlimPajama records (by `meta.redpajama_set_name`); any other file is one document of
     source `text`. A bad record is an error naming its file and line."""
-    bad = sources.BadRecords("error")
+    bad = sources.BadRecords("error", hint="")
     out: dict[str, list[str]] = {}
-    for f in sources.resolve_paths(path):
+    for f in sources.resolve_paths(path, "--data"):
         reader = sources.read_jsonl if f.endswith((".jsonl", ".jsonl.zst")) else sources.read_text
         for doc in reader(f, bad):
             out.setdefault(doc.source, []).append(doc.text)
@@ -457,14 +457,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
     logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(logging.WARNING)    # orbax's line per restore
 
     def compute():
+        texts = read_sources(args.data)     # bad input is found before a model is loaded
         lm = load_lm(args.checkpoint or "hf:" + args.hf)
         context = args.context or lm.cfg.n_positions
         stride = args.stride or max(1, context // 2)
         return {"model": lm.name, "context": context, "stride": stride,
-                **perplexity_of_sources(lm, read_sources(args.data), context=context,
-                                        stride=stride, batch_size=args.batch_size)}
+                **perplexity_of_sources(lm, texts, context=context, stride=stride,
+                                        batch_size=args.batch_size)}
     from jaxgpt import report
     return run_cli(compute, report.perplexity_table, args.out)
 

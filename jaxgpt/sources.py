@@ -45,14 +45,15 @@ class Document:
 class BadRecords:
     """Raises on a bad record (policy 'error') or counts it by kind (policy 'skip')."""
 
-    def __init__(self, policy: str):
+    def __init__(self, policy: str, hint: str = " (data.on_bad_record='skip' skips such "
+                                                 "records)"):
         choices.check("data.on_bad_record", policy, BAD_RECORD_POLICIES)
-        self.policy = policy
+        self.policy, self.hint = policy, hint
         self.counts: collections.Counter = collections.Counter()
 
     def __call__(self, kind: str, where: str, message: str) -> None:
         if self.policy == "error":
-            raise ValueError(f"{where}: {message} (data.on_bad_record='skip' skips such records)")
+            raise ValueError(f"{where}: {message}{self.hint}")
         self.counts[kind] += 1
         log.warning("skipped bad record %s: %s", where, message)
 
@@ -71,8 +72,9 @@ def default_corpus_files() -> list[str]:
     return files
 
 
-def resolve_paths(path: str) -> list[str]:
-    """A file, a directory (all files below it) or a glob -> sorted list of files."""
+def resolve_paths(path: str, name: str = "data.path") -> list[str]:
+    """A file, a directory (all files below it) or a glob -> sorted list of files (`name`:
+    the setting that gave `path`, for messages)."""
     if os.path.isdir(path):
         files = sorted(p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True)
                        if os.path.isfile(p))
@@ -81,9 +83,9 @@ def resolve_paths(path: str) -> list[str]:
     elif os.path.isfile(path):
         files = [path]
     else:
-        raise FileNotFoundError(f"data.path {path!r} does not exist")
+        raise FileNotFoundError(f"{name} {path!r} does not exist")
     if not files:
-        raise FileNotFoundError(f"data.path {path!r} matches no files")
+        raise FileNotFoundError(f"{name} {path!r} matches no files")
     return files
 
 
@@ -170,7 +172,7 @@ def read_jsonl(path: str, bad: BadRecords) -> Iterator[Document]:
                 bad("non_utf8", where, f"not valid UTF-8 ({e.reason} at byte {e.start})")
                 continue
             except json.JSONDecodeError as e:
-                bad("malformed_json", where, f"malformed JSON ({e.msg} at column {e.colno})")
+                bad("malformed_json", where, f"malformed JSON ({e.msg}: column {e.colno})")
                 continue
             if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
                 bad("no_text", where, "record has no string 'text' field")

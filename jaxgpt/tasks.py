@@ -55,7 +55,7 @@ def _records(path: str) -> Iterator[tuple[str, dict]]:
                 record = json.loads(line)
                 why = None if isinstance(record, dict) else "not a JSON object"
             except json.JSONDecodeError as e:
-                why = f"not JSON ({e.msg})"
+                why = f"not JSON ({e.msg}: column {e.colno})"
             if why:
                 raise ValueError(f"{path}:{n}: {why}")
             yield f"{path}:{n}", record

@@ -200,10 +200,18 @@ def test_slimpajama_sources_are_read_by_set_name(shared_data):
     assert all(isinstance(d, str) and d for docs in sources.values() for d in docs)
 
 
-def test_plain_text_is_one_document_and_a_bad_record_names_its_line(shared_data, tmp_path):
+def test_plain_text_is_one_document_and_a_bad_record_names_its_line(shared_data, tmp_path,
+                                                                   capsys):
     path = pathlib.Path(shared_data, "wikitext-2", "valid.txt")
     assert evaluation.read_sources(str(path)) == {"text": [path.read_text(encoding="utf-8")]}
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": \n')
     with pytest.raises(ValueError, match=f"{bad}:2: malformed JSON"):
         evaluation.read_sources(str(bad))
+    # The command line reads its --data before it loads any model, and names the flag.
+    assert evaluation.main([f"--checkpoint={tmp_path / 'no-run'}", f"--data={bad}"]) == 2
+    assert evaluation.main([f"--checkpoint={tmp_path / 'no-run'}",
+                            f"--data={tmp_path / 'absent.txt'}"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == (f"error: {bad}:2: malformed JSON (Expecting value: column 10)")
+    assert err[1] == f"error: --data '{tmp_path / 'absent.txt'}' does not exist"
