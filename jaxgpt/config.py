@@ -16,6 +16,14 @@ log = logging.getLogger(__name__)
 COMPILATION_CACHE = "~/.cache/jaxgpt/xla"
 
 
+def command_logging() -> None:
+    """INFO logging for the evaluation commands, without orbax's lines on every restore
+    or JAX's on the backends it looked for and did not find."""
+    logging.getLogger().setLevel(logging.INFO)
+    for quiet in ("absl", "jax._src.xla_bridge"):
+        logging.getLogger(quiet).setLevel(logging.WARNING)
+
+
 def use_compilation_cache(path: str = COMPILATION_CACHE) -> str | None:
     """Turn on JAX's persistent compilation cache at `path` (before anything compiles), so
     a later process of the same shapes loads its compiled programs instead of compiling them

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from jaxgpt import checkpoint, data, model, sample, sources, tokenizer
+from jaxgpt import config as config_schema
 
 log = logging.getLogger(__name__)
 
@@ -456,8 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--out", help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
-    logging.getLogger().setLevel(logging.INFO)
-    logging.getLogger("absl").setLevel(logging.WARNING)    # orbax's line per restore
+    config_schema.command_logging()
 
     def compute():
         texts = read_sources(args.data)     # bad input is found before a model is loaded

@@ -10,7 +10,6 @@ import dataclasses
 import html
 import io
 import json
-import logging
 import math
 import os
 import sys
@@ -501,7 +500,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.tasks_limit < 0:
         parser.error(f"--tasks_limit must be >= 0, got {args.tasks_limit}")
-    logging.getLogger().setLevel(logging.INFO)
+    from jaxgpt import config as config_schema
+    config_schema.command_logging()
     from jaxgpt import eval as evaluation
     try:
         settings = evaluation.GenSettings(args.max_new_tokens, args.temperature, args.top_k,

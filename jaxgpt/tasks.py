@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from jaxgpt import config as config_schema
 from jaxgpt import eval as evaluation
 from jaxgpt import report
 
@@ -291,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--out", help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
-    logging.getLogger().setLevel(logging.INFO)
+    config_schema.command_logging()
     if args.limit < 0 or args.batch_size < 1:
         parser.error("--limit must be >= 0 and --batch_size >= 1")
 
