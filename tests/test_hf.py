@@ -4,6 +4,7 @@ import/export round trips, strict errors, refusal of pickled code, compare CLI, 
 import dataclasses
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -361,6 +362,11 @@ def test_hub_names_go_through_transformers_cache(tmp_path, monkeypatch):
     _, expected = hf.import_gpt2(m)
     helpers.assert_trees_close(nnx.to_pure_dict(params), nnx.to_pure_dict(expected),
                                rtol=0, atol=0)
+    asked.clear()      # a path that does not exist is named, not looked up on the hub
+    for path in (str(tmp_path / "absent"), "./absent", "runs/x/absent"):
+        with pytest.raises(FileNotFoundError, match=f"{re.escape(path)}: no such directory"):
+            hf.import_gpt2("hf:" + path)
+    assert asked == []
 
 
 def test_jaxgpt_imports_without_torch_or_transformers():

@@ -186,6 +186,9 @@ def read_dir(directory: str) -> tuple[dict, dict, dict]:
 
 def _hub_dir(name: str) -> str:
     """A hub model's snapshot directory, through transformers' own download and cache."""
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(f"{name}: no such directory (and not a hub name, which is "
+                                f"NAME or NAMESPACE/NAME)")
     from transformers.utils import cached_file
     cached_file(name, "model.safetensors")
     return os.path.dirname(cached_file(name, "config.json"))
