@@ -352,10 +352,14 @@ def train_iterator(corpus: Corpus, dcfg: DataConfig, tok, *, global_batch: int, 
 
 def stream_stats(train_iter) -> dict:
     """For a metrics record: bad records a stream has skipped so far (prepared shards
-    report theirs once, in the first record of a start)."""
-    if isinstance(train_iter, stream.StreamIterator) and train_iter.bad_records:
-        return {"bad_records": train_iter.bad_records}
-    return {}
+    report theirs once, in the first record of a start), and the documents of the pass read
+    so far where its length is unknown (an HF stream, whose `epoch` counts whole passes)."""
+    if not isinstance(train_iter, stream.StreamIterator):
+        return {}
+    out = {"bad_records": train_iter.bad_records} if train_iter.bad_records else {}
+    if train_iter.documents is not None:
+        out["pass_documents"] = train_iter.documents
+    return out
 
 
 def epochs_done(train_iter, corpus: Corpus, windows_done: int) -> float:

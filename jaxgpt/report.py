@@ -34,12 +34,20 @@ def progress_bar(fraction: float, width: int = 24) -> str:
 DATA_WAIT_SHOWN = 0.1   # the progress line names input stalls above this share of the time
 
 
+def _epochs(m: dict) -> str:
+    """Passes over the data: a fraction, or where the pass length is unknown (an HF stream)
+    the pass and the documents read in it."""
+    if m.get("pass_documents") is not None:
+        return f"pass {int(m['epoch']) + 1}, {m['pass_documents']:,} docs"
+    return f"~{m['epoch']:.2f} epochs"
+
+
 def progress_line(m: dict) -> str:
     """One console line from a metrics record (see train.train_and_evaluate)."""
     line = (f"{progress_bar(m['step'] / m['total_steps'])} step {m['step']}/{m['total_steps']}"
             f" | loss {m['loss']:.4f} | lr {m['lr']:.2e} | gnorm {m['grad_norm']:.2f}"
             f" | {m['tokens_per_s']:,.0f} tok/s | {m['samples_per_s']:.1f} samples/s"
-            f" | ~{m['epoch']:.2f} epochs | ETA {format_duration(m['eta_s'])}")
+            f" | {_epochs(m)} | ETA {format_duration(m['eta_s'])}")
     if m.get("mfu") is not None:   # None where the devices' peak FLOP/s is unknown
         line += f" | MFU {100 * m['mfu']:.1f}%"
     if (m.get("data_wait") or 0) >= DATA_WAIT_SHOWN:
@@ -214,7 +222,13 @@ def status_rows(train: list[dict], evals: list[dict],
                               f"@ step {e['step']}")))
         rows += [(task, f"{_scores_text(scores)} @ step {e['step']}")
                  for task, scores in benchmark_scores(e).items()]
-    rows.append(("epochs completed", f"{int(t['epoch'])} ({t['epoch']:.2f} epochs of data)"))
+    passes = int(t["epoch"])
+    if t.get("pass_documents") is not None:
+        done = (f"{passes} (the stream's length is unknown: {t['pass_documents']:,} documents "
+                f"into pass {passes + 1})")
+    else:
+        done = f"{passes} ({t['epoch']:.2f} epochs of data)"
+    rows.append(("epochs completed", done))
     if not finished:
         rows.append(("ETA", format_duration(t["eta_s"])))
     rows += [("samples/s", f"{t['samples_per_s']:.1f}"),

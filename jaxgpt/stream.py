@@ -373,8 +373,22 @@ class StreamIterator:
         the first batch after set_state: at the block's first document)."""
         if self._block is None:
             return self._passes(self._start)
+        if not self.n_files:     # an HF stream: whole passes (`documents` says how far)
+            return float(self._block.start.epoch)
         first, after = self._passes(self._block.start), self._passes(self._block.end)
         return first + (after - first) * self._taken / self.n_batches
+
+    @property
+    def documents(self) -> int | None:
+        """Documents of the current pass read so far (every process's, like the epoch), where
+        the pass's length is unknown (an HF stream); None for files."""
+        if self.n_files:
+            return None
+        if self._block is None:
+            return self._start.doc
+        start, end = self._block.start, self._block.end
+        after = end.doc if end.epoch == start.epoch else start.doc   # a new pass began
+        return int(start.doc + (after - start.doc) * self._taken / self.n_batches)
 
     def local_state(self) -> list[int]:
         s = self._start

@@ -295,3 +295,15 @@ def test_training_on_a_mixture_logs_validation_per_source(shared_data, tmp_path)
     assert ev["val_tokens"] == tokens == 2 * 2 * 8 * 32   # eval.batches per source
     nll = sum(ev[f"val_loss/{n}"] * ev[f"val_tokens/{n}"] for n in names)
     np.testing.assert_allclose(ev["val_loss"], nll / tokens, rtol=1e-9)
+
+
+def test_a_stream_of_unknown_length_reports_its_pass_and_documents():
+    record = {"step": 5, "total_steps": 10, "loss": 2.0, "lr": 1e-3, "grad_norm": 1.0,
+              "tokens_per_s": 1000.0, "samples_per_s": 10.0, "eta_s": 5.0, "time": 0.0}
+    line = report.progress_line(record | {"epoch": 1.0, "pass_documents": 155908})
+    assert "| pass 2, 155,908 docs |" in line and "epochs" not in line
+    assert "| ~0.37 epochs |" in report.progress_line(record | {"epoch": 0.37})
+    rows = dict(report.status_rows([record | {"epoch": 1.0, "pass_documents": 155908}], [],
+                                   now=0.0))
+    assert rows["epochs completed"] == ("1 (the stream's length is unknown: 155,908 "
+                                        "documents into pass 2)")

@@ -189,6 +189,34 @@ def _hf_hub(monkeypatch, root):
     return _local_hub(monkeypatch, ("cerebras/SlimPajama-627B",), files)
 
 
+def test_an_hf_stream_counts_the_documents_of_its_pass(tmp_path, monkeypatch):
+    # Its length is unknown, so progress is the pass and the documents read in it: 120
+    # documents of ~21 tokens, blocks of 40 windows of 8 tokens (~15 documents), counted
+    # within a block too.
+    root, texts = _corpus(tmp_path, docs_per_file=40)
+    _hf_hub(monkeypatch, root)
+    it = stream.StreamIterator(_dcfg(None, shuffle_windows=40), ByteTokenizer(),
+                               global_batch=LOCAL, seed=0)
+    per_doc = len(_stream_tokens(texts)) / len(texts)
+    seen, taken = [], 0
+    while taken < 1.5 * len(_stream_tokens(texts)):
+        next(it)
+        taken += LOCAL * T
+        seen.append((int(it.epoch), it.documents, taken / per_doc))
+    it.close()
+    first = [(docs, want) for passes, docs, want in seen if passes == 0]
+    assert [d for d, _ in first] == sorted(d for d, _ in first) and first[-1][0] > 90
+    # The block that crosses into the next pass stays at its first document.
+    assert all(abs(docs - want) <= 4 for docs, want in first if want < 100), first
+    assert all(-16 <= docs - want <= 4 for docs, want in first), first
+    later = [(docs, want - len(texts)) for passes, docs, want in seen if passes == 1]
+    assert later and all(abs(docs - want) <= 4 for docs, want in later), later
+    files = tmp_path / "files"
+    files.mkdir()
+    assert stream.StreamIterator(_dcfg(_corpus(files)[0]), ByteTokenizer(), global_batch=LOCAL,
+                                 seed=0).documents is None        # files: epochs say it
+
+
 def _states_and_batches(it, n: int) -> tuple[list, list]:
     """The state before each of the next n batches, and the batches; then stops `it`."""
     states, batches = [], []
