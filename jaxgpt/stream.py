@@ -384,11 +384,12 @@ class StreamIterator:
         the pass's length is unknown (an HF stream); None for files."""
         if self.n_files:
             return None
+        parts = self._producer.hf_part[1]    # a split stream's cursors count its own part
         if self._block is None:
-            return self._start.doc
+            return self._start.doc * parts
         start, end = self._block.start, self._block.end
         after = end.doc if end.epoch == start.epoch else start.doc   # a new pass began
-        return int(start.doc + (after - start.doc) * self._taken / self.n_batches)
+        return int(start.doc + (after - start.doc) * self._taken / self.n_batches) * parts
 
     def local_state(self) -> list[int]:
         s = self._start

@@ -336,6 +336,9 @@ def test_processes_read_their_own_part_of_an_hf_stream(tmp_path, monkeypatch, n_
         got = _rows(next(it) for _ in range(2 * it.n_batches))
         it.close()
         assert sorted(got) == sorted(_windows(ref, 0, len(got)))
+        # Documents read count every process's: about twice this part's, to within a block.
+        own = len(got) * T / (len(_stream_tokens(mine)) / len(mine)) % len(mine)
+        assert abs(it.documents - 2 * own) <= 4, (it.documents, own)
 
 
 def test_max_documents_caps_each_pass(tmp_path):
