@@ -41,8 +41,6 @@ _TMP_MARK = ".orbax-checkpoint-tmp"
 # Files a finalized step always has; checked when it has no integrity.json yet (a kill
 # between orbax's finalize and our checksum pass).
 _REQUIRED = ("_CHECKPOINT_METADATA", "meta/metadata", "data/metadata", "state/_METADATA")
-# What orbax/tensorstore raise on unreadable checkpoint files.
-_READ_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError)
 
 
 def provenance() -> dict:
@@ -228,7 +226,8 @@ class Checkpoints:
                 record = json.load(f)
         except (OSError, ValueError):
             return {}
-        return record if isinstance(record, dict) else {}
+        ours = isinstance(record, dict) and isinstance(record.get("files"), dict)
+        return record if ours else {}
 
     def close(self) -> None:
         self.flush()
@@ -276,11 +275,13 @@ class Checkpoints:
                 out = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state),
                     data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-            except _READ_ERRORS as e:
+            except Exception as e:    # tensorstore raises a bare Exception too
                 if self._integrity(step) or jax.process_count() > 1:
                     raise   # checksums match: the files are fine, the request is wrong
+                problem = _innermost_line(e)
+                _collect_abandoned_reads()
                 self._move_aside(str(step), CORRUPT_DIR,
-                                 f"failed to restore ({type(e).__name__}: {e}); falling back")
+                                 f"failed to restore ({problem}); falling back")
                 continue
             return out.state, out.data, out.meta
 
@@ -345,10 +346,15 @@ def load_params(workdir: str, step: int | None = None):
     step, meta = read_meta(workdir, step)
     manager = _reader(workdir)
     try:
-        cfg = model.GPTConfig(**meta["config"]["model"])
-    except (KeyError, TypeError) as e:
+        fields = meta["config"]["model"]
+    except (KeyError, TypeError):
         raise ValueError(f"checkpoint step {step} in {manager.directory}: its metadata holds "
-                         f"no model config ({type(e).__name__}: {e})") from None
+                         f"no model config") from None
+    try:
+        cfg = model.GPTConfig(**fields)
+    except TypeError as e:
+        raise ValueError(f"checkpoint step {step} in {manager.directory} holds a model config "
+                         f"this jaxgpt does not know ({e})") from None
     abstract = nnx.state(nnx.eval_shape(lambda: model.GPT(cfg, rngs=nnx.Rngs(0))), nnx.Param)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = {"params": jax.tree.map(

@@ -164,10 +164,13 @@ def resume_guard(config, meta: dict, *, quiet: bool = False):
             log.info("resuming step %d with changed %s (speed or location only: the same "
                      "batches and state tree)", step, "; ".join(free))
         if diff and not config.checkpoint.allow_config_change:
-            # The overrides that give the differing fields their saved values back.
-            back = [f"--config.{n}={shlex.quote(str(old))}" for n, old, _ in fixed
-                    if isinstance(old, (str, int, float, bool)) and old != "<absent>"]
-            hint = f"resume as it was with {' '.join(back)}, or pass" if back else "pass"
+            # The overrides that give the differing fields their saved values back, where
+            # flags can (plain values of fields both configs have) and nothing else differs.
+            back = [f"--config.{n}={shlex.quote(str(old))}" for n, old, new in fixed
+                    if isinstance(old, (str, int, float, bool))
+                    and "<absent>" not in (old, new)]
+            settable = back and len(back) == len(diff) - len(free)
+            hint = f"resume as it was with {' '.join(back)}, or pass" if settable else "pass"
             raise ValueError(f"checkpoint at step {step} was written by an incompatible run; "
                              f"differing fields: {'; '.join(diff)} ({hint} --config."
                              f"checkpoint.allow_config_change=True to resume anyway)")

@@ -209,6 +209,7 @@ def load(kind: str, path: str) -> Tokenizer:
     tokenizer a model was trained with.
     """
     choices.check("tokenizer kind", kind, KINDS)
+    path = os.path.expanduser(path)
     return SentencePiece.load(path) if kind == "sentencepiece" else Gpt2Bpe(path)
 
 

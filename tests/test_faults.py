@@ -3,6 +3,7 @@ bad input. Subprocess tests (kill -9, SIGTERM, watchdog, CLI errors) are marked 
 
 import dataclasses
 import glob
+import json
 import logging
 import os
 import pathlib
@@ -57,6 +58,16 @@ def _truncate(root):
     os.truncate(path, os.path.getsize(path) // 2)
 
 
+def _scramble_arrays(root):
+    """Step 2's biggest array file garbled at the same size, under an integrity.json that
+    is not ours (so nothing vouches for the files): only the restore can tell."""
+    path = _biggest_file(f"{root}/2/state/ocdbt.process_0/d")
+    raw = bytearray(pathlib.Path(path).read_bytes())
+    raw[:64] = bytes(b ^ 0xFF for b in raw[:64])
+    pathlib.Path(path).write_bytes(bytes(raw))
+    pathlib.Path(f"{root}/2/{checkpoint.INTEGRITY}").write_text('{"val_loss": 1.0}')
+
+
 def _flip(root):
     path = _biggest_file(f"{root}/2/state")
     raw = bytearray(pathlib.Path(path).read_bytes())
@@ -72,6 +83,7 @@ CORRUPTIONS = {
     "unchecksummed, bad meta": (lambda r: (os.remove(f"{r}/2/{checkpoint.INTEGRITY}"),
                                            pathlib.Path(f"{r}/2/meta/metadata").write_text("{")),
                                 2, "unreadable meta/metadata"),
+    "unvouched, undecodable arrays": (_scramble_arrays, 2, "failed to restore"),
     "empty dir": (lambda r: os.makedirs(f"{r}/3"), 3, "empty directory"),
     "leftover tmp dir": (lambda r: os.makedirs(f"{r}/3.orbax-checkpoint-tmp-17/state"), 3,
                          "unfinished save"),
@@ -114,6 +126,14 @@ def test_tools_read_the_newest_intact_checkpoint_and_name_a_damaged_one(tmp_path
         checkpoint.load_params(str(tmp_path), 2)
     with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 5 in .*\[1, 2\]"):
         checkpoint.load_params(str(tmp_path), 5)
+    os.remove(pathlib.Path(root, "1", checkpoint.INTEGRITY))    # the edit below is ours
+    meta = pathlib.Path(root, "1", "meta", "metadata")
+    saved = json.loads(meta.read_text())
+    saved["config"]["model"]["future_field"] = 1
+    meta.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"step 1 in \S+ holds a model config this jaxgpt does "
+                                         r"not know \(.*future_field"):
+        checkpoint.load_params(str(tmp_path), 1)
 
 
 def test_an_integrity_record_not_ours_falls_back_to_the_files_every_step_has(tmp_path,

@@ -250,7 +250,7 @@ def import_gpt2(source, *, config: Mapping | None = None
     `config`, the HF config as a dict, is required).
     """
     if isinstance(source, str):
-        name = source.removeprefix(HUB_PREFIX)
+        name = os.path.expanduser(source.removeprefix(HUB_PREFIX))   # hf:~/... too
         directory = name if os.path.isdir(name) else _hub_dir(name)
         hf, tensors, origin = read_dir(directory)
         cfg = config_from_hf(hf, os.path.join(directory, "config.json"))
