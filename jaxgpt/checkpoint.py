@@ -83,19 +83,25 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def _integrity_record(directory: str) -> dict:
+    """A step's integrity.json, or {} where it has none we wrote (no file, unreadable, or
+    without its per-file records)."""
+    try:
+        with open(os.path.join(directory, INTEGRITY)) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    ours = isinstance(record, dict) and isinstance(record.get("files"), dict)
+    return record if ours else {}
+
+
 def verify_step(directory: str, *, crc: bool = True) -> tuple[str | None, dict | None]:
     """(problem or None, meta) of a finalized step directory, from its files alone: each
     file of its `integrity.json` present at its size (and, with `crc`, its CRC32), else the
     files every step has; then its metadata readable."""
     if not os.listdir(directory):
         return "is an empty directory", None
-    try:
-        with open(os.path.join(directory, INTEGRITY)) as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        record = {}
-    if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
-        record = {}      # not one we wrote: check the files every step has instead
+    record = _integrity_record(directory)
     if record:
         for rel, (size, _) in record["files"].items():
             path = os.path.join(directory, rel)
@@ -221,13 +227,7 @@ class Checkpoints:
                 self.manager.delete(s)
 
     def _integrity(self, step: int) -> dict:
-        try:
-            with open(os.path.join(self.root, str(step), INTEGRITY)) as f:
-                record = json.load(f)
-        except (OSError, ValueError):
-            return {}
-        ours = isinstance(record, dict) and isinstance(record.get("files"), dict)
-        return record if ours else {}
+        return _integrity_record(os.path.join(self.root, str(step)))
 
     def close(self) -> None:
         self.flush()
@@ -317,7 +317,11 @@ def read_meta(workdir: str, step: int | None = None, *,
     (a damaged newer one is passed over with a warning, and left where it is); a given step
     that is absent or damaged is an error naming it.
     """
-    manager = _reader(workdir)
+    return _read_meta(_reader(workdir), step, quiet)
+
+
+def _read_meta(manager: ocp.CheckpointManager, step: int | None,
+               quiet: bool) -> tuple[int, dict]:
     root = str(manager.directory)
     steps = sorted(manager.all_steps())
     if not steps:
@@ -343,8 +347,8 @@ def load_params(workdir: str, step: int | None = None):
 
     Only the params subtree is read (not the optimizer moments), onto the default device.
     """
-    step, meta = read_meta(workdir, step)
     manager = _reader(workdir)
+    step, meta = _read_meta(manager, step, quiet=False)
     try:
         fields = meta["config"]["model"]
     except (KeyError, TypeError):

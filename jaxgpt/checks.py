@@ -154,10 +154,10 @@ def resume_guard(config, meta: dict, *, quiet: bool = False):
                                         meta["config"], RESUME_FIELDS)
         free = [f"{n}: {old!r} -> {new!r}" for n, old, new in changes if n in RESUME_FREE]
         fixed = [(n, old, new) for n, old, new in changes if n not in RESUME_FREE]
-        diff = [f"{n}: {old!r} -> {new!r}" for n, old, new in fixed]
-        for key in ("tokenizer", "pipeline"):
-            if key in meta and saved.get(key) != meta[key]:
-                diff.append(f"{key}: {saved.get(key)!r} -> {meta[key]!r}")
+        fingerprints = [f"{key}: {saved.get(key)!r} -> {meta[key]!r}"
+                        for key in ("tokenizer", "pipeline")
+                        if key in meta and saved.get(key) != meta[key]]
+        diff = [f"{n}: {old!r} -> {new!r}" for n, old, new in fixed] + fingerprints
         if diff:
             diff += free     # what may explain a changed pipeline
         elif free and not quiet:
@@ -169,7 +169,7 @@ def resume_guard(config, meta: dict, *, quiet: bool = False):
             back = [f"--config.{n}={shlex.quote(str(old))}" for n, old, new in fixed
                     if isinstance(old, (str, int, float, bool))
                     and "<absent>" not in (old, new)]
-            settable = back and len(back) == len(diff) - len(free)
+            settable = back and len(back) == len(fixed) and not fingerprints
             hint = f"resume as it was with {' '.join(back)}, or pass" if settable else "pass"
             raise ValueError(f"checkpoint at step {step} was written by an incompatible run; "
                              f"differing fields: {'; '.join(diff)} ({hint} --config."

@@ -417,11 +417,11 @@ def _fused_attention(q, k, v, mask_BTS, cudnn: bool = False):
     if mask_BTS is None:
         if jax.default_backend() == "gpu":
             try:
-                if not cudnn and gpu_capability() < 8.0:
+                capability = gpu_capability()
+                if not cudnn and capability < 8.0:
                     # jax leaves this check to cuDNN, which fails only when XLA compiles
                     raise NotImplementedError(f"cuDNN flash attention needs compute "
-                                              f"capability 8.0 (Ampere), not "
-                                              f"{gpu_capability()}")
+                                              f"capability 8.0 (Ampere), not {capability}")
                 return jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                     implementation="cudnn")
             except (ValueError, NotImplementedError, RuntimeError) as e:

@@ -91,19 +91,22 @@ def pack_windows(tokens: np.ndarray, block_size: int) -> np.ndarray:
         strides=(tokens.strides[0] * block_size, tokens.strides[0]), writeable=False)
 
 
-def inputs_fingerprint(dcfg, files: list[str] | None = None) -> str:
+def inputs_fingerprint(dcfg, files: list[str] | None = None,
+                       sizes: list[int] | None = None) -> str:
     """What the saved cursors index: the train files' names (relative to their common
     folder) and sizes, and the pass length, so a moved copy of the data resumes. Not
     data.on_bad_record: a cursor counts good documents, and under 'error' none was bad, so
-    a run stopped by a bad record resumes with 'skip' where it stopped. `files`: the train
-    files when already found."""
+    a run stopped by a bad record resumes with 'skip' where it stopped. `files`, `sizes`: the
+    train files and their sizes when already found."""
     if files is None:
         files = check_inputs(dcfg).get("train", [])
+    if sizes is None:
+        sizes = [os.path.getsize(f) for f in files]
     h = hashlib.sha256(f"{dcfg.source}|{dcfg.max_documents}|"
                        f"{'files' if files else 'hf'}".encode())
     base = os.path.commonpath([os.path.dirname(f) for f in files]) if files else ""
-    for f in files:
-        h.update(f"{os.path.relpath(f, base)}:{os.path.getsize(f)}\n".encode())
+    for f, size in zip(files, sizes):
+        h.update(f"{os.path.relpath(f, base)}:{size}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -309,7 +312,8 @@ class StreamIterator:
         sizes = [os.path.getsize(f) for f in files]
         self._bytes_before = np.cumsum([0] + sizes)       # of the files before each file
         self._max_documents = dcfg.max_documents
-        self.inputs_fingerprint = inputs_fingerprint(dcfg, files)   # in the pipeline fingerprint
+        # In the pipeline fingerprint.
+        self.inputs_fingerprint = inputs_fingerprint(dcfg, files, sizes)
         self.n_batches = -(-dcfg.shuffle_windows // local)     # batches per block
         self.p, self.n = process_index, process_count
         self._producer = _Producer(dcfg, tok, files, local=local, n_batches=self.n_batches,
@@ -375,8 +379,8 @@ class StreamIterator:
             return self._passes(self._start)
         if not self.n_files:     # an HF stream: whole passes (`documents` says how far)
             return float(self._block.start.epoch)
-        first, after = self._passes(self._block.start), self._passes(self._block.end)
-        return first + (after - first) * self._taken / self.n_batches
+        return self._within_block(self._passes(self._block.start),
+                                  self._passes(self._block.end))
 
     @property
     def documents(self) -> int | None:
@@ -389,7 +393,12 @@ class StreamIterator:
             return self._start.doc * parts
         start, end = self._block.start, self._block.end
         after = end.doc if end.epoch == start.epoch else start.doc   # a new pass began
-        return int(start.doc + (after - start.doc) * self._taken / self.n_batches) * parts
+        return int(self._within_block(start.doc, after)) * parts
+
+    def _within_block(self, at_start: float, at_end: float) -> float:
+        """A measure interpolated between the current block's start and the next block's
+        by the share of the block's batches taken."""
+        return at_start + (at_end - at_start) * self._taken / self.n_batches
 
     def local_state(self) -> list[int]:
         s = self._start
