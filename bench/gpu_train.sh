@@ -18,6 +18,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # Keep XLA from grabbing 75% of GPU memory up front only to fragment it; allow all of it.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
-export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false"
+# cuBLAS GEMMs unless the caller's XLA_FLAGS choose (bench/gpu_ab.py compares both).
+case "${XLA_FLAGS:-}" in
+  *xla_gpu_enable_triton_gemm*) ;;
+  *) export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" ;;
+esac
 exec "${PYTHON:-python}" bench/train.py --frameworks jax --sizes gpt2 --dtype bfloat16 \
   --attention cudnn --batch 64 --seq 1024 --vocab 50304 --steps 20 --warmup 2 "$@"
