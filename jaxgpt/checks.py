@@ -108,13 +108,15 @@ def _max_token(windows) -> int:
 
 def check_inputs(config, workdir: str, corpus, tok, cfg: model.GPTConfig):
     """Out-of-range ids are clamped by JAX gathers instead of raising: check them here
-    (corpora over SCAN_LIMIT tokens only per batch, in the training loop)."""
+    (corpora over SCAN_LIMIT tokens only per batch, in the training loop). The bound is the
+    tokenizer's vocabulary: ids in a padded model vocabulary's extra rows are no tokens."""
     for name, windows in (("train", corpus.train), ("validation", corpus.val)):
         top = _max_token(windows) if windows.n_tokens <= SCAN_LIMIT else -1
-        if top >= cfg.vocab_size:
-            raise ValueError(f"{name} data holds token id {top} >= model.vocab_size "
-                             f"{cfg.vocab_size} (token cache {os.path.join(workdir, 'data')}"
-                             f" or tokenizer {tok.path})")
+        if top >= tok.vocab_size:
+            raise ValueError(f"{name} data holds token id {top} >= the tokenizer's "
+                             f"vocab_size {tok.vocab_size} (token cache "
+                             f"{config.data.prepared or os.path.join(workdir, 'data')}, "
+                             f"tokenizer {tok.path})")
     if config.sample.max_new_tokens:
         for i, prompt in enumerate(config.sample.prompts):
             n = len(tok.encode(prompt))

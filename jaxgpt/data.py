@@ -175,17 +175,44 @@ def _segments(root: str, manifest: dict, split: str) -> list[tuple[str, str, int
     return out
 
 
-def _hold_out_tail(segments, n_val: int):
-    """Split segment list into (train, val): val is the stream's last `n_val` tokens."""
-    train, val = list(segments), []
-    while n_val > 0:
-        name, path, start, stop = train.pop()
-        take = min(n_val, stop - start)
-        val.insert(0, (name, path, stop - take, stop))
+def _hold_out_tail(segments, n_val: dict[str, int]):
+    """Split a segment list into (train, val), both in the list's order: val is the last
+    `n_val[source]` tokens of each source's stream."""
+    train, val, left = [], [], dict(n_val)
+    for name, path, start, stop in reversed(segments):
+        take = min(left.get(name, 0), stop - start)
+        if take:
+            left[name] -= take
+            val.append((name, path, stop - take, stop))
         if stop - take > start:
             train.append((name, path, start, stop - take))
-        n_val -= take
-    return train, val
+    return train[::-1], val[::-1]
+
+
+def _held_out_tokens(segments, fraction: float, block_size: int) -> dict[str, int]:
+    """Validation tokens to hold out of each source's tail: `fraction` of them, at least one
+    window. A source too small to leave a window to both splits gives none (a lone source
+    that small is an error)."""
+    totals = _tokens_by_source(segments)
+    n_val = {}
+    for name, total in totals.items():
+        n = max(int(total * fraction), block_size + 1)
+        if total - n >= block_size + 1:
+            n_val[name] = n
+        elif len(totals) > 1:
+            log.warning("source %r has %d tokens, too few for a validation window of its "
+                        "own: all of it is training data", name, total)
+    if not n_val:
+        raise ValueError(f"the corpus has {sum(totals.values())} tokens: too few for "
+                         f"block_size {block_size} with a validation split of {fraction}")
+    return n_val
+
+
+def _tokens_by_source(segments) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for name, _, start, stop in segments:
+        out[name] = out.get(name, 0) + stop - start
+    return out
 
 
 def load_prepared(root: str, dcfg: DataConfig, tokenizer_fingerprint: str) -> Corpus:
@@ -197,14 +224,15 @@ def load_prepared(root: str, dcfg: DataConfig, tokenizer_fingerprint: str) -> Co
         raise ValueError(f"{root} was tokenized by {manifest['tokenizer']['fingerprint']}, "
                          f"not by this run's tokenizer {tokenizer_fingerprint}")
     train, val = _segments(root, manifest, "train"), _segments(root, manifest, "val")
-    total = sum(stop - start for _, _, start, stop in train)
+    fingerprint = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode())
+    tokens = {k: v["tokens"] for k, v in manifest["splits"].items()}
     if not val and not dcfg.streaming:
-        n_val = max(int(total * dcfg.val_fraction), dcfg.block_size + 1)
-        if total - n_val < dcfg.block_size + 1:
-            raise ValueError(f"the corpus has {total} tokens: too few for block_size "
-                             f"{dcfg.block_size} with a validation split of "
-                             f"{dcfg.val_fraction}")
+        n_val = _held_out_tokens(train, dcfg.val_fraction, dcfg.block_size)
         train, val = _hold_out_tail(train, n_val)
+        tokens = {"train": _tokens_by_source(train), "val": _tokens_by_source(val)}
+        if len({s[0] for s in train + val}) > 1:
+            # Held out of every source's tail (one source: the stream's tail, as always).
+            fingerprint.update(b"|val: every source's tail")
     windows = lambda segs: Windows([s[1:] for s in segs], manifest["dtype"], dcfg.block_size)
     by_source = {}
     for name in dict.fromkeys(s[0] for s in train):
@@ -215,9 +243,8 @@ def load_prepared(root: str, dcfg: DataConfig, tokenizer_fingerprint: str) -> Co
                     val_by_source=val_by_source,
                     n_train_tokens=sum(s[3] - s[2] for s in train),
                     n_val_tokens=sum(s[3] - s[2] for s in val),
-                    fingerprint=hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()
-                                               ).hexdigest()[:16],
-                    stats={"tokens": {k: v["tokens"] for k, v in manifest["splits"].items()},
+                    fingerprint=fingerprint.hexdigest()[:16],
+                    stats={"tokens": tokens,
                            "documents": {k: v["documents"]
                                          for k, v in manifest["splits"].items()},
                            "bad_records": manifest["bad_records"]})

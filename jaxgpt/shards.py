@@ -4,8 +4,8 @@
 writes SPLIT/SOURCE/NNNNN.bin shards (`uint16`/`uint32`) plus a manifest of tokens,
 documents and bad records; `data.load_prepared` serves windows from them. A large corpus
 is prepared in parts on many machines, each part a contiguous run of every split's files
-(`--part=I/N`), then joined by `merge` into one manifest over the parts' shards, whose
-token stream is the one a single `prepare` would write.
+(`--part=I/N`), then joined by `merge` into one manifest over the parts' shards, holding
+each source's tokens in the order a single `prepare` writes them (in more shards).
 
     python -m jaxgpt.shards prepare --config=configs/slimpajama.py --out=DIR [--part=I/N]
     python -m jaxgpt.shards merge --out=DIR
@@ -49,16 +49,25 @@ def find_inputs(dcfg) -> dict[str, list[str]]:
     return sources.find_splits(dcfg.source, dcfg.path)
 
 
+def _file_stamp(path: str, local: bool = True) -> str:
+    """What says a file has changed without reading it: its size and modification time in
+    nanoseconds, and (`local`) its change time, which even a copy that keeps the
+    modification time (`cp -p`, `rsync -t`) moves but which differs between machines' copies
+    of one file (parts prepared on several machines leave it out)."""
+    st = os.stat(path)
+    return f"{st.st_size}:{st.st_mtime_ns}" + (f":{st.st_ctime_ns}" if local else "")
+
+
 def inputs_fingerprint(dcfg, tokenizer_fingerprint: str) -> str:
-    """Hash of the inputs (paths, sizes, mtimes) and everything that shapes their tokens."""
+    """Hash of the inputs (paths and `_file_stamp`s) and everything that shapes their
+    tokens."""
     h = hashlib.sha256(f"{tokenizer_fingerprint}|{dcfg.source}|{dcfg.on_bad_record}|"
                        f"{dcfg.max_documents}".encode())
     if dcfg.val_max_documents:     # (absent when 0, so older caches keep their names)
         h.update(f"|val:{dcfg.val_max_documents}".encode())
     for split, files in sorted(find_inputs(dcfg).items()):
         for path in files:
-            st = os.stat(path)
-            h.update(f"{split}:{os.path.abspath(path)}:{st.st_size}:{int(st.st_mtime)}".encode())
+            h.update(f"{split}:{os.path.abspath(path)}:{_file_stamp(path)}".encode())
     return h.hexdigest()[:16]
 
 
@@ -264,7 +273,8 @@ def _part_inputs(dcfg, splits: dict, index: int, count: int) -> tuple[dict, dict
     if len(splits["train"]) < count:
         raise ValueError(f"{len(splits['train'])} train files cannot be split into {count} "
                          f"parts")
-    options = [splits, dcfg.source, dcfg.on_bad_record] + (
+    stamps = {f: _file_stamp(f, local=False) for files in splits.values() for f in files}
+    options = [splits, dcfg.source, dcfg.on_bad_record, stamps] + (
         [dcfg.val_max_documents] if dcfg.val_max_documents else [])
     record = json.dumps(options, sort_keys=True)
     info = {"index": index, "count": count,
@@ -304,6 +314,11 @@ def prepare(dcfg, tok, out_dir: str, part: tuple[int, int] | None = None,
                 done["tokenizer"]["fingerprint"] == tok.fingerprint):
             log.info("%s is prepared already; kept", out_dir)
             return done
+        if done is not None:
+            raise FileExistsError(
+                f"{out_dir} was prepared from other inputs or options (an input file changed "
+                f"since, or the tokenizer or data options differ); remove it to prepare this "
+                f"part again")
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise FileExistsError(f"{out_dir} exists and is not empty; choose another --out")
     tmp = f"{out_dir.rstrip('/')}.partial-{socket.gethostname()}-{os.getpid()}"
@@ -384,6 +399,10 @@ def merge(out_dir: str) -> dict:
                                for s in entry["shards"]]
             _add_counts(into["tokens"], entry["tokens"])
             _add_counts(into["documents"], entry["documents"])
+    for entry in merged["splits"].values():   # each source's shards together, in part order
+        order = {name: k for k, name in enumerate(dict.fromkeys(
+            s["source"] for s in entry["shards"]))}
+        entry["shards"].sort(key=lambda s: order[s["source"]])
     tmp = f"{final}.partial-{socket.gethostname()}-{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(merged, f, indent=1)

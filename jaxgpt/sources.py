@@ -74,7 +74,8 @@ def default_corpus_files() -> list[str]:
 
 def resolve_paths(path: str, name: str = "data.path") -> list[str]:
     """A file, a directory (all files below it) or a glob -> sorted list of files (`name`:
-    the setting that gave `path`, for messages)."""
+    the setting that gave `path`, for messages). A file reached twice (through a symlinked
+    folder or file) is read once, at its first path."""
     if os.path.isdir(path):
         files = sorted(p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True)
                        if os.path.isfile(p))
@@ -86,7 +87,28 @@ def resolve_paths(path: str, name: str = "data.path") -> list[str]:
         raise FileNotFoundError(f"{name} {path!r} does not exist")
     if not files:
         raise FileNotFoundError(f"{name} {path!r} matches no files")
-    return files
+    seen: dict[str, str] = {}
+    for f in files:
+        seen.setdefault(os.path.realpath(f), f)
+    unique = list(seen.values())
+    if len(unique) < len(files):
+        log.warning("%s %r: %d file(s) reached again through symlinks are read once",
+                    name, path, len(files) - len(unique))
+    return unique
+
+
+# WikiText file names -> split, by the words of the name ("wiki.train.tokens": train).
+_SPLIT_WORDS = {"train": "train", "training": "train", "valid": "val", "validation": "val",
+                "val": "val", "dev": "val", "test": "test"}
+
+
+def wikitext_split(path: str) -> str | None:
+    """The split a WikiText file's name says ('train', 'val', 'test'), or None."""
+    words = re.split(r"[^a-z0-9]+", os.path.basename(path).lower())
+    found = sorted({_SPLIT_WORDS[w] for w in words if w in _SPLIT_WORDS})
+    if len(found) > 1:
+        raise ValueError(f"{path}: the name says splits {found}; rename it to one of them")
+    return found[0] if found else None
 
 
 def find_splits(source: str, path: str | None) -> dict[str, list[str]]:
@@ -94,8 +116,10 @@ def find_splits(source: str, path: str | None) -> dict[str, list[str]]:
     source streams from the HF hub (path None).
 
     SlimPajama: `train/` and `validation/` below `path` (its own layout; `test/` unused), or
-    any `.jsonl[.zst]` files. WikiText: files named `*train*` / `*valid*` (`*test*` unused);
-    a lone file or a folder without a train file is all training text. Text: every file.
+    any `.jsonl[.zst]` files. WikiText: files whose names hold the word `train` or `valid`
+    (`wiki.train.tokens`; also `training`, `validation`, `val`, `dev`; `test` files are
+    unused); a lone file or a folder without a train file is all training text. Text: every
+    file.
     """
     choices.check("data.source", source, SOURCES)
     if path is None:
@@ -114,12 +138,19 @@ def find_splits(source: str, path: str | None) -> dict[str, list[str]]:
                 splits["val"] = jsonl(os.path.join(path, "validation"))
             return splits
         return {"train": jsonl(path)}
-    files = [f for f in resolve_paths(path) if "test" not in os.path.basename(f)]
-    train = [f for f in files if "train" in os.path.basename(f)]
-    val = [f for f in files if "valid" in os.path.basename(f)]
+    named = {f: wikitext_split(f) for f in resolve_paths(path)}
+    files = [f for f, split in named.items() if split != "test"]
+    train = [f for f in files if named[f] == "train"]
+    val = [f for f in files if named[f] == "val"]
     if not files:
         raise FileNotFoundError(f"data.path {path!r} holds only WikiText test files")
-    return {"train": train, "val": val} if train and val else {"train": files}
+    if not (train and val):
+        return {"train": files}
+    other = [f for f in files if named[f] is None]
+    if other:
+        log.warning("data.path %r: %d file(s) named for neither train nor valid are not "
+                    "read: %s", path, len(other), ", ".join(other[:5]))
+    return {"train": train, "val": val}
 
 
 def _zst_lines(path: str) -> Iterator[tuple[int, bytes, float]]:
@@ -166,6 +197,8 @@ def read_jsonl(path: str, bad: BadRecords) -> Iterator[Document]:
             where = f"{path}:{lineno}"
             if not raw.strip():
                 continue
+            if lineno == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")     # a byte-order mark
             try:
                 rec = json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as e:
@@ -189,24 +222,26 @@ def read_jsonl(path: str, bad: BadRecords) -> Iterator[Document]:
             yield Document(rec["text"], name or "unknown", where, share)
     except EOFError as e:
         bad("truncated_file", path, str(e))
+        return
     if n == 0:
         bad("empty_file", path, "holds no documents")
 
 
 def read_text(path: str, bad: BadRecords) -> Iterator[Document]:
-    """A whole file as one document."""
+    """A whole file as one document (a leading byte-order mark is not text)."""
     with open(path, "rb") as f:
         raw = f.read()
     try:
-        yield Document(raw.decode("utf-8"), "text", f"{path}:1")
+        yield Document(raw.decode("utf-8").removeprefix("\ufeff"), "text", f"{path}:1")
     except UnicodeDecodeError as e:
         line = raw[:e.start].count(b"\n") + 1
         bad("non_utf8", f"{path}:{line}", f"not valid UTF-8 ({e.reason} at byte {e.start})")
 
 
 def wikitext_articles(lines: Iterable[str], name: str, total: int = 0) -> Iterator[Document]:
-    """Lines -> one document per article, each from its ` = Title = ` line to the next;
-    text before the first title joins the first article. Text is kept verbatim (tokenized
+    """Lines -> one document per article, each from its ` = Title = ` line to the next
+    (lines may end in LF or CRLF); blank lines before the first title join the first
+    article, other text there is a document of its own. Text is kept verbatim (tokenized
     WikiText keeps its ` @-@ ` and `<unk>`, as in published perplexities). `total`: the
     lines' characters, when known, for each document's share."""
     def numbered():
@@ -223,7 +258,7 @@ def tagged_wikitext_articles(lines: Iterable[tuple[str, object]]) -> Iterator[tu
     `wikitext_articles` splits them (the tag: a line number, or a stream's position)."""
     article, start = [], None
     for line, tag in lines:
-        if _WIKITEXT_TITLE.match(line.rstrip("\n")) and any(s.strip() for s in article):
+        if _WIKITEXT_TITLE.match(line.rstrip("\r\n")) and any(s.strip() for s in article):
             yield "".join(article), start
             article = []
         if not article:

@@ -304,7 +304,9 @@ def _make_tokenizer(dcfg: data.DataConfig, workdir: str, cfg: model.GPTConfig):
         tok = tokenizer.load("gpt2", path)
     else:
         path = dcfg.tokenizer_path or os.path.join(workdir, "tokenizer.model")
-        if os.path.exists(path):
+        if dcfg.tokenizer_path and os.path.exists(path):
+            tok = tokenizer.load("sentencepiece", path)    # any vocabulary the model covers
+        elif os.path.exists(path):  # this run's own: trained for model.vocab_size exactly
             tok = tokenizer.load_or_train_sentencepiece(path, [], cfg.vocab_size)
         else:
             log.info("training a %d-piece SentencePiece tokenizer -> %s", cfg.vocab_size,
@@ -482,9 +484,9 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts,
             local = next(train_iter)                                # [B_local, T + 1]
             if not pending or jax.tree.leaves(pending[-1][2])[0].is_ready():
                 waited += time.monotonic() - t_wait
-            if int(local.max()) >= trainer.cfg.vocab_size:
+            if int(local.max()) >= tok.vocab_size:
                 raise ValueError(f"batch of step {step + 1} holds token id {int(local.max())}"
-                                 f" >= model.vocab_size {trainer.cfg.vocab_size}")
+                                 f" >= the tokenizer's vocab_size {tok.vocab_size}")
             digest = faults.batch_digest(local)
             local = local.reshape(accum, -1, local.shape[-1])       # [A, B_local / A, T + 1]
             batch = to_global(local, trainer.mesh, (None, "batch", None), trainer.rules)

@@ -1,15 +1,19 @@
 """Token shards, packing, per-process epochs, mixture and exact iterator resume on the
 SlimPajama sample, plus the prepare and tokenizer command lines."""
 
+import hashlib
 import json
 import logging
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
+import zstandard
 
 from jaxgpt import data, shards, sources, tokenizer
 from tests import helpers
@@ -71,6 +75,36 @@ def test_windows_reproduce_the_stream_and_targets_are_next_tokens(sample):
                                       stream[1:len(w) * BLOCK + 1])
     assert corpus.n_val_tokens == sum(len(v) for v in _stream(
         tok, sources.find_splits("slimpajama", dcfg.path)["val"]).values())
+
+
+def test_without_a_validation_split_every_source_gives_its_tail(sample, tmp_path):
+    dcfg, tok, _ = sample
+    train_only = data.DataConfig(source="slimpajama", path=os.path.join(dcfg.path, "train"),
+                                 block_size=BLOCK, val_fraction=0.1)
+    out = str(tmp_path / "prepared")
+    shards.prepare(train_only, tok, out)
+    corpus = data.load_prepared(out, train_only, tok.fingerprint)
+    expect = _stream(tok, sources.find_splits("slimpajama", dcfg.path)["train"])
+    assert set(corpus.val_by_source) == set(corpus.train_by_source) == set(expect)
+    for name, stream in expect.items():
+        n_val = max(int(len(stream) * 0.1), BLOCK + 1)
+        # Training windows cover the source's stream up to its last n_val tokens, and
+        # validation windows the tail after them.
+        train, val = corpus.train_by_source[name], corpus.val_by_source[name]
+        w = np.stack([train[i] for i in range(len(train))])
+        np.testing.assert_array_equal(w[:, :-1].reshape(-1), stream[:len(w) * BLOCK])
+        assert len(train) == (len(stream) - n_val - 1) // BLOCK
+        v = np.stack([val[i] for i in range(len(val))])
+        tail = np.asarray(stream[len(stream) - n_val:])
+        np.testing.assert_array_equal(v[:, :-1].reshape(-1), tail[:len(v) * BLOCK])
+        assert corpus.stats["tokens"]["train"][name] == len(stream) - n_val
+        assert corpus.stats["tokens"]["val"][name] == n_val
+    assert corpus.n_val_tokens == sum(corpus.stats["tokens"]["val"].values())
+    # Held out of each source, not the stream's tail: another fingerprint than the manifest's
+    # alone gives, so a run saved with the older split refuses to resume onto this one.
+    manifest = json.loads(pathlib.Path(out, data.MANIFEST).read_text())
+    assert corpus.fingerprint != hashlib.sha256(
+        json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @pytest.mark.parametrize("n_proc", [1, 2, 4])
@@ -155,6 +189,9 @@ def test_parts_merged_are_the_whole_token_stream(sample, tmp_path):
         data.DataConfig(source="slimpajama", prepared=out)
     merged = shards.merge(out)
     assert merged["parts"] == 3 and merged["inputs"] == splits
+    for entry in merged["splits"].values():      # each source's shards together
+        names = [s["source"] for s in entry["shards"]]
+        assert names == sorted(names, key=names.index)
     single = json.loads(pathlib.Path(whole, data.MANIFEST).read_text())
     assert merged["bad_records"] == single["bad_records"] == {}
     for split in ("train", "val"):
@@ -220,6 +257,39 @@ def test_parts_missing_mismatched_or_unsplittable_are_refused(sample, tmp_path):
     with pytest.raises(ValueError, match="streams from the HF hub"):
         shards.prepare(data.DataConfig(source="slimpajama"), tok, str(tmp_path / "p"),
                        part=(0, 2))
+
+
+def test_a_part_whose_input_files_changed_is_prepared_again_only_on_request(sample, tmp_path):
+    dcfg, tok, _ = sample
+    root = tmp_path / "inputs"
+    shutil.copytree(os.path.join(dcfg.path, "train"), root)
+    local = data.DataConfig(source="slimpajama", path=str(root), block_size=BLOCK)
+    out = str(tmp_path / "parts")
+    shards.prepare(local, tok, out, part=(0, 2))
+    files = sources.find_splits("slimpajama", str(root))["train"]
+    pathlib.Path(files[0]).write_bytes(                       # a file of part 0
+        zstandard.ZstdCompressor().compress(b'{"text": "replaced"}\n'))
+    with pytest.raises(FileExistsError, match="part-00000-of-00002 was prepared from other "
+                                              "inputs"):
+        shards.prepare(local, tok, out, part=(0, 2))
+    shutil.rmtree(os.path.join(out, shards.part_name(0, 2)))
+    again = shards.prepare(local, tok, out, part=(0, 2))
+    assert sum(again["splits"]["train"]["documents"].values()) == sum(
+        1 for _ in sources.iter_documents("slimpajama", sources.part_files(files, 0, 2),
+                                           sources.BadRecords("error")))
+
+
+def test_prepared_cache_follows_a_rewrite_that_keeps_size_and_mtime(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("First Citizen")
+    dcfg = data.DataConfig(source="text", path=str(path))
+    before = shards.inputs_fingerprint(dcfg, "tok")
+    st = path.stat()
+    time.sleep(0.05)
+    path.write_text("FIRST CITIZEN")                          # same size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))      # as `cp -p` would leave it
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    assert shards.inputs_fingerprint(dcfg, "tok") != before
 
 
 @pytest.mark.parametrize("model_type", ["bpe", "unigram"])

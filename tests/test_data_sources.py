@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import sys
 import types
 
@@ -61,12 +62,55 @@ def test_wikitext_articles_split_at_level_one_titles(shared_data):
     assert sources.find_splits("wikitext", os.path.dirname(path)) == {"train": [path]}
 
 
-def test_wikitext_dir_with_train_and_valid_files(tmp_path):
-    for name in ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"):
+def test_wikitext_crlf_file_splits_into_the_same_articles(shared_data, tmp_path):
+    text = pathlib.Path(shared_data, "wikitext-2", "valid.txt").read_text(encoding="utf-8")
+    crlf = tmp_path / "valid.txt"
+    crlf.write_bytes(text.replace("\n", "\r\n").encode("utf-8"))
+    docs = list(sources.read_wikitext(str(crlf), sources.BadRecords("error")))
+    titles = re.findall(r"^ = [^=].* = $", text, re.MULTILINE)    # independent count
+    assert len(docs) == len(titles) == 60
+    assert "".join(d.text for d in docs) == text.replace("\n", "\r\n")
+    assert all(re.match(r"\s*= [^=].* = \r\n", d.text) for d in docs)
+
+
+def test_wikitext_dir_with_train_and_valid_files(tmp_path, caplog):
+    for name in ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens",
+                 "latest_train_dump.txt", "invalid_trainset.txt", "README"):
         (tmp_path / name).write_text(" = A = \n text\n")
-    splits = sources.find_splits("wikitext", str(tmp_path))
-    assert splits == {"train": [str(tmp_path / "wiki.train.tokens")],
+    with caplog.at_level(logging.WARNING, logger="jaxgpt.sources"):
+        splits = sources.find_splits("wikitext", str(tmp_path))
+    # By the words of the names: "latest" is no test file, "invalid_trainset" no split.
+    assert splits == {"train": [str(tmp_path / "latest_train_dump.txt"),
+                                str(tmp_path / "wiki.train.tokens")],
                       "val": [str(tmp_path / "wiki.valid.tokens")]}
+    assert "2 file(s) named for neither train nor valid are not read" in caplog.text
+    assert "invalid_trainset.txt" in caplog.text and "README" in caplog.text
+    (tmp_path / "train_valid.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"train_valid.txt: the name says splits "
+                                         r"\['train', 'val'\]"):
+        sources.find_splits("wikitext", str(tmp_path))
+
+
+def test_a_file_reached_through_a_symlinked_folder_is_read_once(tmp_path, caplog):
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "a.txt").write_text("one document")
+    (tmp_path / "b.txt").write_text("another")
+    (tmp_path / "latest").symlink_to("v1")
+    (tmp_path / "b_link.txt").symlink_to("b.txt")
+    with caplog.at_level(logging.WARNING, logger="jaxgpt.sources"):
+        files = sources.resolve_paths(str(tmp_path))
+    assert files == [str(tmp_path / "b.txt"), str(tmp_path / "latest" / "a.txt")]
+    assert "2 file(s) reached again through symlinks are read once" in caplog.text
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfHello")
+    assert [d.text for d in sources.read_text(str(tmp_path / "bom.txt"),
+                                              sources.BadRecords("error"))] == ["Hello"]
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD + b"\n" + GOOD + b"\n")
+    assert [d.text for d in sources.read_jsonl(str(path), sources.BadRecords("error"))] == [
+        "fine", "fine"]
 
 
 # ---- bad input: each case raises naming file and line, or is skipped and counted ----
@@ -112,6 +156,16 @@ def test_truncated_zst_names_the_file_and_keeps_complete_lines_on_skip(tmp_path)
     kept = list(sources.read_jsonl(str(cut), bad))
     assert 0 < len(kept) < 2000 and bad.counts == {"truncated_file": 1}
     assert [d.text for d in kept] == [json.loads(x)["text"] for x in lines[:len(kept)]]
+
+
+def test_a_file_that_is_no_zstd_data_is_one_bad_record(tmp_path):
+    path = tmp_path / "garbage.jsonl.zst"
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(ValueError, match="garbage.jsonl.zst: corrupt zstd data after line 0"):
+        list(sources.read_jsonl(str(path), sources.BadRecords("error")))
+    bad = sources.BadRecords("skip")
+    assert list(sources.read_jsonl(str(path), bad)) == [] and bad.counts == {
+        "truncated_file": 1}
 
 
 @pytest.mark.parametrize("content", [b"", zstandard.ZstdCompressor().compress(b"")])

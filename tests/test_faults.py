@@ -354,7 +354,7 @@ def test_bad_inputs_are_rejected_and_change_nothing(tmp_path, shared_tok):
         tokens.flush()
 
     cases = _bad_inputs(tmp_path, shared_tok)
-    cases.append(({}, None, "token id 999 >= model.vocab_size 384"))
+    cases.append(({}, None, "token id 999 >= the tokenizer's vocab_size 384"))
     for i, (changes, target, expect) in enumerate(cases):
         if i == len(cases) - 1:
             corrupt_cache()
@@ -367,6 +367,25 @@ def test_bad_inputs_are_rejected_and_change_nothing(tmp_path, shared_tok):
         assert expect in str(e.value), (changes, str(e.value))
         after = _contents(target)
         assert after == before, f"{changes} changed {target}"
+
+
+@pytest.mark.slow
+def test_ids_past_the_tokenizer_in_a_padded_vocabulary_are_refused(tmp_path, shared_tok):
+    """A tokenizer file of 384 pieces serves a model of 512 rows (padded, as GPT-2's 50257
+    in 50304); an id in the padding is no token and stops the run (JAX would embed it)."""
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(_config(shared_tok, model__vocab_size=512, train__steps=1),
+                             workdir)
+    shard = min(glob.glob(f"{workdir}/data/*/train/**/*.bin", recursive=True))
+    tokens = np.memmap(shard, dtype=np.uint16, mode="r+")
+    tokens[5] = 400
+    tokens.flush()
+    before = helpers.tree_hash(workdir)
+    with pytest.raises(ValueError, match="train data holds token id 400 >= the tokenizer's "
+                                         "vocab_size 384"):
+        train.train_and_evaluate(_config(shared_tok, model__vocab_size=512, train__steps=2),
+                                 workdir)
+    assert helpers.tree_hash(workdir) == before
 
 
 @pytest.mark.slow
