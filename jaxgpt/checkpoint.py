@@ -260,9 +260,14 @@ class Checkpoints:
         """(state, data_state, meta) of the newest good step, or None if there is none.
 
         `check_meta(step, meta)` runs before any array is read and raises to refuse an
-        incompatible checkpoint. `rollback_to` first moves every newer step aside.
+        incompatible checkpoint. `rollback_to` first moves every newer step aside, once that
+        step has passed `check_meta` (a refused rollback leaves the steps where they are).
         """
         if rollback_to is not None:
+            if self.primary and rollback_to in self.steps():
+                problem, meta = self._verify(rollback_to)
+                if problem is None:
+                    check_meta(rollback_to, meta)
             self.rollback(rollback_to)
         while True:
             step = self._choose(check_meta) if self.primary else -1
@@ -335,11 +340,25 @@ def _read_meta(manager: ocp.CheckpointManager, step: int | None,
             if problems and not quiet:
                 log.warning("using checkpoint step %d: %s", s, "; ".join(problems))
             out = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-            return s, out.meta
+            return s, _relocated(out.meta, os.path.dirname(root))
         if step is not None:
             raise ValueError(f"checkpoint step {step} in {root} {problem}")
         problems.append(f"step {s} {problem}")
     raise ValueError(f"no readable checkpoint in {root}: {'; '.join(problems)}")
+
+
+def _relocated(meta: dict, run_dir: str) -> dict:
+    """`meta` with its tokenizer found again when the run directory has moved: a recorded
+    path that no longer exists, of a file the run directory holds under the same name (its
+    own tokenizer.model), is replaced by that file (whose fingerprint the tools check)."""
+    spec = meta.get("tokenizer") if isinstance(meta, dict) else None
+    path = spec.get("path") if isinstance(spec, dict) else None
+    if not isinstance(path, str) or os.path.exists(path):
+        return meta
+    moved = os.path.join(os.path.abspath(run_dir), os.path.basename(path))
+    if os.path.isfile(moved):
+        return {**meta, "tokenizer": {**spec, "path": moved}}
+    return meta
 
 
 def load_params(workdir: str, step: int | None = None):

@@ -117,6 +117,10 @@ def check_inputs(config, workdir: str, corpus, tok, cfg: model.GPTConfig):
                              f"vocab_size {tok.vocab_size} (token cache "
                              f"{config.data.prepared or os.path.join(workdir, 'data')}, "
                              f"tokenizer {tok.path})")
+    if config.eval.every and len(corpus.val) < config.eval.batch_size:
+        raise ValueError(f"{len(corpus.val)} validation windows are fewer than one "
+                         f"eval.batch_size of {config.eval.batch_size}: lower eval.batch_size "
+                         f"or raise data.val_fraction (or set eval.every=0)")
     if config.sample.max_new_tokens:
         for i, prompt in enumerate(config.sample.prompts):
             n = len(tok.encode(prompt))
@@ -158,7 +162,7 @@ def resume_guard(config, meta: dict, *, quiet: bool = False):
         fixed = [(n, old, new) for n, old, new in changes if n not in RESUME_FREE]
         fingerprints = [f"{key}: {saved.get(key)!r} -> {meta[key]!r}"
                         for key in ("tokenizer", "pipeline")
-                        if key in meta and saved.get(key) != meta[key]]
+                        if key in meta and _identity(saved.get(key)) != _identity(meta[key])]
         diff = [f"{n}: {old!r} -> {new!r}" for n, old, new in fixed] + fingerprints
         if diff:
             diff += free     # what may explain a changed pipeline
@@ -180,6 +184,14 @@ def resume_guard(config, meta: dict, *, quiet: bool = False):
             log.warning("resuming step %d despite differing fields: %s", step,
                         "; ".join(diff))
     return check
+
+
+def _identity(value):
+    """What must match for a resume: a tokenizer's kind and fingerprint, not where its file
+    is (a run directory may move)."""
+    if isinstance(value, dict):
+        return {k: v for k, v in value.items() if k != "path"}
+    return value
 
 
 def precheck_resume(config, workdir: str) -> None:

@@ -254,30 +254,40 @@ class Ledger:
         self.path = os.path.join(workdir, "ledger.jsonl")
         self.enabled = jax.process_index() == 0
         if self.enabled:
-            self._truncate(start_step)
-
-    def _truncate(self, step: int) -> None:
-        if not os.path.exists(self.path):
-            return
-        with open(self.path) as f:
-            lines = f.readlines()
-        keep = []
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                break      # a line cut short by a kill; everything after it is newer
-            if record["step"] <= step:
-                keep.append(line)
-        if len(keep) != len(lines):
-            with open(self.path + ".tmp", "w") as f:
-                f.writelines(keep)
-            os.replace(self.path + ".tmp", self.path)
+            truncate_records(self.path, start_step)
 
     def write(self, records: list[dict]) -> None:
         if self.enabled and records:
             with open(self.path, "a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def truncate_records(path: str, step: int, aside: str | None = None) -> int:
+    """Drop the records of a JSON-lines file newer than `step` (and, from a line cut short
+    by a kill, everything after it), rewriting the file atomically; `aside`: append the
+    dropped lines there instead of losing them. Returns how many lines were dropped."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    keep, dropped = [], []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            dropped += lines[i:]   # a line cut short: everything after it is newer
+            break
+        (keep if record.get("step", 0) <= step else dropped).append(line)
+    if dropped:
+        if aside is not None:
+            with open(aside, "a") as f:
+                f.writelines(x if x.endswith("\n") else x + "\n" for x in dropped)
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+    return len(dropped)
 
 
 def read_ledger(workdir: str) -> list[dict]:

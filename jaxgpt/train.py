@@ -304,8 +304,8 @@ def _make_tokenizer(dcfg: data.DataConfig, workdir: str, cfg: model.GPTConfig):
         tok = tokenizer.load("gpt2", path)
     else:
         path = dcfg.tokenizer_path or os.path.join(workdir, "tokenizer.model")
-        if dcfg.tokenizer_path and os.path.exists(path):
-            tok = tokenizer.load("sentencepiece", path)    # any vocabulary the model covers
+        if dcfg.tokenizer_path:     # checked to exist; any vocabulary the model covers
+            tok = tokenizer.load("sentencepiece", path)
         elif os.path.exists(path):  # this run's own: trained for model.vocab_size exactly
             tok = tokenizer.load_or_train_sentencepiece(path, [], cfg.vocab_size)
         else:
@@ -337,6 +337,7 @@ def _restore_or_init(config, trainer, ckpts, meta, train_iter):
     if out is None:
         return _init_from(config.init_from, trainer, trainer.init())
     state, data_state, saved_meta = out
+    _say_schedule_change(config, saved_meta.get("config", {}), int(state.step))
     # Test-only mutation controls: prove the resume tests catch a broken restore.
     broken = os.environ.get("JAXGPT_TEST_BREAK_RESTORE", "")
     if saved_meta.get("pipeline") != meta["pipeline"]:
@@ -350,6 +351,29 @@ def _restore_or_init(config, trainer, ckpts, meta, train_iter):
         state = state.replace(opt_state=trainer.init().opt_state)
     log.info("resumed from step %d in %s", int(state.step), ckpts.workdir)
     return state
+
+
+def _say_schedule_change(config, saved: dict, step: int) -> None:
+    """A resume under another train.steps or optimizer settings recomputes the learning-rate
+    schedule (the README's "ask for more steps" stretches the decay): say what changed and
+    the learning rate of the next step under the saved and the new schedule."""
+    old_steps = saved.get("train", {}).get("steps", config.train.steps)
+    now_optim = config.optim.to_dict()
+    old_optim = {**now_optim, **saved.get("optim", {})}
+    changed = [f"train.steps {old_steps} -> {config.train.steps}"] * (
+        old_steps != config.train.steps)
+    changed += [f"optim.{k} {old_optim[k]!r} -> {v!r}" for k, v in now_optim.items()
+                if old_optim[k] != v]
+    if not changed:
+        return
+    now = float(make_schedule(OptimConfig(**now_optim), config.train.steps)(step))
+    try:
+        was = f"{float(make_schedule(OptimConfig(**old_optim), old_steps)(step)):.3e}"
+    except (TypeError, ValueError):     # settings this version no longer knows
+        was = "unknown"
+    log.warning("resuming step %d with %s: the learning-rate schedule is recomputed; step %d "
+                "runs at lr %.3e (%s under the saved settings)", step, "; ".join(changed),
+                step + 1, now, was)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -376,6 +400,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     benchmarks = tasks.load_spec(config.eval.tasks, config.eval.tasks_limit)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise FileExistsError(f"workdir {workdir} exists and is not a directory")
+    if (dcfg.tokenizer == "sentencepiece" and dcfg.tokenizer_path
+            and not os.path.isfile(dcfg.tokenizer_path)):
+        raise FileNotFoundError(f"data.tokenizer_path {dcfg.tokenizer_path!r} does not exist "
+                                f"(unset it to train one into the workdir, or train one "
+                                f"with `python -m jaxgpt.tokenizer train`)")
 
     os.makedirs(workdir, exist_ok=True)
     lock = faults.WorkdirLock(workdir)
@@ -410,6 +439,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ckpts = checkpoint.Checkpoints(workdir, keep=config.checkpoint.keep,
                                        async_save=config.checkpoint.async_save)
         state = _restore_or_init(config, trainer, ckpts, meta, train_iter)
+        if int(state.step) >= total:
+            log.warning("the run is at step %d already, not before train.steps %d: nothing "
+                        "to train (raise --config.train.steps to go on)", int(state.step),
+                        total)
+            ckpts.close()
+            return {"train": {}, "eval": {}, "state": state, "preempted": None,
+                    "skipped_steps": 0}
+        if jax.process_index() == 0:
+            # Records of steps after the restored one belong to an abandoned continuation
+            # (a crash, a fallback, a rollback): kept aside, so the curves run forward.
+            dropped = faults.truncate_records(
+                os.path.join(workdir, "metrics.jsonl"), int(state.step),
+                aside=os.path.join(workdir, "metrics.abandoned.jsonl"))
+            if dropped:
+                log.info("metrics.jsonl: %d record(s) after step %d moved to "
+                         "metrics.abandoned.jsonl", dropped, int(state.step))
         # Tokens and documents per source and split, and bad records skipped while preparing.
         report.MetricsWriter(workdir, enabled=jax.process_index() == 0).write(
             {"step": int(state.step), "data": corpus.stats})
@@ -435,6 +480,14 @@ def _init_from(source: str | None, trainer: Trainer, state: TrainState) -> Train
     log.info("initialized params from %s", source)
     # Adam moments are zeros whatever the params are, so only the params change.
     return state.replace(params=jax.device_put(params, trainer.state_shardings.params))
+
+
+def _occurrences(done: int, total: int, every: int) -> int:
+    """How many of steps done+1..total do an every-`every`-steps task (evaluation, save),
+    which also runs at the last step."""
+    if not every:
+        return 0
+    return total // every - done // every + (total % every != 0 and done < total)
 
 
 def _flush(pending: list, ledger, guard) -> dict:
@@ -471,6 +524,9 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts,
     # Seconds the loop waited for a batch while the accelerator had finished every step
     # dispatched (time in next() that overlaps queued steps is no input stall).
     waited, interval = 0.0, time.monotonic()
+    # Seconds of evaluations and checkpoint saves since the last log line, left out of its
+    # rates; the latest of each, for the ETA's share of those still to come.
+    paused, took = 0.0, {"eval": 0.0, "save": 0.0}
     ledger = faults.Ledger(workdir, start)
     guard = faults.NonFiniteGuard(config.train.nonfinite, config.train.max_consecutive_skips)
     stop = faults.StopRequest()
@@ -504,7 +560,9 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts,
                 metrics = _flush(pending, ledger, guard)
             if is_log:
                 now = time.time()
-                rate = (done - step_last) / max(now - t_last, 1e-9)
+                rate = (done - step_last) / max(now - t_last - paused, 1e-9)
+                still = (_occurrences(done, total, config.eval.every) * took["eval"]
+                         + _occurrences(done, total, config.checkpoint.every) * took["save"])
                 last_log = {
                     "step": done, "total_steps": total, "loss": float(metrics["loss"]),
                     "grad_norm": float(metrics["grad_norm"]), "lr": float(schedule(done - 1)),
@@ -513,14 +571,17 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts,
                     "samples_per_s": rate * config.train.batch_size,
                     "epoch": data.epochs_done(train_iter, corpus, done * config.train.batch_size),
                     # The first step after a (re)start includes compiling: no ETA from it.
-                    "eta_s": None if done == start + 1 else (total - done) / rate, "time": now,
+                    "eta_s": None if done == start + 1 else (total - done) / rate + still,
+                    "time": now,
                     "skipped_steps": guard.skipped,
                     "data_wait": None if done == start + 1 else
-                    waited / max(time.monotonic() - interval, 1e-9),
+                    waited / max(time.monotonic() - interval - paused, 1e-9),
                     **data.stream_stats(train_iter)}
                 writer.write(last_log)
                 log.info(report.progress_line(last_log))
                 t_last, step_last, waited, interval = now, done, 0.0, time.monotonic()
+                paused = 0.0
+            t_pause = time.monotonic()
             if is_eval:
                 # Several sources (a SlimPajama mixture): also a loss and perplexity per source.
                 val = corpus.val_by_source if len(corpus.val_by_source) > 1 else corpus.val
@@ -534,10 +595,14 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts,
                             config.eval.batch_size))
                 writer.write(last_eval)
                 log.info(report.eval_line(last_eval))
+                took["eval"] = time.monotonic() - t_pause
             if is_save:
+                t_save = time.monotonic()
                 with watchdog.phase("checkpoint save"):
                     best = last_eval.get("val_loss") if last_eval.get("step") == done else None
                     ckpts.save(state, train_iter.get_state(), meta, val_loss=best)
+                took["save"] = time.monotonic() - t_save
+            paused += time.monotonic() - t_pause
             if stopping:
                 preempted = done
                 break

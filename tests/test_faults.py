@@ -616,3 +616,143 @@ def test_a_checkpoint_older_than_a_field_resumes_while_the_field_keeps_its_defau
     config.data.val_max_documents = 7
     with pytest.raises(ValueError, match=r"differing fields: data.val_max_documents: 0 -> 7"):
         checks.resume_guard(config, {"config": config.to_dict()})(5, saved)
+
+
+# ---------------------------------------------------------------- a run's life cycle
+
+
+def _own_tokenizer_run(shared_tok, workdir, **changes):
+    """A run whose tokenizer is its own WORKDIR/tokenizer.model (a copy of the shared one)."""
+    os.makedirs(workdir, exist_ok=True)
+    if not os.path.exists(os.path.join(workdir, "tokenizer.model")):
+        shutil.copy(shared_tok[1], os.path.join(workdir, "tokenizer.model"))
+    return _config(shared_tok, data__tokenizer_path=None, **changes)
+
+
+@pytest.mark.slow
+def test_a_moved_run_directory_resumes_and_serves_its_tools(tmp_path, shared_tok):
+    from jaxgpt import tokenizer
+    first, moved = str(tmp_path / "first"), str(tmp_path / "moved")
+    train.train_and_evaluate(_own_tokenizer_run(shared_tok, first, train__steps=2), first)
+    os.rename(first, moved)
+    step, meta = checkpoint.read_meta(moved)
+    assert step == 2 and meta["tokenizer"]["path"] == os.path.join(moved, "tokenizer.model")
+    tok = tokenizer.from_meta(meta)
+    assert tok.fingerprint == meta["tokenizer"]["fingerprint"]
+    out = train.train_and_evaluate(_own_tokenizer_run(shared_tok, moved, train__steps=4), moved)
+    assert int(out["state"].step) == 4
+    assert [r["step"] for r in faults.read_ledger(moved)] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_a_refused_rollback_moves_no_checkpoint(tmp_path, shared_tok):
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(_config(shared_tok, train__steps=4), workdir)
+    steps = lambda: sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints"))
+                           if n.isdigit())
+    assert steps() == [2, 4]
+    other = tmp_path / "other.txt"           # data.path may change, the tokens may not
+    other.write_text(pathlib.Path(shared_tok[0]).read_text()[::-1])
+    with pytest.raises(ValueError, match="incompatible run"):
+        train.train_and_evaluate(_config(shared_tok, train__steps=4, data__path=str(other),
+                                         checkpoint__restore_step=2), workdir)
+    assert steps() == [2, 4]
+    assert not os.path.exists(os.path.join(workdir, "checkpoints.rolledback"))
+
+
+@pytest.mark.slow
+def test_resuming_an_earlier_step_sets_the_abandoned_metrics_aside(tmp_path, shared_tok):
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(_config(shared_tok, train__steps=6, train__log_every=1), workdir)
+    before = pathlib.Path(workdir, "metrics.jsonl").read_text().splitlines()
+    train.train_and_evaluate(_config(shared_tok, train__steps=6, train__log_every=1,
+                                     checkpoint__restore_step=2), workdir)
+    records = [json.loads(x) for x in pathlib.Path(workdir, "metrics.jsonl").read_text()
+               .splitlines()]
+    aside = pathlib.Path(workdir, "metrics.abandoned.jsonl").read_text().splitlines()
+    # The first run's records up to step 2, then the resumed run's: the steps never go back.
+    assert [json.dumps(r) for r in records[:len(before) - len(aside)]] == [
+        json.dumps(json.loads(x)) for x in before if json.loads(x)["step"] <= 2]
+    assert aside == [x for x in before if json.loads(x)["step"] > 2]
+    steps = [r["step"] for r in records]
+    assert steps == sorted(steps) and steps[-1] == 6
+
+
+@pytest.mark.slow
+def test_a_finished_run_asked_for_fewer_steps_changes_nothing(tmp_path, shared_tok, caplog):
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(_config(shared_tok, train__steps=4, sample__max_new_tokens=4),
+                             workdir)
+    before = helpers.tree_hash(workdir)
+    with caplog.at_level(logging.WARNING, logger="jaxgpt.train"):
+        out = train.train_and_evaluate(_config(shared_tok, train__steps=3,
+                                               sample__max_new_tokens=4), workdir)
+    assert int(out["state"].step) == 4 and out["train"] == {}
+    assert "at step 4 already, not before train.steps 3: nothing to train" in caplog.text
+    assert helpers.tree_hash(workdir) == before
+
+
+@pytest.mark.slow
+def test_more_steps_on_resume_says_the_schedule_is_recomputed(tmp_path, shared_tok, caplog):
+    workdir = str(tmp_path / "run")
+    optim = {"optim__warmup_steps": 1}
+    train.train_and_evaluate(_config(shared_tok, train__steps=4, **optim), workdir)
+    with caplog.at_level(logging.WARNING, logger="jaxgpt.train"):
+        train.train_and_evaluate(_config(shared_tok, train__steps=8, train__log_every=1,
+                                         **optim), workdir)
+    line = next(r.getMessage() for r in caplog.records if "recomputed" in r.getMessage())
+    assert "resuming step 4 with train.steps 4 -> 8" in line
+    # The lr it names for step 5 is the one the resumed run logs, and the saved schedule's
+    # is its floor (the 4-step cosine had decayed to learning_rate * min_lr_ratio).
+    lr_now, lr_was = map(float, re.search(r"runs at lr (\S+) \((\S+) under", line).groups())
+    logged = next(r for r in report_records(workdir) if r.get("step") == 5 and "lr" in r)
+    assert lr_now == pytest.approx(logged["lr"], rel=1e-3)
+    config = _config(shared_tok)
+    assert lr_was == pytest.approx(config.optim.learning_rate * config.optim.min_lr_ratio,
+                                   rel=1e-3)
+
+
+def report_records(workdir):
+    return [json.loads(x) for x in pathlib.Path(workdir, "metrics.jsonl").read_text()
+            .splitlines()]
+
+
+@pytest.mark.slow
+def test_rates_leave_out_evaluation_time_and_the_eta_counts_it(tmp_path, shared_tok,
+                                                                monkeypatch):
+    real = train.evaluate
+
+    def slow_evaluate(*args, **kwargs):
+        time.sleep(2.0)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train, "evaluate", slow_evaluate)
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(_config(shared_tok, train__steps=6, train__log_every=2,
+                                     eval__every=2), workdir)
+    logs = {r["step"]: r for r in report_records(workdir) if "tokens_per_s" in r}
+    tokens_per_step = 8 * 32
+    # Steps 3-4 follow the 2 s evaluation at step 2: counted in, they could not beat
+    # 2 steps / 2 s; and one evaluation is still to come at step 6.
+    assert logs[4]["tokens_per_s"] > 5 * (2 * tokens_per_step / 2.0)
+    assert logs[4]["eta_s"] >= 2.0
+
+
+def test_tasks_every_n_steps_still_to_come():
+    # evaluations at 2, 4, 6 and the last step 7: after step 3, three remain (4, 6, 7)
+    assert [train._occurrences(d, 7, 2) for d in range(8)] == [4, 4, 3, 3, 2, 2, 1, 0]
+    assert [train._occurrences(d, 6, 3) for d in range(7)] == [2, 2, 2, 1, 1, 1, 0]
+    assert train._occurrences(0, 6, 0) == 0
+
+
+def test_a_named_tokenizer_file_must_exist_and_a_small_split_fill_an_eval_batch(tmp_path,
+                                                                                shared_tok):
+    workdir = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match="data.tokenizer_path .*typo.model' does not "
+                                                "exist"):
+        train.train_and_evaluate(_config(shared_tok, data__tokenizer_path=str(
+            tmp_path / "typo.model")), str(workdir))
+    assert not workdir.exists() and not (tmp_path / "typo.model").exists()
+    with pytest.raises(ValueError, match="validation windows are fewer than one "
+                                         "eval.batch_size of 1024"):
+        train.train_and_evaluate(_config(shared_tok, eval__every=3, eval__batch_size=1024),
+                                 str(workdir))
