@@ -117,10 +117,6 @@ def check_inputs(config, workdir: str, corpus, tok, cfg: model.GPTConfig):
                              f"vocab_size {tok.vocab_size} (token cache "
                              f"{config.data.prepared or os.path.join(workdir, 'data')}, "
                              f"tokenizer {tok.path})")
-    if config.eval.every and len(corpus.val) < config.eval.batch_size:
-        raise ValueError(f"{len(corpus.val)} validation windows are fewer than one "
-                         f"eval.batch_size of {config.eval.batch_size}: lower eval.batch_size "
-                         f"or raise data.val_fraction (or set eval.every=0)")
     if config.sample.max_new_tokens:
         for i, prompt in enumerate(config.sample.prompts):
             n = len(tok.encode(prompt))

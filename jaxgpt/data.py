@@ -397,12 +397,19 @@ def epochs_done(train_iter, corpus: Corpus, windows_done: int) -> float:
 
 
 def iter_val_batches(windows, batch: int, max_batches: int | None = None):
-    """Validation windows in order, in full batches (the remainder is dropped)."""
-    n = len(windows) // batch
+    """Validation windows in order, `batch` rows at a time, up to `max_batches` batches
+    (None or 0: all of them); a last, partial batch is filled with rows of -1, which
+    train.eval_step counts for nothing."""
+    n = -(-len(windows) // batch)
     if max_batches is not None and max_batches > 0:
         n = min(n, max_batches)
     for i in range(n):
-        yield _gather(windows, np.arange(i * batch, (i + 1) * batch))
+        idx = np.arange(i * batch, min((i + 1) * batch, len(windows)))
+        rows = _gather(windows, idx)
+        if len(idx) < batch:
+            rows = np.concatenate([rows, np.full((batch - len(idx), rows.shape[1]), -1,
+                                                 rows.dtype)])
+        yield rows
 
 
 def split_tokens(tokens: np.ndarray, val_fraction: float, block_size: int):

@@ -105,6 +105,8 @@ def target_logprobs(cfg: model.GPTConfig, params, rows: Sequence[Sequence[int]],
     `forward`: int32 tokens [batch_size, T] -> numpy outputs of `target_logprobs_step`
     (a sharded one, say); default: `params` on the default device.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for i, row in enumerate(rows):
         if not 2 <= len(row) <= cfg.n_positions + 1:
             raise ValueError(f"row {i} has {len(row)} tokens; scoring needs 2..n_positions + 1"
@@ -201,8 +203,8 @@ def evaluate_windows(step_fn: Callable[[np.ndarray], dict], windows, *, batch: i
       step_fn: int32 windows [batch, T + 1] -> {"nll_sum": scalar, "tokens": scalar}
         (train.eval_step, jitted and sharded by the caller).
       windows: [W, T + 1] windows of one source, or {source name: windows}.
-      max_batches: batches per source (0 = every full batch; a remainder is dropped, so a
-        source with fewer windows than one batch is skipped with a warning).
+      max_batches: batches per source (0 = all; a last, partial batch is filled with rows
+        of -1, which `step_fn` counts for nothing, so every window is scored).
 
     Returns `val_loss`, `val_ppl`, `val_tokens` and, for named sources, `val_loss/NAME`...
     """
@@ -217,11 +219,9 @@ def evaluate_windows(step_fn: Callable[[np.ndarray], dict], windows, *, batch: i
         if tokens:
             totals[name] = (nll, tokens)
         else:
-            log.warning("eval: source %r has %d windows, fewer than one batch of %d; "
-                        "skipped", name, len(w), batch)
+            log.warning("eval: source %r has no validation windows; skipped", name)
     if not totals:
-        raise ValueError(f"{sum(len(w) for w in by_source.values())} validation windows "
-                         f"are fewer than one eval batch of {batch}")
+        raise ValueError("no validation windows to evaluate")
     return summarize(totals, prefix="val_")
 
 
@@ -412,37 +412,78 @@ def read_sources(path: str) -> dict[str, list[str]]:
 
 
 def perplexity_of_sources(lm: LM, sources: Mapping[str, Sequence[str]], *, context: int,
-                          stride: int, batch_size: int = 16) -> dict:
+                          stride: int, batch_size: int = 16, origin: str = "") -> dict:
     """Each source's documents joined by end-of-text into one stream, scored by sliding
-    windows; returns `loss`, `ppl`, `tokens` overall and per source."""
+    windows; returns `loss`, `ppl`, `tokens` overall and per source. `origin`: where the
+    sources came from (`--data 'PATH'`), for messages."""
     if context > lm.cfg.n_positions:
         raise ValueError(f"context {context} exceeds {lm.name}'s n_positions "
                          f"{lm.cfg.n_positions}")
+    if not sources:
+        raise ValueError(f"{origin or 'the sources'}: no documents to score")
     totals = {}
     fn = functools.partial(lm.logprobs, batch_size=batch_size)
     for name, docs in sources.items():
         ids = []
         for d in lm.tok.encode_batch(list(docs)):
             ids += d + [lm.tok.eot_id]
-        nll = stream_nll(fn, ids[:-1], context=context, stride=stride)
+        ids = ids[:-1]    # no end-of-text after the last document
+        if len(ids) < 2:
+            raise ValueError(f"{origin or 'the sources'}: source {name!r} has {len(ids)} "
+                             f"token(s), nothing to predict (scoring needs at least 2)")
+        nll = stream_nll(fn, ids, context=context, stride=stride)
         totals[name] = (float(nll.sum()), float(nll.size))
     return summarize(totals)
+
+
+def check_out_path(out: str) -> None:
+    """Refuse an `--out` file that could not be written, before any scoring is done."""
+    if os.path.isdir(out):
+        raise ValueError(f"--out {out!r} is a folder; name a file in it, e.g. "
+                         f"{os.path.join(out, 'eval.json')!r}")
+    parent = os.path.dirname(out) or "."
+    if not os.path.exists(parent):
+        raise ValueError(f"--out {out!r}: folder {parent!r} does not exist")
+    if not os.path.isdir(parent):
+        raise ValueError(f"--out {out!r}: {parent!r} is not a folder")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"--out {out!r}: folder {parent!r} is not writable")
 
 
 def run_cli(compute: Callable[[], dict], render: Callable[[dict], str],
             out: str | None) -> int:
     """The tail of an evaluation command: bad input is `error: ...` and exit 2; otherwise
-    the rendered result is printed and, with `out`, written there as JSON."""
+    the rendered result is printed and, with `out`, written there as JSON (`out` is
+    checked before `compute` runs, so a bad path costs no scoring)."""
     try:
+        if out:
+            check_out_path(out)
         result = compute()
     except (ValueError, OSError, NotImplementedError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(render(result))
     if out:
-        with open(out, "w") as f:
-            json.dump(result, f, indent=1)
+        try:
+            with open(out, "w") as f:
+                json.dump(result, f, indent=1)
+        except OSError as e:
+            print(f"error: --out {out!r}: {e}", file=sys.stderr)
+            return 2
     return 0
+
+
+def _window(context: int | None, stride: int | None, n_positions: int) -> tuple[int, int]:
+    """(context, stride) from the --context and --stride flags (None = unset: the model's
+    n_positions and half the context)."""
+    context = n_positions if context is None else context
+    if context > n_positions:
+        raise ValueError(f"--context={context} exceeds the model's n_positions {n_positions}")
+    stride = max(1, context // 2) if stride is None else stride
+    if stride > context:
+        raise ValueError(f"--stride={stride} exceeds the context {context} (--context, "
+                         f"default the model's n_positions)")
+    return context, stride
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -452,21 +493,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     which.add_argument("--checkpoint", help="a run directory (its latest checkpoint)")
     which.add_argument("--hf", help="an HF GPT-2: hub name (gpt2) or save_pretrained dir")
     parser.add_argument("--data", required=True, help="text/.jsonl(.zst) file, dir or glob")
-    parser.add_argument("--context", type=int, default=0, help="window; 0 = n_positions")
-    parser.add_argument("--stride", type=int, default=0, help="0 = context / 2")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--out", help="also write the numbers to this JSON file")
+    parser.add_argument("--context", type=int, default=None,
+                        help="window in tokens, >= 1 (default: the model's n_positions)")
+    parser.add_argument("--stride", type=int, default=None,
+                        help="tokens between window starts, in [1, context] "
+                             "(default: context / 2)")
+    parser.add_argument("--batch_size", type=int, default=8, help="windows per forward, >= 1")
+    parser.add_argument("--out", help="also write the numbers to this JSON file (its folder "
+                                      "must exist)")
     args = parser.parse_args(argv)
     config_schema.command_logging()
 
     def compute():
-        texts = read_sources(args.data)     # bad input is found before a model is loaded
+        flags = {"--context": args.context, "--stride": args.stride,
+                 "--batch_size": args.batch_size}
+        for flag, value in flags.items():     # flags first, then --data, then the model
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        texts = read_sources(args.data)
         lm = load_lm(args.checkpoint or "hf:" + args.hf)
-        context = args.context or lm.cfg.n_positions
-        stride = args.stride or max(1, context // 2)
+        context, stride = _window(args.context, args.stride, lm.cfg.n_positions)
         return {"model": lm.name, "context": context, "stride": stride,
                 **perplexity_of_sources(lm, texts, context=context, stride=stride,
-                                        batch_size=args.batch_size)}
+                                        batch_size=args.batch_size,
+                                        origin=f"--data {args.data!r}")}
     from jaxgpt import report
     return run_cli(compute, report.perplexity_table, args.out)
 

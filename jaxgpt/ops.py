@@ -1,5 +1,6 @@
 """Operations with hand-written backward passes: layer_norm, softmax, token_nll, and
-tied_head_loss (the tied head and the loss fused, chunk by chunk); tied_head (the logits).
+tied_head_loss (the tied head and the loss fused, chunk by chunk); tied_head (the logits)
+and tied_head_nll_sum (evaluation's weighted loss, chunk by chunk).
 
 Each computes what its library counterpart computes (flax's LayerNorm, jax.nn.softmax,
 log_softmax + take_along_axis) and differentiates in closed form,
@@ -170,6 +171,19 @@ def tied_head_loss(x_BTD, w_VD, targets_BT, chunk: int):
 
     total, _ = jax.lax.scan(body, jnp.float32(0), (xs, ts))
     return total / targets_BT.size
+
+
+def tied_head_nll_sum(x_BTD, w_VD, targets_BT, weights_BT, chunk: int):
+    """Sum over tokens of weights * NLL of the logits x @ w.T, chunk by chunk like
+    tied_head_loss (evaluation: no gradient); a weight of 0 leaves a token out."""
+    xs, ts = _chunks(x_BTD, targets_BT, chunk)
+    ws = _chunks(x_BTD, weights_BT, chunk)[1]
+
+    def body(total, xtw):
+        x_BCD, t_BC, w_BC = xtw
+        return total + (_nll_and_lse(tied_head(x_BCD, w_VD), t_BC)[0] * w_BC).sum(), None
+
+    return jax.lax.scan(body, jnp.float32(0), (xs, ts, ws))[0]
 
 
 def _tied_head_loss_fwd(x_BTD, w_VD, targets_BT, chunk):

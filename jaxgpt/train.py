@@ -217,10 +217,21 @@ def train_step(state: TrainState, batch: Batch, *, graphdef, tx, skip_nonfinite=
 
 
 def eval_step(params, windows, *, graphdef):
-    """Summed token NLL and token count of validation windows [B, T + 1] (no dropout)."""
-    n = windows[:, 1:].size
-    return {"nll_sum": _mean_nll(nnx.merge(graphdef, params), windows) * n,
-            "tokens": jnp.float32(n)}
+    """Summed token NLL and token count of validation windows [B, T + 1] (no dropout). Rows
+    of -1 are padding (filling a last, partial batch) and count for nothing."""
+    real = windows[:, :1] >= 0                                  # [B, 1]
+    windows = jnp.where(real, windows, 0)
+    inputs, targets = windows[:, :-1], windows[:, 1:]
+    weights = jnp.broadcast_to(real, targets.shape).astype(jnp.float32)
+    gpt = nnx.merge(graphdef, params)
+    if gpt.cfg.tie_embeddings:
+        hidden, _ = gpt(inputs, head=False)
+        w = gpt.wte.embedding[...].astype(gpt.cfg.compute_dtype)
+        chunk = ops.loss_chunk(*targets.shape, gpt.cfg.vocab_size)
+        nll_sum = ops.tied_head_nll_sum(hidden, w, targets, weights, chunk)
+    else:
+        nll_sum = (ops.token_nll(gpt(inputs)[0], targets) * weights).sum()
+    return {"nll_sum": nll_sum, "tokens": weights.sum()}
 
 
 def init_state(cfg: model.GPTConfig, tx, seed: int) -> TrainState:

@@ -2,6 +2,7 @@
 generation metrics and cloze scoring vs hand-computed values."""
 
 import functools
+import json
 import math
 import pathlib
 
@@ -107,15 +108,17 @@ def test_per_source_perplexities_weight_average_to_the_global_one(tiny_lm):
     np.testing.assert_allclose(whole["val_loss"], got["val_loss"], rtol=1e-6)
 
 
-def test_a_source_smaller_than_a_batch_is_skipped_but_none_at_all_is_an_error(tiny_lm):
+def test_a_source_smaller_than_a_batch_is_scored_and_none_at_all_is_an_error(tiny_lm):
     _, params, graphdef, _ = tiny_lm
     step_fn = functools.partial(jax.jit(functools.partial(train.eval_step, graphdef=graphdef)),
                                 params)
-    w = np.zeros((4, 9), np.int32)
-    got = evaluation.evaluate_windows(step_fn, {"big": w, "tiny": w[:1]}, batch=4)
-    assert "val_loss/big" in got and "val_loss/tiny" not in got
-    with pytest.raises(ValueError, match="1 validation windows are fewer than one eval batch"):
-        evaluation.evaluate_windows(step_fn, w[:1], batch=4)
+    w = np.random.default_rng(4).integers(0, 97, (5, 9)).astype(np.int32)
+    got = evaluation.evaluate_windows(step_fn, {"big": w[:4], "tiny": w[4:]}, batch=4)
+    assert got["val_tokens/big"] == 4 * 8 and got["val_tokens/tiny"] == 8
+    alone = evaluation.evaluate_windows(step_fn, w[4:], batch=1)    # a batch of its own
+    np.testing.assert_allclose(got["val_loss/tiny"], alone["val_loss"], rtol=1e-6)
+    with pytest.raises(ValueError, match="no validation windows to evaluate"):
+        evaluation.evaluate_windows(step_fn, w[:0], batch=4)
 
 
 # A bigram "model" with fixed logits over the vocabulary {0: end-of-text, 1: a, 2: b, 3: c}.
@@ -215,3 +218,88 @@ def test_plain_text_is_one_document_and_a_bad_record_names_its_line(shared_data,
     err = capsys.readouterr().err.splitlines()
     assert err[0] == (f"error: {bad}:2: malformed JSON (Expecting value: column 10)")
     assert err[1] == f"error: --data '{tmp_path / 'absent.txt'}' does not exist"
+
+
+# --- The command line: bad flags and paths are one-line errors found before any scoring -------
+
+class _CharTok:
+    """A character tokenizer over the tiny vocabulary (end-of-text is 0)."""
+    eot_id, vocab_size = 0, 97
+
+    def encode_batch(self, texts):
+        return [[ord(c) % 96 + 1 for c in t] for t in texts]
+
+
+@pytest.fixture
+def fake_cli(tiny_lm, tmp_path, monkeypatch, capsys):
+    """main(*flags) on a tiny in-memory model: (exit code, stderr lines, models loaded)."""
+    cfg, params, _, _ = tiny_lm
+    loaded = []
+
+    def load_lm(spec):
+        loaded.append(spec)
+        return evaluation.LM(spec, cfg, params, _CharTok())
+    monkeypatch.setattr(evaluation, "load_lm", load_lm)
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 3)
+
+    def run(*flags, data=str(text)):
+        code = evaluation.main(["--checkpoint=run", f"--data={data}", *flags])
+        return code, capsys.readouterr().err.splitlines(), loaded
+    return run
+
+
+def test_cli_defaults_and_explicit_windows_are_used_and_written(fake_cli, tmp_path):
+    out = tmp_path / "e.json"
+    assert fake_cli(f"--out={out}")[0] == 0
+    got = json.loads(out.read_text())
+    assert (got["context"], got["stride"], got["tokens"]) == (32, 16, 3 * 45 - 1)
+    assert fake_cli("--context=8", "--stride=8", f"--out={out}")[0] == 0
+    got = json.loads(out.read_text())
+    assert (got["context"], got["stride"]) == (8, 8)
+
+
+def test_cli_checks_out_before_scoring(fake_cli, tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    cases = {tmp_path / "missing" / "e.json": f"folder '{tmp_path / 'missing'}' does not exist",
+             tmp_path: "is a folder; name a file in it",
+             a_file / "e.json": f"'{a_file}' is not a folder"}
+    for out, why in cases.items():
+        code, err, loaded = fake_cli(f"--out={out}")
+        assert code == 2 and len(err) == 1 and not loaded, (out, err)
+        assert err[0].startswith(f"error: --out '{out}'") and why in err[0]
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--batch_size=0", "--batch_size must be >= 1, got 0"),
+    ("--stride=0", "--stride must be >= 1, got 0"),
+    ("--context=0", "--context must be >= 1, got 0"),
+    ("--context=-5", "--context must be >= 1, got -5"),
+    ("--stride=-3", "--stride must be >= 1, got -3")])
+def test_cli_rejects_non_positive_numbers_naming_the_flag(fake_cli, flag, message):
+    code, err, loaded = fake_cli(flag)
+    assert (code, err, loaded) == (2, [f"error: {message}"], [])
+
+
+def test_cli_windows_must_fit_the_model(fake_cli):
+    assert fake_cli("--context=64")[1] == [
+        "error: --context=64 exceeds the model's n_positions 32"]
+    assert fake_cli("--stride=40")[1] == [
+        "error: --stride=40 exceeds the context 32 (--context, default the model's n_positions)"]
+    assert fake_cli("--context=8", "--stride=9")[0] == 2
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        evaluation.target_logprobs(None, None, [[1, 2]], batch_size=0)
+
+
+def test_cli_names_the_data_that_has_nothing_to_predict(fake_cli, tmp_path):
+    for name, text in (("empty.txt", ""), ("one.txt", "x")):
+        path = tmp_path / name
+        path.write_text(text)
+        code, err, _ = fake_cli(data=str(path))
+        want = (f"error: --data '{path}': source 'text' has {len(text)} token(s), nothing to "
+                f"predict (scoring needs at least 2)")
+        assert (code, err) == (2, [want])
+    empty = tmp_path / "empty.jsonl"      # the reader itself names an empty .jsonl
+    empty.write_text("")
+    assert fake_cli(data=str(empty))[1] == [f"error: {empty}: holds no documents"]

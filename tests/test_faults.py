@@ -744,15 +744,23 @@ def test_tasks_every_n_steps_still_to_come():
     assert train._occurrences(0, 6, 0) == 0
 
 
-def test_a_named_tokenizer_file_must_exist_and_a_small_split_fill_an_eval_batch(tmp_path,
-                                                                                shared_tok):
+def test_a_named_tokenizer_file_must_exist(tmp_path, shared_tok):
     workdir = tmp_path / "run"
     with pytest.raises(FileNotFoundError, match="data.tokenizer_path .*typo.model' does not "
                                                 "exist"):
         train.train_and_evaluate(_config(shared_tok, data__tokenizer_path=str(
             tmp_path / "typo.model")), str(workdir))
     assert not workdir.exists() and not (tmp_path / "typo.model").exists()
-    with pytest.raises(ValueError, match="validation windows are fewer than one "
-                                         "eval.batch_size of 1024"):
-        train.train_and_evaluate(_config(shared_tok, eval__every=3, eval__batch_size=1024),
-                                 str(workdir))
+
+
+@pytest.mark.slow
+def test_a_validation_split_smaller_than_one_eval_batch_is_scored_whole(tmp_path, shared_tok):
+    from jaxgpt import data, tokenizer
+    workdir = str(tmp_path / "run")
+    out = train.train_and_evaluate(_config(shared_tok, train__steps=2, eval__every=2,
+                                           eval__batch_size=1024), workdir)
+    dcfg = data.DataConfig.from_config(_config(shared_tok).data)
+    corpus = data.load_corpus(dcfg, tokenizer.load("sentencepiece", shared_tok[1]),
+                              os.path.join(workdir, "data"))
+    assert 0 < len(corpus.val) < 1024
+    assert out["eval"]["val_tokens"] == len(corpus.val) * 32

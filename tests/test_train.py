@@ -318,3 +318,28 @@ def test_data_wait_is_the_time_the_accelerator_idled_for_input(tmp_path, monkeyp
     waits = _run_with_input_delay(tmp_path, monkeypatch, 0.03, model__n_embd=384,
                                   model__n_layer=4, model__n_head=4, train__batch_size=32)
     assert waits and all(w < 0.1 for w in waits), waits
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_partial_last_eval_batch_is_scored_and_its_padding_is_not(tie):
+    """Validation covers every window: the last, partial batch is filled with rows of -1
+    that count for nothing. Reference: the model's own log-softmax, in numpy."""
+    from flax import nnx
+    cfg = model.GPTConfig(vocab_size=97, n_positions=16, n_embd=32, n_layer=2, n_head=2,
+                          tie_embeddings=tie)
+    gpt = model.GPT(cfg, rngs=nnx.Rngs(params=jax.random.key(3)))
+    graphdef, params = nnx.split(gpt, nnx.Param)
+    windows = np.random.default_rng(0).integers(0, 97, (7, 9)).astype(np.int32)
+    batches = list(data.iter_val_batches(windows, 4))
+    assert [b.shape for b in batches] == [(4, 9), (4, 9)]
+    np.testing.assert_array_equal(batches[1][3], -1)
+    step = jax.jit(lambda p, w: train.eval_step(p, w, graphdef=graphdef))
+    out = [step(params, b) for b in batches]
+    logits = np.asarray(gpt(windows[:, :-1])[0], np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)
+                           ) - logits.max(-1, keepdims=True)
+    nll = -np.take_along_axis(logp, windows[:, 1:, None], -1)[..., 0]
+    assert [float(o["tokens"]) for o in out] == [32.0, 24.0]
+    np.testing.assert_allclose([float(o["nll_sum"]) for o in out],
+                               [nll[:4].sum(), nll[4:].sum()], rtol=2e-5)
+    assert len(list(data.iter_val_batches(windows, 4, max_batches=1))) == 1
