@@ -197,9 +197,11 @@ class Sampling:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         choices.check("schedule", self.schedule, SCHEDULES)
         annealed = self.schedule != "constant"
-        if annealed != (self.final_temperature is not None):
+        if annealed and self.final_temperature is None:
+            raise ValueError(f"schedule {self.schedule!r} needs a final_temperature to anneal to")
+        if not annealed and self.final_temperature is not None:
             raise ValueError(f"final_temperature={self.final_temperature} needs a linear or "
-                             f"exponential schedule, and they need it (schedule={self.schedule!r})")
+                             f"exponential schedule; the constant one would ignore it")
         if annealed and (self.temperature <= 0 or self.final_temperature <= 0):
             raise ValueError(f"an annealed temperature must stay > 0, got {self.temperature} -> "
                              f"{self.final_temperature}")
@@ -466,7 +468,7 @@ def pad_prompts(cfg: model.GPTConfig, prompts: list[list[int]], max_new_tokens: 
             if not truncate:
                 raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens "
                                  f"{max_new_tokens} the context n_positions={cfg.n_positions} "
-                                 f"allows {room} (ask for left truncation to keep the end)")
+                                 f"allows {room} (truncate=True keeps the last {room})")
             log.warning("prompt %d: %d tokens, keeping the last %d", i, len(p), room)
             p = p[-room:]
         rows.append(p)

@@ -10,20 +10,36 @@ from jaxgpt import sample
 
 
 def read_prompts(path: str) -> list[str]:
-    """One prompt per line of a UTF-8 file (an empty line is an empty prompt)."""
+    """One prompt per line of a UTF-8 file; blank (empty or whitespace-only) lines are
+    skipped, so prompts are numbered from 0 over the other lines."""
     with open(path, "rb") as f:
         raw = f.read().split(b"\n")
-    if raw and raw[-1] == b"":
-        raw.pop()
     prompts = []
     for i, line in enumerate(raw, 1):
         try:
-            prompts.append(line.decode("utf-8").rstrip("\r"))
+            text = line.decode("utf-8").rstrip("\r")
         except UnicodeDecodeError as e:
             raise ValueError(f"{path} line {i}: not UTF-8 ({e.reason} at byte {e.start})") from e
+        if text.strip():
+            prompts.append(text)
     if not prompts:
-        raise ValueError(f"{path}: no prompts")
+        raise ValueError(f"{path}: no prompts (blank lines are skipped)")
     return prompts
+
+
+def parse_ban(text: str) -> tuple[int, ...]:
+    """The --ban flag: comma-separated token ids (blank items are skipped)."""
+    ids = []
+    for item in text.split(","):
+        if item.strip():
+            try:
+                ids.append(int(item))
+            except ValueError:
+                raise ValueError(f"--ban: {item.strip()!r} is not a token id (give "
+                                 f"comma-separated integers, e.g. --ban=198,50256)") from None
+            if ids[-1] < 0:
+                raise ValueError(f"--ban: token id {ids[-1]} is negative")
+    return tuple(ids)
 
 
 def parse_args(argv=None):
@@ -35,14 +51,17 @@ def parse_args(argv=None):
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     text = ap.add_mutually_exclusive_group()
     text.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    text.add_argument("--prompts_file", help="UTF-8 file, one prompt per line")
+    text.add_argument("--prompts_file",
+                      help="UTF-8 file, one prompt per line; blank lines are skipped")
     ap.add_argument("--max_new_tokens", type=int, default=64)
     ap.add_argument("--batch_size", type=int, default=1,
-                    help="prompts decoded together; only batch 1 streams token by token")
+                    help="prompts decoded together; a lone prompt streams token by token; "
+                         "with several prompts each output starts with '--- prompt N'")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     ap.add_argument("--schedule", default="constant", choices=sample.SCHEDULES)
-    ap.add_argument("--final_temperature", type=float, default=None)
+    ap.add_argument("--final_temperature", type=float, default=None,
+                    help="the temperature a linear or exponential --schedule ends at")
     ap.add_argument("--top_k", type=int, default=0)
     ap.add_argument("--top_p", type=float, default=1.0)
     ap.add_argument("--min_p", type=float, default=0.0)
@@ -63,23 +82,36 @@ def method_from_args(args):
     sampling_flags = (args.temperature != 1.0 or args.top_k or args.top_p != 1.0 or args.min_p
                       or args.schedule != "constant" or args.final_temperature is not None)
     if args.num_beams < 1:
-        raise ValueError(f"num_beams must be >= 1, got {args.num_beams}")
+        raise ValueError(f"--num_beams must be >= 1, got {args.num_beams}")
     if args.num_beams > 1:
         if sampling_flags:
             raise ValueError("beam search is deterministic here: it cannot combine with "
-                             "--temperature/--top_k/--top_p/--min_p/--schedule")
+                             "--temperature/--top_k/--top_p/--min_p/--schedule/"
+                             "--final_temperature")
         early = {"true": True, "false": False, "never": "never"}[args.early_stopping]
         return sample.Beam(args.num_beams, args.length_penalty, early, args.num_return_sequences)
     if args.num_return_sequences != 1 or args.length_penalty != 1.0 or \
             args.early_stopping != "false":
         raise ValueError("--num_return_sequences/--length_penalty/--early_stopping need "
                          "--num_beams > 1")
-    if args.temperature == 0 and args.schedule == "constant":
-        if sampling_flags and (args.top_k or args.top_p != 1.0 or args.min_p):
-            raise ValueError("--temperature=0 is greedy: --top_k/--top_p/--min_p would be ignored")
+    if args.temperature == 0:
+        ignored = [f for f, on in (("--top_k", args.top_k), ("--top_p", args.top_p != 1.0),
+                                   ("--min_p", args.min_p),
+                                   ("--schedule", args.schedule != "constant"),
+                                   ("--final_temperature", args.final_temperature is not None))
+                   if on]
+        if ignored:
+            raise ValueError(f"--temperature=0 is greedy: {'/'.join(ignored)} would be ignored")
         return sample.Greedy()
+    if args.schedule != "constant" and args.final_temperature is None:
+        raise ValueError(f"--schedule={args.schedule} needs --final_temperature (the "
+                         f"temperature it anneals to)")
+    if args.schedule == "constant" and args.final_temperature is not None:
+        raise ValueError("--final_temperature needs --schedule=linear or "
+                         "--schedule=exponential (with the constant schedule it would be "
+                         "ignored)")
     return sample.Sampling(args.temperature, args.top_k, args.top_p, args.min_p, args.schedule,
-                    args.final_temperature)
+                           args.final_temperature)
 
 
 def load_model(args):
@@ -124,24 +156,51 @@ class _Streamer:
             self.shown = text
 
 
-def run_cli(args, cfg, params, tok, out=None):
-    """Generate for every prompt the flags give; streams when decoding one prompt at a time."""
-    out = out or sys.stdout
+def check_args(args):
+    """(method, penalties, prompt texts) from the flags; every check that needs no model."""
     method = method_from_args(args)
-    penalties = sample.Penalties(args.repetition_penalty, args.no_repeat_ngram_size,
-                          tuple(int(x) for x in args.ban.split(",") if x.strip()))
-    texts = read_prompts(args.prompts_file) if args.prompts_file else (args.prompt or [""])
     if args.batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {args.batch_size}")
+        raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    penalties = sample.Penalties(args.repetition_penalty, args.no_repeat_ngram_size,
+                                 parse_ban(args.ban))
+    texts = read_prompts(args.prompts_file) if args.prompts_file else (args.prompt or [""])
+    return method, penalties, texts
+
+
+def check_lengths(args, cfg, prompts: list[list[int]]) -> None:
+    """Every prompt fits the context with --max_new_tokens (or --truncate cuts it), checked
+    before the first one is decoded and named by its place among all prompts."""
+    room = cfg.n_positions - args.max_new_tokens
+    if room < 1:
+        raise ValueError(f"--max_new_tokens={args.max_new_tokens} leaves no room for a prompt "
+                         f"in the model's context of {cfg.n_positions} tokens")
+    for i, p in enumerate(prompts):
+        if len(p) > room and not args.truncate:
+            raise ValueError(f"prompt {i} has {len(p)} tokens; with --max_new_tokens="
+                             f"{args.max_new_tokens} the model's context of {cfg.n_positions} "
+                             f"allows {room} (--truncate keeps the last {room})")
+
+
+def run_cli(args, cfg, params, tok, out=None):
+    """Generate for every prompt the flags give; a chunk of one prompt streams. With several
+    prompts every output starts with `--- prompt N`, however they are batched."""
+    out = out or sys.stdout
+    method, penalties, texts = check_args(args)
+    prompts = [tok.encode(t) for t in texts]
+    check_lengths(args, cfg, prompts)
     for start in range(0, len(texts), args.batch_size):
         chunk = texts[start:start + args.batch_size]
         one_row = len(chunk) == 1 and not isinstance(method, sample.Beam)
-        streamer = _Streamer(tok, out, chunk[0]) if one_row else None
+        header = f"--- prompt {start}\n" if len(texts) > 1 else ""
+        streamer = _Streamer(tok, out, header + chunk[0]) if one_row else None
         stats: dict = {}
-        rows = sample.generate(cfg, params, [tok.encode(t) for t in chunk],
-                        max_new_tokens=args.max_new_tokens, method=method, penalties=penalties,
-                        seed=args.seed + start, eot_id=tok.eot_id, n_valid_vocab=tok.vocab_size,
-                        truncate=args.truncate, stream=streamer, stats=stats)
+        rows = sample.generate(cfg, params, prompts[start:start + args.batch_size],
+                               max_new_tokens=args.max_new_tokens, method=method,
+                               penalties=penalties, seed=args.seed + start, eot_id=tok.eot_id,
+                               n_valid_vocab=tok.vocab_size, truncate=args.truncate,
+                               stream=streamer, stats=stats)
         per = len(rows) // len(chunk)
         for i, row in enumerate(rows):
             if streamer:
@@ -158,13 +217,10 @@ def run_cli(args, cfg, params, tok, out=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        method_from_args(args)    # cheap checks first: bad flags or files never load a model
-        if args.prompts_file:
-            read_prompts(args.prompts_file)
+        check_args(args)    # cheap checks first: bad flags or files never load a model
         cfg, params, tok = load_model(args)
         run_cli(args, cfg, params, tok)
     except (ValueError, OSError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
-

@@ -394,6 +394,17 @@ def test_prompt_bounds(hf_pair):
                                    method=sample.Greedy())
 
 
+class _Chars:
+    """A character tokenizer over the tiny vocabulary (end-of-text is 0)."""
+    vocab_size, eot_id = 97, 0
+
+    def encode(self, text):
+        return [ord(c) % 96 + 1 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i + 31) for i in ids)
+
+
 def test_cli_streams_and_rejects_bad_files(tmp_path, hf_pair, capsys):
     cfg, params, _ = hf_pair
     bad = tmp_path / "prompts.txt"
@@ -401,15 +412,7 @@ def test_cli_streams_and_rejects_bad_files(tmp_path, hf_pair, capsys):
     with pytest.raises(ValueError, match=r"prompts.txt line 2: not UTF-8"):
         sample_cli.read_prompts(str(bad))
 
-    class Chars:   # a character tokenizer over the tiny vocabulary
-        vocab_size, eot_id = 97, 0
-
-        def encode(self, text):
-            return [ord(c) % 96 + 1 for c in text]
-
-        def decode(self, ids):
-            return "".join(chr(i + 31) for i in ids)
-
+    Chars = _Chars
     args = sample_cli.parse_args(["--hf=unused", "--prompt=ab", "--max_new_tokens=5",
                               "--temperature=0"])
     sample_cli.run_cli(args, cfg, params, Chars())
@@ -428,3 +431,89 @@ def test_cli_streams_and_rejects_bad_files(tmp_path, hf_pair, capsys):
                           capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert proc.returncode != 0 and "line 2: not UTF-8" in proc.stderr
+
+
+@pytest.fixture
+def cli(tiny_cfg, monkeypatch, capsys):
+    """main(*flags) on a tiny random model: (exit code, stdout, stderr lines, models loaded)."""
+    params = _random_params(tiny_cfg)
+    loaded = []
+
+    def load_model(args):
+        loaded.append(args.hf)
+        return tiny_cfg, params, _Chars()
+    monkeypatch.setattr(sample_cli, "load_model", load_model)
+
+    def run(*flags):
+        code = sample_cli.main(["--hf=tiny", *flags])
+        got = capsys.readouterr()
+        return code, got.out, got.err.splitlines(), loaded
+    return run
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--temperature=0", "--final_temperature=0.3"],
+     "--temperature=0 is greedy: --final_temperature would be ignored"),
+    (["--temperature=0", "--schedule=linear", "--final_temperature=0.3"],
+     "--temperature=0 is greedy: --schedule/--final_temperature would be ignored"),
+    (["--schedule=linear"],
+     "--schedule=linear needs --final_temperature (the temperature it anneals to)"),
+    (["--final_temperature=0.3"],
+     ("--final_temperature needs --schedule=linear or --schedule=exponential (with the "
+      "constant schedule it would be ignored)")),
+    (["--ban=1,abc"],
+     "--ban: 'abc' is not a token id (give comma-separated integers, e.g. --ban=198,50256)"),
+    (["--ban=-3"], "--ban: token id -3 is negative"),
+    (["--batch_size=0"], "--batch_size must be >= 1, got 0"),
+    (["--num_beams=2", "--final_temperature=0.3"],
+     ("beam search is deterministic here: it cannot combine with "
+      "--temperature/--top_k/--top_p/--min_p/--schedule/--final_temperature"))])
+def test_cli_flags_that_would_be_ignored_or_are_malformed_are_one_line_errors(cli, flags,
+                                                                             message):
+    code, out, err, loaded = cli("--prompt=ab", *flags)
+    assert (code, out, err, loaded) == (1, "", [f"error: {message}"], [])
+
+
+def test_sampling_schedule_messages_say_what_is_missing():
+    with pytest.raises(ValueError, match="schedule 'linear' needs a final_temperature"):
+        sample.Sampling(schedule="linear")
+    with pytest.raises(ValueError, match="final_temperature=0.3 needs a linear or exponential "
+                                         "schedule; the constant one would ignore it"):
+        sample.Sampling(final_temperature=0.3)
+
+
+def test_cli_too_long_prompt_names_its_place_and_the_truncate_flag(cli, tiny_cfg):
+    tail = "context of 32 allows 28 (--truncate keeps the last 28)"
+    code, out, err, _ = cli("--prompt=ab", "--prompt=cd", "--prompt=" + "x" * 30,
+                            "--max_new_tokens=4", "--temperature=0")
+    assert (code, out) == (1, "")     # checked before the first prompt is decoded
+    assert err == [f"error: prompt 2 has 30 tokens; with --max_new_tokens=4 the model's {tail}"]
+    code, out, _, _ = cli("--prompt=" + "x" * 30, "--max_new_tokens=4", "--temperature=0",
+                          "--truncate")
+    assert code == 0 and out.startswith("x" * 30)
+    with pytest.raises(ValueError, match=r"allows 28 \(truncate=True keeps the last 28\)"):
+        sample.pad_prompts(tiny_cfg, [[1] * 30], 4)
+
+
+def test_prompts_file_skips_blank_lines(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(b"ab\n\n  \r\ncd\r\n\t\nef")
+    assert sample_cli.read_prompts(str(path)) == ["ab", "cd", "ef"]
+    path.write_bytes(b"\n \n")
+    with pytest.raises(ValueError, match="prompts.txt: no prompts \\(blank lines are skipped"):
+        sample_cli.read_prompts(str(path))
+
+
+def test_cli_every_prompt_has_its_header_whatever_the_batching(cli, tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("ab\n\ncd\nef\n\ngh\n")
+    outputs = {}
+    for batch in (3, 1):
+        code, out, _, _ = cli(f"--prompts_file={path}", f"--batch_size={batch}",
+                              "--max_new_tokens=3", "--temperature=0")
+        assert code == 0
+        lines = [line for line in out.splitlines() if not line.startswith("[")]   # no stats
+        assert lines[0::2] == [f"--- prompt {i}" for i in range(4)], out
+        outputs[batch] = lines
+    assert outputs[3] == outputs[1]
+    assert [line[:2] for line in outputs[1][1::2]] == ["ab", "cd", "ef", "gh"]
