@@ -5,6 +5,9 @@ same fields and `--config.x.y=` overrides work alike everywhere.
 """
 
 import dataclasses
+import difflib
+import importlib.util
+import inspect
 import logging
 import os
 
@@ -43,6 +46,51 @@ def use_compilation_cache(path: str = COMPILATION_CACHE) -> str | None:
         return None
     jax.config.update("jax_compilation_cache_dir", path)
     return path
+
+
+def load_file(spec: str) -> ml_collections.ConfigDict:
+    """The config of `--config=FILE[:size]`: FILE's `get_config(size)`, as ml_collections'
+    config flag loads it, but a missing file or an unknown size is one ValueError or
+    FileNotFoundError naming it (the flag would raise a traceback)."""
+    path, has_size, size = spec.partition(":")
+    if not os.path.isfile(path):
+        folder = os.path.dirname(path) or "."
+        others = sorted(n for n in os.listdir(folder) if n.endswith(".py")
+                        and n != "__init__.py") if os.path.isdir(folder) else []
+        raise FileNotFoundError(f"config file {path} does not exist" + (
+            f" ({folder} holds {', '.join(others)})" if others else ""))
+    module_spec = importlib.util.spec_from_file_location("jaxgpt_config_file", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    get_config = getattr(module, "get_config", None)
+    if get_config is None:
+        raise ValueError(f"config file {path} defines no get_config()")
+    if has_size and not inspect.signature(get_config).parameters:
+        raise ValueError(f"{spec}: config file {path} takes no :size")
+    try:
+        return get_config(*([size] if has_size else []))
+    except ValueError as e:   # model.gpt2_config's: the size and the valid ones
+        raise ValueError(f"{spec}: {e}") from None
+
+
+def check_override(config: ml_collections.ConfigDict, field: str) -> None:
+    """Raise ValueError unless `field` (`train.steps` of `--config.train.steps=5`) names a
+    field of `config`, with the nearest name when one is close."""
+    node, seen = config, []
+    for part in field.split("."):
+        name = part.split("[", 1)[0]    # `prompts[0]` indexes a sequence field
+        fields = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else None
+        if fields is None:
+            raise ValueError(f"--config.{field}: {'.'.join(seen)} is a value, not a group")
+        if name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1)
+            hint = (f'did you mean "{close[0]}"?' if close else
+                    f"{'.'.join(seen) or 'the config'} has {', '.join(fields)}")
+            raise ValueError(f"--config.{field}: no such field ({hint})")
+        if name != part:
+            return
+        node = node[name]
+        seen.append(name)
 
 
 def base_config(size: str = "small", **model_overrides) -> ml_collections.ConfigDict:

@@ -12,6 +12,7 @@ environment on SLURM and TPU pods. Only process 0 logs at INFO and writes report
 
 import logging
 import os
+import re
 import sys
 
 import jax
@@ -104,6 +105,77 @@ def init_distributed() -> None:
         initialization_timeout=max(60, 3 * heartbeat), shutdown_timeout_seconds=heartbeat)
 
 
+def _check_config_args(args: list[str]) -> None:
+    """Load the `--config` file and check that every `--config.x.y` override names a field,
+    raising ValueError/FileNotFoundError in one line; config_flags would raise a traceback
+    for a missing file, an unknown size or a misspelled field."""
+    spec, overrides = None, []
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        if m := re.fullmatch(r"--?config(?:=(.*))?", arg, re.DOTALL):
+            spec = m[1] if m[1] is not None else (args[i + 1] if i + 1 < len(args) else None)
+        elif m := re.match(r"--?(?:no)?config\.([^=]+)", arg):
+            overrides.append(m[1])
+    if spec is None:    # absl reports the missing flag
+        return
+    config = config_schema.load_file(spec)
+    for field in overrides:
+        config_schema.check_override(config, field)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, after the config checks: their errors exit 2 with one line."""
+    try:
+        _check_config_args(argv[1:])
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return app.parse_flags_with_usage(argv)
+
+
+def _parents(path: str):
+    while (parent := os.path.dirname(path)) != path:
+        yield parent
+        path = parent
+
+
+def _workdir_error(e: OSError, workdir: str) -> str | None:
+    """One line for an OSError creating `workdir` (or a parent) or taking its lock; None for
+    one about another path, which is no input's fault and keeps its traceback."""
+    if not isinstance(e.filename, str):
+        return None
+    path, target = os.path.abspath(e.filename), os.path.abspath(workdir)
+    if path == os.path.abspath(faults.WorkdirLock(workdir).path):
+        return f"workdir {workdir} cannot be locked: {e.strerror} ({e.filename})"
+    if path != target and not target.startswith(path + os.sep):
+        return None
+    file = next((p for p in _parents(target) if os.path.isfile(p)), None)
+    why = f"{file} is a file, not a directory" if file else e.strerror
+    return f"workdir {workdir} cannot be created: {why}" + (
+        f" ({e.filename})" if path != target and not file else "")
+
+
+def _train(config, workdir: str) -> dict:
+    """train.train_and_evaluate; bad input (config, data, workdir) exits 2 with one line."""
+    try:
+        return train.train_and_evaluate(config, workdir)
+    except USER_ERRORS as e:
+        log.error("%s: %s", type(e).__name__, e)
+        message = str(e)
+    except OSError as e:
+        message = _workdir_error(e, workdir)
+        if message is None:
+            raise
+        log.error("%s: %s", type(e).__name__, message)
+    except faults.Halt as e:
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -115,20 +187,11 @@ def main(argv):
         handler.addFilter(_QuietLibraries())
     log.info("JAX %s: %d %s device(s), %d process(es); compilation cache %s", jax.__version__,
              jax.device_count(), jax.default_backend(), jax.process_count(), cache or "off")
-    try:
-        result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except USER_ERRORS as e:
-        log.error("%s: %s", type(e).__name__, e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except faults.Halt as e:
-        log.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+    result = _train(FLAGS.config, FLAGS.workdir)
     if result["preempted"] is not None:
         print(f"preempted: checkpoint at step {result['preempted']} in {FLAGS.workdir}; "
               f"rerun the same command to resume", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -495,6 +495,19 @@ def write_report(r: Report, out: str) -> list[str]:
     return paths
 
 
+def _out_dir_problem(out: str) -> str | None:
+    """Why `out` cannot be (created as) the report's directory, or None; nothing is created."""
+    path = os.path.abspath(out)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        return (f"{path} is a file, not a directory" if path == os.path.abspath(out) else
+                f"{path} is a file, so no directory can be made under it")
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"no permission to write in {path}"
+    return None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxgpt.report", description=(
         "Write report.md / report.html for a run: status, curves, model comparison."))
@@ -514,6 +527,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.tasks_limit < 0:
         parser.error(f"--tasks_limit must be >= 0, got {args.tasks_limit}")
+    if problem := _out_dir_problem(args.out):   # before the minutes of generation
+        parser.error(f"--out {args.out}: {problem}")
     from jaxgpt import config as config_schema
     config_schema.command_logging()
     from jaxgpt import eval as evaluation

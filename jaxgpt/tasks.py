@@ -295,11 +295,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     config_schema.command_logging()
     if args.limit < 0 or args.batch_size < 1:
         parser.error("--limit must be >= 0 and --batch_size >= 1")
+    specs = [m for m in args.models.split(",") if m]
+    if not specs:
+        parser.error(f"--models={args.models!r} names no model; give run directories "
+                     f"(RUN or RUN@STEP) or hf:NAME|DIR, comma-separated")
+    if args.out and os.path.isdir(args.out):
+        parser.error(f"--out {args.out} is a directory; name the JSON file to write")
 
     def compute():
         path = args.data or fetch(args.task)
         examples = load(args.task, path, args.limit)
-        specs = [m for m in args.models.split(",") if m]
         return evaluate(args.task, (evaluation.load_lm(m) for m in specs), path, examples,
                         batch_size=args.batch_size)
     return evaluation.run_cli(compute, report.tasks_table, args.out)

@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable, Iterator
 from typing import Protocol
 
@@ -38,7 +39,10 @@ class SentencePiece:
     def __init__(self, model_proto: bytes, path: str = "<memory>"):
         self.path = path
         self.proto = model_proto
-        self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        except RuntimeError:    # its message is a C++ source line and says nothing of the file
+            raise ValueError(f"{path} is not a SentencePiece model") from None
         self.vocab_size = self.sp.get_piece_size()
         self.eot_id = self.sp.eos_id()
         if self.eot_id < 0:
@@ -47,6 +51,8 @@ class SentencePiece:
 
     @classmethod
     def load(cls, path: str) -> "SentencePiece":
+        if os.path.isdir(path):
+            raise ValueError(f"{path} is a directory, not a SentencePiece .model file")
         with open(path, "rb") as f:
             return cls(f.read(), path)
 
@@ -88,16 +94,16 @@ class Gpt2Bpe:
         from transformers import GPT2TokenizerFast
 
         self.path = path
-        files = _gpt2_files(path)
+        # A hub name (`gpt2`, `hf:gpt2`) stands for its files in the HF cache.
+        local = path if os.path.exists(path) else _hub_files(path)
+        files = _gpt2_files(local)
         if files is not None:
             self.hf = GPT2TokenizerFast(vocab=files[0], merges=files[1])
-        elif os.path.isdir(path) and os.path.exists(os.path.join(path, "tokenizer.json")):
-            self.hf = GPT2TokenizerFast.from_pretrained(path)
-        elif os.path.exists(path):
+        elif os.path.isdir(local) and os.path.exists(os.path.join(local, "tokenizer.json")):
+            self.hf = GPT2TokenizerFast.from_pretrained(local)
+        else:
             raise ValueError(f"{path}: not a GPT-2 BPE tokenizer; expected a directory with "
                              f"vocab.json+merges.txt, encoder.json+vocab.bpe or tokenizer.json")
-        else:   # a hub name (`gpt2`, `hf:gpt2`), through transformers' download and cache
-            self.hf = GPT2TokenizerFast.from_pretrained(path.removeprefix("hf:"))
         model = json.loads(self.hf.backend_tokenizer.to_str())["model"]
         self.vocab, self.merges = model["vocab"], model["merges"]
         # The old vocab_file=/merges_file= keywords are ignored silently and leave an empty
@@ -136,6 +142,59 @@ class Gpt2Bpe:
             f.writelines(" ".join(m) + "\n" for m in self.merges)
 
 
+# What is fetched of a hub repository: the BPE pair, or else its tokenizer.json.
+HUB_FILES = (GPT2_FILE_PAIRS[0], ("tokenizer.json",))
+
+
+def _hub_files(name: str) -> str:
+    """The folder in the HF cache holding hub repository `name`'s tokenizer files (HUB_FILES),
+    downloaded on first use.
+
+    transformers' `from_pretrained` retries an unreachable hub for minutes per file and then
+    builds an empty vocabulary; here a cache miss costs one request without retries, and a
+    failure says that the hub could not be reached.
+    """
+    import httpx
+    import huggingface_hub as hub
+    from huggingface_hub import constants, errors, utils
+
+    repo = name.removeprefix("hf:")
+    try:
+        utils.validate_repo_id(repo)
+    except ValueError:
+        raise FileNotFoundError(f"{name} does not exist (and is not a HF hub repository "
+                                f"name)") from None
+    instead = ("use local files instead: a directory with vocab.json and merges.txt (or "
+               "encoder.json and vocab.bpe), e.g. data.tokenizer_path=DIR")
+    for files in HUB_FILES:
+        try:
+            paths = [hub.hf_hub_download(repo, f, local_files_only=True) for f in files]
+            return os.path.dirname(paths[0])
+        except errors.EntryNotFoundError:   # not in the cache
+            continue
+    if constants.is_offline_mode():
+        raise FileNotFoundError(f"{name}: the GPT-2 tokenizer files are not in the HF cache and "
+                                f"HF_HUB_OFFLINE is set, so they cannot be downloaded; {instead}")
+    try:
+        # One request without retries (hf_hub_download retries ~25 s per file).
+        hub.get_hf_file_metadata(hub.hf_hub_url(repo, HUB_FILES[0][0]))
+        files = HUB_FILES[0]
+    except errors.RemoteEntryNotFoundError:
+        files = HUB_FILES[1]
+    except errors.RepositoryNotFoundError:
+        raise FileNotFoundError(f"{name}: the HF hub has no repository {repo!r} (or it is "
+                                f"private or gated); {instead}") from None
+    except (httpx.HTTPError, OSError) as e:
+        raise FileNotFoundError(f"{name}: the HF hub could not be reached to download the "
+                                f"GPT-2 tokenizer files ({e}); {instead}") from None
+    try:
+        paths = [hub.hf_hub_download(repo, f) for f in files]
+    except (httpx.HTTPError, OSError) as e:
+        raise FileNotFoundError(f"{name}: downloading {' and '.join(files)} from the HF hub "
+                                f"failed ({e}); {instead}") from None
+    return os.path.dirname(paths[0])
+
+
 def _gpt2_files(path: str) -> tuple[str, str] | None:
     """(vocab, merges) paths for a directory or a vocabulary file, None for other paths."""
     if os.path.isfile(path):
@@ -161,25 +220,43 @@ def _lines(texts: Iterable[str]) -> Iterator[str]:
                 yield line
 
 
+# The trainer's refusals of a vocabulary size (a C++ check's text): what the corpus needs.
+_TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)")
+_TOO_LARGE = re.compile(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)")
+
+
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, *, model_type: str = "bpe",
-                        max_sentences: int = 300_000, seed_sentences: bool = True) -> bytes:
+                        max_sentences: int = 300_000, seed_sentences: bool = True,
+                        vocab_name: str = "model.vocab_size") -> bytes:
     """Train a SentencePiece model on `texts` (documents) and return the serialized model.
 
     Whitespace is kept verbatim (identity normalization, no dummy prefix, whitespace-only
     pieces allowed) so code and prose round-trip exactly; unseen characters fall back to
-    bytes. `\\n` is its own piece because training sees one line per sentence.
+    bytes. `\\n` is its own piece because training sees one line per sentence. A vocabulary
+    size the corpus cannot fill is a ValueError naming `vocab_name` and the bound.
     """
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"tokenizer model_type must be bpe|unigram, got {model_type!r}")
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=_lines(texts), model_writer=buf, vocab_size=vocab_size,
-        model_type=model_type, byte_fallback=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, add_dummy_prefix=False, allow_whitespace_only_pieces=True,
-        split_digits=True, user_defined_symbols=["\n"], character_coverage=0.9999,
-        input_sentence_size=max_sentences, shuffle_input_sentence=seed_sentences,
-        max_sentence_length=16384, unk_id=0, eos_id=1, bos_id=-1, pad_id=-1,
-        num_threads=os.cpu_count() or 1, minloglevel=2)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_lines(texts), model_writer=buf, vocab_size=vocab_size,
+            model_type=model_type, byte_fallback=True, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True, split_digits=True, user_defined_symbols=["\n"],
+            character_coverage=0.9999, input_sentence_size=max_sentences,
+            shuffle_input_sentence=seed_sentences, max_sentence_length=16384, unk_id=0,
+            eos_id=1, bos_id=-1, pad_id=-1, num_threads=os.cpu_count() or 1, minloglevel=2)
+    except RuntimeError as e:
+        if m := _TOO_SMALL.search(str(e)):
+            raise ValueError(f"{vocab_name}={vocab_size} is too small for this corpus: its "
+                             f"characters, the 256 byte pieces and the special pieces need "
+                             f"{vocab_name} >= {m[1]}") from None
+        if m := _TOO_LARGE.search(str(e)):
+            raise ValueError(f"{vocab_name}={vocab_size} is too large for this corpus: a "
+                             f"{model_type} SentencePiece model of it has at most {m[1]} "
+                             f"pieces") from None
+        raise
     return buf.getvalue()
 
 
@@ -247,9 +324,12 @@ def _train_main(argv: list[str] | None = None) -> None:
                                                         sources.BadRecords("error"))]
     except (ValueError, OSError) as e:
         parser.error(str(e))
-    tok = SentencePiece(train_sentencepiece(texts, args.vocab_size,
-                                            model_type=args.model_type,
-                                            max_sentences=args.max_sentences), args.out)
+    try:
+        proto = train_sentencepiece(texts, args.vocab_size, model_type=args.model_type,
+                                    max_sentences=args.max_sentences, vocab_name="--vocab_size")
+    except ValueError as e:
+        parser.error(str(e))
+    tok = SentencePiece(proto, args.out)
     tok.save(args.out)
     print(f"wrote {args.out}: {tok.vocab_size} pieces ({args.model_type}), {tok.fingerprint}")
 

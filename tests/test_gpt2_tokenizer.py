@@ -104,3 +104,64 @@ def test_bad_files_are_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("")
     with pytest.raises(ValueError, match="notes.txt: not a GPT-2 BPE tokenizer"):
         tokenizer.load("gpt2", str(tmp_path / "notes.txt"))
+
+
+@pytest.fixture
+def empty_hf_cache(tmp_path, monkeypatch):
+    """An HF cache folder of our own (empty), so the machine's cache plays no part."""
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    return tmp_path / "hf"
+
+
+def test_hub_name_offline_without_cache_names_the_cause(empty_hf_cache, monkeypatch):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match="not in the HF cache and HF_HUB_OFFLINE") as e:
+        tokenizer.load("gpt2", "gpt2")
+    assert "data.tokenizer_path=" in str(e.value) and "entries" not in str(e.value)
+
+
+def test_hub_name_with_the_hub_unreachable_fails_at_once(empty_hf_cache, monkeypatch):
+    import time
+    import types
+
+    import httpx
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    def unreachable(url, **kwargs):
+        raise httpx.ConnectError("[Errno -2] Name or service not known")
+
+    def no_retries(seconds):
+        raise AssertionError(f"retried the hub (sleep {seconds} s)")
+
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", unreachable)
+    # huggingface_hub's backoff sleeps between retries; here any retry fails the test.
+    clock = {n: getattr(time, n) for n in dir(time) if not n.startswith("_")}
+    monkeypatch.setattr(_http, "time", types.SimpleNamespace(**clock | {"sleep": no_retries}))
+    with pytest.raises(FileNotFoundError, match="HF hub could not be reached") as e:
+        tokenizer.load("gpt2", "hf:gpt2")
+    assert "Name or service not known" in str(e.value) and "vocab.json" in str(e.value)
+    with pytest.raises(FileNotFoundError, match="nope/gpt2-bpe does not exist"):
+        tokenizer.load("gpt2", "/nope/gpt2-bpe")   # a mistyped folder is no hub name
+
+
+def test_hub_name_reads_the_hf_cache_offline(bpe_dir, tok, empty_hf_cache, monkeypatch):
+    import shutil
+
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    commit = "0" * 40   # the cache's layout: refs/main names the snapshot
+    snapshot = empty_hf_cache / "models--gpt2" / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (empty_hf_cache / "models--gpt2" / "refs").mkdir()
+    (empty_hf_cache / "models--gpt2" / "refs" / "main").write_text(commit)
+    shutil.copy(os.path.join(bpe_dir, "encoder.json"), snapshot / "vocab.json")
+    shutil.copy(os.path.join(bpe_dir, "vocab.bpe"), snapshot / "merges.txt")
+    cached = tokenizer.load("gpt2", "gpt2")
+    assert cached.path == "gpt2" and cached.fingerprint == tok.fingerprint
+    assert cached.encode("Hello world") == [15496, 995]

@@ -65,8 +65,18 @@ def test_main_job_runs_end_to_end(tmp_path):
 def test_typo_in_override_is_rejected():
     proc = helpers.run_main("--config=configs/default.py", "--workdir=/nonexistent/x",
                             "--config.train.stpes=3")
-    assert proc.returncode != 0
-    assert "stpes" in proc.stderr
+    assert proc.returncode == 2
+    assert proc.stderr == 'error: --config.train.stpes: no such field (did you mean "steps"?)\n'
+
+
+def test_workdir_that_cannot_be_created_is_one_line(tmp_path):
+    (tmp_path / "one.txt").write_text("a file\n")
+    proc = helpers.run_main("--config=configs/default.py", f"--workdir={tmp_path}/one.txt/sub",
+                            f"--config.data.path={helpers.small_corpus(tmp_path)}", *TINY)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.splitlines()[-1] == (f"error: workdir {tmp_path}/one.txt/sub cannot be "
+                                            f"created: {tmp_path}/one.txt is a file, not a "
+                                            f"directory")
 
 
 def _bad(tmp_path, *args, env=None):
