@@ -630,82 +630,63 @@ def _own_tokenizer_run(shared_tok, workdir, **changes):
 
 
 @pytest.mark.slow
-def test_a_moved_run_directory_resumes_and_serves_its_tools(tmp_path, shared_tok):
+def test_a_run_moved_rolled_back_refused_finished_and_extended(tmp_path, shared_tok, caplog):
+    """One run directory through the events of a run's life, each checked as it happens."""
     from jaxgpt import tokenizer
     first, moved = str(tmp_path / "first"), str(tmp_path / "moved")
-    train.train_and_evaluate(_own_tokenizer_run(shared_tok, first, train__steps=2), first)
-    os.rename(first, moved)
-    step, meta = checkpoint.read_meta(moved)
-    assert step == 2 and meta["tokenizer"]["path"] == os.path.join(moved, "tokenizer.model")
-    tok = tokenizer.from_meta(meta)
-    assert tok.fingerprint == meta["tokenizer"]["fingerprint"]
-    out = train.train_and_evaluate(_own_tokenizer_run(shared_tok, moved, train__steps=4), moved)
-    assert int(out["state"].step) == 4
-    assert [r["step"] for r in faults.read_ledger(moved)] == [1, 2, 3, 4]
+    run = lambda workdir, **changes: train.train_and_evaluate(_own_tokenizer_run(
+        shared_tok, workdir, optim__warmup_steps=1, train__log_every=1, **changes), workdir)
+    steps = lambda workdir: sorted(int(n) for n in os.listdir(
+        os.path.join(workdir, "checkpoints")) if n.isdigit())
+    run(first, train__steps=4)
+    assert steps(first) == [2, 4]
 
-
-@pytest.mark.slow
-def test_a_refused_rollback_moves_no_checkpoint(tmp_path, shared_tok):
-    workdir = str(tmp_path / "run")
-    train.train_and_evaluate(_config(shared_tok, train__steps=4), workdir)
-    steps = lambda: sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints"))
-                           if n.isdigit())
-    assert steps() == [2, 4]
-    other = tmp_path / "other.txt"           # data.path may change, the tokens may not
-    other.write_text(pathlib.Path(shared_tok[0]).read_text()[::-1])
-    with pytest.raises(ValueError, match="incompatible run"):
-        train.train_and_evaluate(_config(shared_tok, train__steps=4, data__path=str(other),
-                                         checkpoint__restore_step=2), workdir)
-    assert steps() == [2, 4]
-    assert not os.path.exists(os.path.join(workdir, "checkpoints.rolledback"))
-
-
-@pytest.mark.slow
-def test_resuming_an_earlier_step_sets_the_abandoned_metrics_aside(tmp_path, shared_tok):
-    workdir = str(tmp_path / "run")
-    train.train_and_evaluate(_config(shared_tok, train__steps=6, train__log_every=1), workdir)
-    before = pathlib.Path(workdir, "metrics.jsonl").read_text().splitlines()
-    train.train_and_evaluate(_config(shared_tok, train__steps=6, train__log_every=1,
-                                     checkpoint__restore_step=2), workdir)
-    records = [json.loads(x) for x in pathlib.Path(workdir, "metrics.jsonl").read_text()
-               .splitlines()]
-    aside = pathlib.Path(workdir, "metrics.abandoned.jsonl").read_text().splitlines()
-    # The first run's records up to step 2, then the resumed run's: the steps never go back.
-    assert [json.dumps(r) for r in records[:len(before) - len(aside)]] == [
-        json.dumps(json.loads(x)) for x in before if json.loads(x)["step"] <= 2]
-    assert aside == [x for x in before if json.loads(x)["step"] > 2]
-    steps = [r["step"] for r in records]
-    assert steps == sorted(steps) and steps[-1] == 6
-
-
-@pytest.mark.slow
-def test_a_finished_run_asked_for_fewer_steps_changes_nothing(tmp_path, shared_tok, caplog):
-    workdir = str(tmp_path / "run")
-    train.train_and_evaluate(_config(shared_tok, train__steps=4, sample__max_new_tokens=4),
-                             workdir)
-    before = helpers.tree_hash(workdir)
+    # Asked for fewer steps than it has done: nothing to train, nothing written.
+    before = helpers.tree_hash(first)
     with caplog.at_level(logging.WARNING, logger="jaxgpt.train"):
-        out = train.train_and_evaluate(_config(shared_tok, train__steps=3,
-                                               sample__max_new_tokens=4), workdir)
+        out = run(first, train__steps=3)
     assert int(out["state"].step) == 4 and out["train"] == {}
     assert "at step 4 already, not before train.steps 3: nothing to train" in caplog.text
-    assert helpers.tree_hash(workdir) == before
+    assert helpers.tree_hash(first) == before
 
+    # A rollback the resume guard refuses (data.path may change, its tokens may not) moves
+    # no checkpoint.
+    other = tmp_path / "other.txt"
+    other.write_text(pathlib.Path(shared_tok[0]).read_text()[::-1])
+    with pytest.raises(ValueError, match="incompatible run"):
+        run(first, train__steps=4, data__path=str(other), checkpoint__restore_step=2)
+    assert steps(first) == [2, 4]
+    assert not os.path.exists(os.path.join(first, "checkpoints.rolledback"))
 
-@pytest.mark.slow
-def test_more_steps_on_resume_says_the_schedule_is_recomputed(tmp_path, shared_tok, caplog):
-    workdir = str(tmp_path / "run")
-    optim = {"optim__warmup_steps": 1}
-    train.train_and_evaluate(_config(shared_tok, train__steps=4, **optim), workdir)
+    # A rollback that goes ahead sets the abandoned records aside: steps only go forward.
+    lines = pathlib.Path(first, "metrics.jsonl").read_text().splitlines()
+    run(first, train__steps=4, checkpoint__restore_step=2)
+    records = report_records(first)
+    aside = pathlib.Path(first, "metrics.abandoned.jsonl").read_text().splitlines()
+    assert aside == [x for x in lines if json.loads(x)["step"] > 2]
+    assert records[:len(lines) - len(aside)] == [
+        json.loads(x) for x in lines if json.loads(x)["step"] <= 2]
+    assert [r["step"] for r in records] == sorted(r["step"] for r in records)
+    assert steps(first) == [2, 4]
+
+    # Moved: the tools find its own tokenizer, and it resumes there.
+    os.rename(first, moved)
+    step, meta = checkpoint.read_meta(moved)
+    assert step == 4 and meta["tokenizer"]["path"] == os.path.join(moved, "tokenizer.model")
+    assert tokenizer.from_meta(meta).fingerprint == meta["tokenizer"]["fingerprint"]
+
+    # More steps: the schedule is recomputed, and the log says what the next lr becomes.
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="jaxgpt.train"):
-        train.train_and_evaluate(_config(shared_tok, train__steps=8, train__log_every=1,
-                                         **optim), workdir)
+        out = run(moved, train__steps=8)
+    assert int(out["state"].step) == 8
+    assert [r["step"] for r in faults.read_ledger(moved)] == list(range(1, 9))
     line = next(r.getMessage() for r in caplog.records if "recomputed" in r.getMessage())
     assert "resuming step 4 with train.steps 4 -> 8" in line
-    # The lr it names for step 5 is the one the resumed run logs, and the saved schedule's
-    # is its floor (the 4-step cosine had decayed to learning_rate * min_lr_ratio).
+    # The lr it names for step 5 is the one the resumed run logs; the saved schedule's is
+    # its floor (the 4-step cosine had decayed to learning_rate * min_lr_ratio).
     lr_now, lr_was = map(float, re.search(r"runs at lr (\S+) \((\S+) under", line).groups())
-    logged = next(r for r in report_records(workdir) if r.get("step") == 5 and "lr" in r)
+    logged = next(r for r in report_records(moved) if r.get("step") == 5 and "lr" in r)
     assert lr_now == pytest.approx(logged["lr"], rel=1e-3)
     config = _config(shared_tok)
     assert lr_was == pytest.approx(config.optim.learning_rate * config.optim.min_lr_ratio,
@@ -723,7 +704,7 @@ def test_rates_leave_out_evaluation_time_and_the_eta_counts_it(tmp_path, shared_
     real = train.evaluate
 
     def slow_evaluate(*args, **kwargs):
-        time.sleep(2.0)
+        time.sleep(1.0)
         return real(*args, **kwargs)
     monkeypatch.setattr(train, "evaluate", slow_evaluate)
     workdir = str(tmp_path / "run")
@@ -731,10 +712,10 @@ def test_rates_leave_out_evaluation_time_and_the_eta_counts_it(tmp_path, shared_
                                      eval__every=2), workdir)
     logs = {r["step"]: r for r in report_records(workdir) if "tokens_per_s" in r}
     tokens_per_step = 8 * 32
-    # Steps 3-4 follow the 2 s evaluation at step 2: counted in, they could not beat
-    # 2 steps / 2 s; and one evaluation is still to come at step 6.
-    assert logs[4]["tokens_per_s"] > 5 * (2 * tokens_per_step / 2.0)
-    assert logs[4]["eta_s"] >= 2.0
+    # Steps 3-4 follow the 1 s evaluation at step 2: counted in, they could not beat
+    # 2 steps / 1 s; and one evaluation is still to come at step 6.
+    assert logs[4]["tokens_per_s"] > 5 * (2 * tokens_per_step / 1.0)
+    assert logs[4]["eta_s"] >= 1.0
 
 
 def test_tasks_every_n_steps_still_to_come():
