@@ -45,16 +45,15 @@ def _parse_variant(text: str):
     return tuple(p.strip() for p in parts)
 
 
-def _command(xla: str, args: str, common: list[str]):
+def _command(script: str, xla: str, args: str, common: list[str]):
     env = dict(os.environ)
     env["XLA_FLAGS"] = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), xla) if f)
     # The variant's own arguments last, so they override the common ones.
-    cmd = ["bash", os.path.join(REPO, "bench", "gpu_train.sh"), *common, *shlex.split(args)]
-    return cmd, env
+    return ["bash", script, *common, *shlex.split(args)], env
 
 
-def _run(name, xla, args, common, timeout):
-    cmd, env = _command(xla, args, common)
+def _run(script, name, xla, args, common, timeout):
+    cmd, env = _command(script, xla, args, common)
     print(f"## {name}: XLA_FLAGS={env['XLA_FLAGS']!r} {shlex.join(cmd[1:])}", flush=True)
     start = time.perf_counter()
     try:
@@ -80,6 +79,8 @@ def main():
     p.add_argument("--variant", action="append", type=_parse_variant, default=None,
                    metavar="NAME|XLA|ARGS", help="a variant (repeatable; default: built-in)")
     p.add_argument("--timeout", type=int, default=240, help="seconds per run")
+    p.add_argument("--script", default=os.path.join(REPO, "bench", "gpu_train.sh"),
+                   help="the benchmark each run executes; it prints a RESULT line")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("common", nargs="*", help="after --: arguments for every run")
     a = p.parse_args()
@@ -87,10 +88,11 @@ def main():
     plan = [("baseline", "", ""), *variants, ("baseline", "", "")]
     if a.dry_run:
         for name, xla, args in plan:
-            cmd, env = _command(xla, args, a.common)
+            cmd, env = _command(a.script, xla, args, a.common)
             print(f"{name}: XLA_FLAGS={shlex.quote(env['XLA_FLAGS'])} {shlex.join(cmd)}")
         return 0
-    results = [(name, _run(name, xla, args, a.common, a.timeout)) for name, xla, args in plan]
+    results = [(name, _run(a.script, name, xla, args, a.common, a.timeout))
+               for name, xla, args in plan]
     base = [r[0] for name, r in results if name == "baseline" and r]
     if not base:
         print("no baseline result: nothing to compare", file=sys.stderr)
