@@ -10,8 +10,11 @@ import importlib.util
 import inspect
 import logging
 import os
+import re
+import sys
 
 import ml_collections
+from absl import app
 
 from jaxgpt import model
 
@@ -215,3 +218,33 @@ def base_config(size: str = "small", **model_overrides) -> ml_collections.Config
     config.sample.temperature = 0.8
     config.sample.top_k = 40
     return config
+
+
+def check_config_args(args: list[str]) -> None:
+    """Load the `--config` file and check that every `--config.x.y` override names a field,
+    raising ValueError/FileNotFoundError in one line; config_flags would raise a traceback
+    for a missing file, an unknown size or a misspelled field."""
+    spec, overrides = None, []
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        if m := re.fullmatch(r"--?config(?:=(.*))?", arg, re.DOTALL):
+            spec = m[1] if m[1] is not None else (args[i + 1] if i + 1 < len(args) else None)
+        elif m := re.match(r"--?(?:no)?config\.([^=]+)", arg):
+            overrides.append(m[1])
+    if spec is None:    # absl reports the missing flag
+        return
+    config = load_file(spec)
+    for field in overrides:
+        check_override(config, field)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing after the config checks, whose errors exit 2 with one line: the
+    `flags_parser` of every command taking `--config` (`app.run(main, flags_parser=...)`)."""
+    try:
+        check_config_args(argv[1:])
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return app.parse_flags_with_usage(argv)

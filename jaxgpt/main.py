@@ -12,7 +12,6 @@ environment on SLURM and TPU pods. Only process 0 logs at INFO and writes report
 
 import logging
 import os
-import re
 import sys
 
 import jax
@@ -105,35 +104,6 @@ def init_distributed() -> None:
         initialization_timeout=max(60, 3 * heartbeat), shutdown_timeout_seconds=heartbeat)
 
 
-def _check_config_args(args: list[str]) -> None:
-    """Load the `--config` file and check that every `--config.x.y` override names a field,
-    raising ValueError/FileNotFoundError in one line; config_flags would raise a traceback
-    for a missing file, an unknown size or a misspelled field."""
-    spec, overrides = None, []
-    for i, arg in enumerate(args):
-        if arg == "--":
-            break
-        if m := re.fullmatch(r"--?config(?:=(.*))?", arg, re.DOTALL):
-            spec = m[1] if m[1] is not None else (args[i + 1] if i + 1 < len(args) else None)
-        elif m := re.match(r"--?(?:no)?config\.([^=]+)", arg):
-            overrides.append(m[1])
-    if spec is None:    # absl reports the missing flag
-        return
-    config = config_schema.load_file(spec)
-    for field in overrides:
-        config_schema.check_override(config, field)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, after the config checks: their errors exit 2 with one line."""
-    try:
-        _check_config_args(argv[1:])
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    return app.parse_flags_with_usage(argv)
-
-
 def _parents(path: str):
     while (parent := os.path.dirname(path)) != path:
         yield parent
@@ -194,4 +164,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=config_schema.parse_flags)

@@ -463,4 +463,5 @@ if __name__ == "__main__":
     flags.DEFINE_string("part", None, "I/N: prepare only part I of N (0-based) into "
                         "OUT/part-IIIII-of-NNNNN/; then `merge --out=OUT`")
     flags.mark_flags_as_required(["out"])
-    app.run(_main)
+    from jaxgpt import config as config_schema
+    app.run(_main, flags_parser=config_schema.parse_flags)

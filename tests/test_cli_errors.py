@@ -31,7 +31,7 @@ def _exit_line(capsys, call) -> str:
 ])
 def test_misspelled_override_names_the_field(args, message, capsys, monkeypatch):
     monkeypatch.chdir(helpers.REPO)
-    line = _exit_line(capsys, lambda: main._parse_flags(
+    line = _exit_line(capsys, lambda: config_schema.parse_flags(
         ["main", "--config=configs/default.py", "--workdir=/tmp/x", *args]))
     assert line.startswith(f"error: {message}"), line
 
@@ -45,14 +45,14 @@ def test_misspelled_override_names_the_field(args, message, capsys, monkeypatch)
 def test_bad_config_file_or_size_is_one_line(spec, message, capsys, monkeypatch):
     monkeypatch.chdir(helpers.REPO)
     for flag in ([f"--config={spec}"], ["--config", spec]):
-        line = _exit_line(capsys, lambda flag=flag: main._parse_flags(
+        line = _exit_line(capsys, lambda flag=flag: config_schema.parse_flags(
             ["main", *flag, "--workdir=/tmp/x", "--config.train.steps=3"]))
         assert line.startswith(f"error: {message}"), line
 
 
 def test_good_config_and_overrides_pass_the_checks(monkeypatch):
     monkeypatch.chdir(helpers.REPO)
-    main._check_config_args(["--config=configs/slimpajama.py:medium", "--workdir=w",
+    config_schema.check_config_args(["--config=configs/slimpajama.py:medium", "--workdir=w",
                              "--config.data.mixture.RedPajamaGithub=10",
                              "--noconfig.data.streaming", "--config.sample.prompts[0]=x"])
     config = config_schema.load_file("configs/wikitext.py:xl")
@@ -157,3 +157,15 @@ def test_report_checks_out_before_any_work(tmp_path, capsys, monkeypatch):
         line = _exit_line(capsys, lambda out=out: report.main(
             ["--workdir", str(tmp_path), "--out", str(out)]))
         assert f"--out {out}: {message}" in line
+
+
+def test_the_shards_command_checks_its_config_flags_too(tmp_path):
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "jaxgpt.shards", "prepare",
+                          "--config=configs/default.py", "--config.data.pathz=x",
+                          f"--out={tmp_path / 'shards'}"], cwd=helpers.REPO,
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 2
+    assert out.stderr.strip() == 'error: --config.data.pathz: no such field (did you mean "path"?)'
+    assert not (tmp_path / "shards").exists()
