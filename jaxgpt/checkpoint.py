@@ -326,7 +326,7 @@ def read_meta(workdir: str, step: int | None = None, *,
 
 
 def _read_meta(manager: ocp.CheckpointManager, step: int | None,
-               quiet: bool) -> tuple[int, dict]:
+               quiet: bool, crc: bool = False) -> tuple[int, dict]:
     root = str(manager.directory)
     steps = sorted(manager.all_steps())
     if not steps:
@@ -335,7 +335,7 @@ def _read_meta(manager: ocp.CheckpointManager, step: int | None,
         raise FileNotFoundError(f"no checkpoint at step {step} in {root} (steps: {steps})")
     problems = []
     for s in [step] if step is not None else reversed(steps):
-        problem, _ = verify_step(os.path.join(root, str(s)), crc=False)
+        problem, _ = verify_step(os.path.join(root, str(s)), crc=crc)
         if problem is None:
             if problems and not quiet:
                 log.warning("using checkpoint step %d: %s", s, "; ".join(problems))
@@ -364,10 +364,12 @@ def _relocated(meta: dict, run_dir: str) -> dict:
 def load_params(workdir: str, step: int | None = None):
     """(GPTConfig, params nnx.State, step, meta) of a run's checkpoint, for inference tools.
 
-    Only the params subtree is read (not the optimizer moments), onto the default device.
+    Only the params subtree is read (not the optimizer moments), onto the default device,
+    from a step whose files pass their CRC32 checks: a flipped bit in raw float data would
+    decode, into wrong numbers.
     """
     manager = _reader(workdir)
-    step, meta = _read_meta(manager, step, quiet=False)
+    step, meta = _read_meta(manager, step, quiet=False, crc=True)
     try:
         fields = meta["config"]["model"]
     except (KeyError, TypeError):

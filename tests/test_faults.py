@@ -146,12 +146,25 @@ def test_an_integrity_record_not_ours_falls_back_to_the_files_every_step_has(tmp
     assert checkpoint.verify_step(f"{root}/1")[0] == "is missing state/_METADATA"
 
 
+def test_tools_refuse_a_checkpoint_failing_its_checksums(tmp_path, tiny_cfg, caplog):
+    root = _saved(tmp_path, tiny_cfg, [1, 2])
+    _flip(root)        # one byte of raw float data: it would decode, into a wrong number
+    with caplog.at_level(logging.WARNING):
+        assert checkpoint.load_params(str(tmp_path))[2] == 1
+    assert re.search(r"using checkpoint step 1: step 2 has state/\S+ failing its CRC32 check",
+                     caplog.text), caplog.text
+    with pytest.raises(ValueError, match=r"checkpoint step 2 in \S+ has state/\S+ failing "
+                                         r"its CRC32 check"):
+        checkpoint.load_params(str(tmp_path), 2)
+
+
 def test_tools_name_a_checkpoint_whose_arrays_cannot_be_decoded(tmp_path, tiny_cfg):
     root = _saved(tmp_path, tiny_cfg, [1])
     path = _biggest_file(f"{root}/1/state/ocdbt.process_0/d")    # its size stays the same
     raw = bytearray(pathlib.Path(path).read_bytes())
     raw[:64] = bytes(b ^ 0xFF for b in raw[:64])
     pathlib.Path(path).write_bytes(bytes(raw))
+    os.remove(f"{root}/1/{checkpoint.INTEGRITY}")    # unvouched: only the read can tell
     with pytest.raises(ValueError, match=r"checkpoint step 1 in \S+ could not be read: \w"):
         checkpoint.load_params(str(tmp_path))
     # The command line says so in one line, without orbax's abandoned reads (a page of
