@@ -75,7 +75,8 @@ def default_corpus_files() -> list[str]:
 def resolve_paths(path: str, name: str = "data.path") -> list[str]:
     """A file, a directory (all files below it) or a glob -> sorted list of files (`name`:
     the setting that gave `path`, for messages). A file reached twice (through a symlinked
-    folder or file) is read once, at its first path."""
+    folder or file) is read once, at its own path where that is among them (a link's name
+    may say another split), else at its first."""
     if os.path.isdir(path):
         files = sorted(p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True)
                        if os.path.isfile(p))
@@ -88,27 +89,30 @@ def resolve_paths(path: str, name: str = "data.path") -> list[str]:
     if not files:
         raise FileNotFoundError(f"{name} {path!r} matches no files")
     seen: dict[str, str] = {}
-    for f in files:
-        seen.setdefault(os.path.realpath(f), f)
-    unique = list(seen.values())
+    for f in files:     # the file's own path over a link's, whose name may say another split
+        real = os.path.realpath(f)
+        if real not in seen or os.path.abspath(f) == real:
+            seen[real] = f
+    unique = [f for f in files if seen[os.path.realpath(f)] == f]
     if len(unique) < len(files):
         log.warning("%s %r: %d file(s) reached again through symlinks are read once",
                     name, path, len(files) - len(unique))
     return unique
 
 
-# WikiText file names -> split, by the words of the name ("wiki.train.tokens": train).
-_SPLIT_WORDS = {"train": "train", "training": "train", "valid": "val", "validation": "val",
-                "val": "val", "dev": "val", "test": "test"}
+# WikiText file names -> split, by the words (letter runs) of the name: "wiki.train.tokens",
+# "train1.txt", "trainset.txt" are train; "latest" is no test, "invalid" no valid.
+_SPLIT_WORDS = {"train": "train", "training": "train", "trainset": "train",
+                "valid": "val", "validation": "val", "val": "val", "dev": "val",
+                "test": "test", "testset": "test"}
 
 
 def wikitext_split(path: str) -> str | None:
-    """The split a WikiText file's name says ('train', 'val', 'test'), or None."""
-    words = re.split(r"[^a-z0-9]+", os.path.basename(path).lower())
-    found = sorted({_SPLIT_WORDS[w] for w in words if w in _SPLIT_WORDS})
-    if len(found) > 1:
-        raise ValueError(f"{path}: the name says splits {found}; rename it to one of them")
-    return found[0] if found else None
+    """The split a WikiText file's name says ('train', 'val', 'test'), None where it says
+    none, or 'mixed' where it names several (`make_train_test_split.py`)."""
+    words = re.findall(r"[a-z]+", os.path.basename(path).lower())
+    found = {_SPLIT_WORDS[w] for w in words if w in _SPLIT_WORDS}
+    return "mixed" if len(found) > 1 else (found.pop() if found else None)
 
 
 def find_splits(source: str, path: str | None) -> dict[str, list[str]]:
@@ -139,18 +143,21 @@ def find_splits(source: str, path: str | None) -> dict[str, list[str]]:
             return splits
         return {"train": jsonl(path)}
     named = {f: wikitext_split(f) for f in resolve_paths(path)}
-    files = [f for f, split in named.items() if split != "test"]
+    mixed = [f for f, split in named.items() if split == "mixed"]
+    files = [f for f, split in named.items() if split in (None, "train", "val")]
     train = [f for f in files if named[f] == "train"]
     val = [f for f in files if named[f] == "val"]
     if not files:
-        raise FileNotFoundError(f"data.path {path!r} holds only WikiText test files")
-    if not (train and val):
-        return {"train": files}
-    other = [f for f in files if named[f] is None]
-    if other:
-        log.warning("data.path %r: %d file(s) named for neither train nor valid are not "
-                    "read: %s", path, len(other), ", ".join(other[:5]))
-    return {"train": train, "val": val}
+        raise FileNotFoundError(f"data.path {path!r} holds only WikiText test files"
+                                + (" or files named for several splits" if mixed else ""))
+    # With both splits named, files named for neither are not read; otherwise every file
+    # but the test files is training text.
+    unread = mixed + ([f for f in files if named[f] is None] if train and val else [])
+    if unread:
+        log.warning("data.path %r: %d file(s) named for neither train nor valid, or for "
+                    "several splits, are not read: %s", path, len(unread),
+                    ", ".join(unread[:5]))
+    return {"train": train, "val": val} if train and val else {"train": files}
 
 
 def _zst_lines(path: str) -> Iterator[tuple[int, bytes, float]]:

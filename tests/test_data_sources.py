@@ -75,20 +75,40 @@ def test_wikitext_crlf_file_splits_into_the_same_articles(shared_data, tmp_path)
 
 def test_wikitext_dir_with_train_and_valid_files(tmp_path, caplog):
     for name in ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens",
-                 "latest_train_dump.txt", "invalid_trainset.txt", "README"):
+                 "latest_train_dump.txt", "invalid_data.txt", "README",
+                 "make_train_test_split.py"):
         (tmp_path / name).write_text(" = A = \n text\n")
     with caplog.at_level(logging.WARNING, logger="jaxgpt.sources"):
         splits = sources.find_splits("wikitext", str(tmp_path))
-    # By the words of the names: "latest" is no test file, "invalid_trainset" no split.
+    # By the words of the names: "latest" is no test file, "invalid" no valid file.
     assert splits == {"train": [str(tmp_path / "latest_train_dump.txt"),
                                 str(tmp_path / "wiki.train.tokens")],
                       "val": [str(tmp_path / "wiki.valid.tokens")]}
-    assert "2 file(s) named for neither train nor valid are not read" in caplog.text
-    assert "invalid_trainset.txt" in caplog.text and "README" in caplog.text
-    (tmp_path / "train_valid.txt").write_text("x")
-    with pytest.raises(ValueError, match=r"train_valid.txt: the name says splits "
-                                         r"\['train', 'val'\]"):
-        sources.find_splits("wikitext", str(tmp_path))
+    assert "3 file(s) named for neither train nor valid, or for several splits" in caplog.text
+    for name in ("invalid_data.txt", "README", "make_train_test_split.py"):
+        assert name in caplog.text
+
+
+@pytest.mark.parametrize(("names", "expect"), [
+    (("train1.txt", "valid1.txt", "test1.txt"), {"train": ["train1.txt"], "val": ["valid1.txt"]}),
+    (("trainset.txt", "val2.txt"), {"train": ["trainset.txt"], "val": ["val2.txt"]}),
+    (("a.txt", "b.txt", "test1.txt"), {"train": ["a.txt", "b.txt"]}),    # no split named
+    (("valid.txt",), {"train": ["valid.txt"]}),     # a lone file is training text
+])
+def test_wikitext_split_names(tmp_path, names, expect):
+    for name in names:
+        (tmp_path / name).write_text(" = A = \n text\n")
+    got = sources.find_splits("wikitext", str(tmp_path))
+    assert {k: [os.path.basename(f) for f in v] for k, v in got.items()} == expect
+
+
+def test_a_link_does_not_hide_the_split_its_target_is_named_for(tmp_path):
+    for name in ("wiki.train.tokens", "wiki.valid.tokens"):
+        (tmp_path / name).write_text(" = A = \n text\n")
+    (tmp_path / "current.tokens").symlink_to("wiki.train.tokens")
+    assert sources.find_splits("wikitext", str(tmp_path)) == {
+        "train": [str(tmp_path / "wiki.train.tokens")],
+        "val": [str(tmp_path / "wiki.valid.tokens")]}
 
 
 def test_a_file_reached_through_a_symlinked_folder_is_read_once(tmp_path, caplog):
@@ -99,7 +119,7 @@ def test_a_file_reached_through_a_symlinked_folder_is_read_once(tmp_path, caplog
     (tmp_path / "b_link.txt").symlink_to("b.txt")
     with caplog.at_level(logging.WARNING, logger="jaxgpt.sources"):
         files = sources.resolve_paths(str(tmp_path))
-    assert files == [str(tmp_path / "b.txt"), str(tmp_path / "latest" / "a.txt")]
+    assert files == [str(tmp_path / "b.txt"), str(tmp_path / "v1" / "a.txt")]   # not a link
     assert "2 file(s) reached again through symlinks are read once" in caplog.text
 
 
