@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 
 import grain
 import numpy as np
@@ -224,7 +225,10 @@ def load_prepared(root: str, dcfg: DataConfig, tokenizer_fingerprint: str) -> Co
         raise ValueError(f"{root} was tokenized by {manifest['tokenizer']['fingerprint']}, "
                          f"not by this run's tokenizer {tokenizer_fingerprint}")
     train, val = _segments(root, manifest, "train"), _segments(root, manifest, "val")
-    fingerprint = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode())
+    # The tokens' identity: not the input files' stamps (the same tokens re-prepared after
+    # a `touch` are the same data).
+    fingerprint = hashlib.sha256(json.dumps({k: v for k, v in manifest.items() if k != "stamps"},
+                                            sort_keys=True).encode())
     tokens = {k: v["tokens"] for k, v in manifest["splits"].items()}
     if not val and not dcfg.streaming:
         n_val = _held_out_tokens(train, dcfg.val_fraction, dcfg.block_size)
@@ -258,13 +262,29 @@ def load_prepared(root: str, dcfg: DataConfig, tokenizer_fingerprint: str) -> Co
     return corpus
 
 
-def load_corpus(dcfg: DataConfig, tok, cache_dir: str) -> Corpus:
-    """`data.prepared`, or the inputs prepared once into cache_dir/<fingerprint>/."""
+def _drop_if_stale(root: str, check: bool) -> None:
+    """Remove a prepared cache whose input files have changed since (`check`: this process
+    may; the others read what process 0 left), so it is prepared again."""
+    manifest = os.path.join(root, MANIFEST)
+    if not check or not os.path.exists(manifest):
+        return
+    with open(manifest) as f:
+        changed = shards.stale_inputs(json.load(f))
+    if changed:
+        log.warning("%d input file(s) changed since %s was prepared (first: %s); preparing "
+                    "it again", len(changed), root, changed[0])
+        shutil.rmtree(root)
+
+
+def load_corpus(dcfg: DataConfig, tok, cache_dir: str, check_stamps: bool = True) -> Corpus:
+    """`data.prepared`, or the inputs prepared once into cache_dir/<fingerprint>/ (prepared
+    again where `check_stamps` finds an input changed since)."""
     if dcfg.prepared is not None:
         return load_prepared(dcfg.prepared, dcfg, tok.fingerprint)
     if dcfg.streaming:   # train is tokenized as it streams: prepare validation only
         stream.check_inputs(dcfg)
         root = os.path.join(cache_dir, "val-" + shards.inputs_fingerprint(dcfg, tok.fingerprint))
+        _drop_if_stale(root, check_stamps)
         if not os.path.exists(os.path.join(root, MANIFEST)):
             shards.prepare(dcfg, tok, root, only=("val",))
         return load_prepared(root, dcfg, tok.fingerprint)
@@ -274,6 +294,7 @@ def load_corpus(dcfg: DataConfig, tok, cache_dir: str) -> Corpus:
                          "stream it (data.streaming=True), or prepare shards once and set "
                          "data.prepared")
     root = os.path.join(cache_dir, shards.inputs_fingerprint(dcfg, tok.fingerprint))
+    _drop_if_stale(root, check_stamps)
     if not os.path.exists(os.path.join(root, MANIFEST)):
         shards.prepare(dcfg, tok, root)
     return load_prepared(root, dcfg, tok.fingerprint)

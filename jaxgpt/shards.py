@@ -34,6 +34,7 @@ SHARD_TOKENS = 1 << 27            # tokens per .bin shard (256 MB as uint16)
 _HF_CHUNK_DOCS = 4096             # documents per tokenization task for HF streams
 _TOKENIZER_TRAIN_CHARS = 100_000_000
 _PART = re.compile(r"part-(\d{5})-of-(\d{5})")
+PART_VERSION = 2                  # parts record their input files' stamps
 PROGRESS_EVERY_S = 30.0           # seconds between progress lines while preparing
 
 # `dcfg` below is a `data.DataConfig`.
@@ -58,16 +59,38 @@ def _file_stamp(path: str, local: bool = True) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}" + (f":{st.st_ctime_ns}" if local else "")
 
 
+def input_stamps(splits: dict, local: bool = True) -> dict[str, str]:
+    """{absolute path: `_file_stamp`} of every input file, recorded in a manifest."""
+    return {os.path.abspath(f): _file_stamp(f, local) for files in splits.values()
+            for f in files}
+
+
+def stale_inputs(manifest: dict) -> list[str]:
+    """Input files changed since `manifest` was prepared (by its recorded stamps; a manifest
+    without them, from an older jaxgpt, is taken as it is)."""
+    out = []
+    for path, stamp in manifest.get("stamps", {}).items():
+        try:
+            now = _file_stamp(path, local=stamp.count(":") == 2)
+        except OSError:
+            now = None
+        if now != stamp:
+            out.append(path)
+    return out
+
+
 def inputs_fingerprint(dcfg, tokenizer_fingerprint: str) -> str:
-    """Hash of the inputs (paths and `_file_stamp`s) and everything that shapes their
-    tokens."""
+    """Hash of the inputs (paths, sizes, mtimes in seconds) and everything that shapes their
+    tokens: the name of their prepared cache. Changes within a second, or that keep the
+    modification time, are caught by the stamps the manifest records (`stale_inputs`)."""
     h = hashlib.sha256(f"{tokenizer_fingerprint}|{dcfg.source}|{dcfg.on_bad_record}|"
                        f"{dcfg.max_documents}".encode())
     if dcfg.val_max_documents:     # (absent when 0, so older caches keep their names)
         h.update(f"|val:{dcfg.val_max_documents}".encode())
     for split, files in sorted(find_inputs(dcfg).items()):
         for path in files:
-            h.update(f"{split}:{os.path.abspath(path)}:{_file_stamp(path)}".encode())
+            st = os.stat(path)
+            h.update(f"{split}:{os.path.abspath(path)}:{st.st_size}:{int(st.st_mtime)}".encode())
     return h.hexdigest()[:16]
 
 
@@ -273,11 +296,11 @@ def _part_inputs(dcfg, splits: dict, index: int, count: int) -> tuple[dict, dict
     if len(splits["train"]) < count:
         raise ValueError(f"{len(splits['train'])} train files cannot be split into {count} "
                          f"parts")
-    stamps = {f: _file_stamp(f, local=False) for files in splits.values() for f in files}
-    options = [splits, dcfg.source, dcfg.on_bad_record, stamps] + (
+    # Stamps without change times: the parts' machines may hold their own copies.
+    options = [splits, dcfg.source, dcfg.on_bad_record, input_stamps(splits, local=False)] + (
         [dcfg.val_max_documents] if dcfg.val_max_documents else [])
     record = json.dumps(options, sort_keys=True)
-    info = {"index": index, "count": count,
+    info = {"index": index, "count": count, "version": PART_VERSION,
             "inputs": hashlib.sha256(record.encode()).hexdigest()[:16]}
     return {k: sources.part_files(files, index, count) for k, files in splits.items()}, info
 
@@ -315,10 +338,11 @@ def prepare(dcfg, tok, out_dir: str, part: tuple[int, int] | None = None,
             log.info("%s is prepared already; kept", out_dir)
             return done
         if done is not None:
-            raise FileExistsError(
-                f"{out_dir} was prepared from other inputs or options (an input file changed "
-                f"since, or the tokenizer or data options differ); remove it to prepare this "
-                f"part again")
+            why = ("by an older jaxgpt, which recorded no input stamps" if done.get(
+                "part", {}).get("version") != PART_VERSION else "from other inputs or options "
+                "(an input file changed since, or the tokenizer or data options differ)")
+            raise FileExistsError(f"{out_dir} was prepared {why}; remove it to prepare this "
+                                  f"part again")
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise FileExistsError(f"{out_dir} exists and is not empty; choose another --out")
     tmp = f"{out_dir.rstrip('/')}.partial-{socket.gethostname()}-{os.getpid()}"
@@ -329,6 +353,8 @@ def prepare(dcfg, tok, out_dir: str, part: tuple[int, int] | None = None,
                 "tokenizer": {"kind": dcfg.tokenizer, "fingerprint": tok.fingerprint,
                               "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
                 "inputs": splits or {"hf": [dcfg.source]}, "splits": {}, "bad_records": {}}
+    if splits and part is None:
+        manifest["stamps"] = input_stamps(splits)
     if info is not None:
         manifest["part"] = info
     try:
@@ -383,6 +409,9 @@ def merge(out_dir: str) -> dict:
             if m[key] != first[key]:
                 raise ValueError(f"{out_dir}: part {i} has {key} {m[key]!r}, part 0 has "
                                  f"{first[key]!r}")
+        if m.get("part", {}).get("version") != first["part"].get("version"):
+            raise ValueError(f"{out_dir}: parts {0} and {i} were prepared by different "
+                             f"jaxgpt versions; prepare the older ones again")
         if m.get("part", {}).get("inputs") != first["part"]["inputs"]:
             raise ValueError(f"{out_dir}: part {i} was prepared from other input files or "
                              f"data options than part 0")

@@ -427,7 +427,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if jax.process_index() != 0:
             multihost_utils.sync_global_devices("jaxgpt: workdir prepared")
         tok = _make_tokenizer(dcfg, workdir, cfg)
-        corpus = data.load_corpus(dcfg, tok, cache_dir=os.path.join(workdir, "data"))
+        corpus = data.load_corpus(dcfg, tok, cache_dir=os.path.join(workdir, "data"),
+                                  check_stamps=jax.process_index() == 0)
         if isinstance(tok, tokenizer.SentencePiece) and not os.path.exists(tok.path):
             tok.save(tok.path)
         if jax.process_index() == 0 and jax.process_count() > 1:

@@ -270,7 +270,7 @@ def test_a_part_whose_input_files_changed_is_prepared_again_only_on_request(samp
     pathlib.Path(files[0]).write_bytes(                       # a file of part 0
         zstandard.ZstdCompressor().compress(b'{"text": "replaced"}\n'))
     with pytest.raises(FileExistsError, match="part-00000-of-00002 was prepared from other "
-                                              "inputs"):
+                                              "inputs or options \\(an input file changed"):
         shards.prepare(local, tok, out, part=(0, 2))
     shutil.rmtree(os.path.join(out, shards.part_name(0, 2)))
     again = shards.prepare(local, tok, out, part=(0, 2))
@@ -279,17 +279,31 @@ def test_a_part_whose_input_files_changed_is_prepared_again_only_on_request(samp
                                            sources.BadRecords("error")))
 
 
-def test_prepared_cache_follows_a_rewrite_that_keeps_size_and_mtime(tmp_path):
+def test_prepared_cache_follows_a_rewrite_that_keeps_size_and_mtime(sample, tmp_path,
+                                                                    caplog):
+    _, tok, _ = sample
     path = tmp_path / "a.txt"
-    path.write_text("First Citizen")
-    dcfg = data.DataConfig(source="text", path=str(path))
-    before = shards.inputs_fingerprint(dcfg, "tok")
+    path.write_text("First Citizen: " * 50)
+    dcfg = data.DataConfig(source="text", path=str(path), block_size=8)
+    cache = str(tmp_path / "cache")
+    first = data.load_corpus(dcfg, tok, cache)
     st = path.stat()
     time.sleep(0.05)
-    path.write_text("FIRST CITIZEN")                          # same size
+    path.write_text("FIRST CITIZEN: " * 50)                    # same size
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))      # as `cp -p` would leave it
     assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
-    assert shards.inputs_fingerprint(dcfg, "tok") != before
+    with caplog.at_level(logging.WARNING, logger="jaxgpt.data"):
+        again = data.load_corpus(dcfg, tok, cache)
+    assert "1 input file(s) changed since" in caplog.text and "preparing it again" in caplog.text
+    expect = tok.encode("FIRST CITIZEN: " * 50) + [tok.eot_id]     # the new text's tokens
+    np.testing.assert_array_equal(again.train[0], expect[:9])
+    assert first.fingerprint != again.fingerprint
+    # Another process reads what process 0 prepared, without judging it; the same tokens
+    # prepared again (after a touch) are the same data.
+    os.utime(path)
+    assert data.load_corpus(dcfg, tok, cache, check_stamps=False).fingerprint == \
+        again.fingerprint
+    assert data.load_corpus(dcfg, tok, cache).fingerprint == again.fingerprint
 
 
 @pytest.mark.parametrize("model_type", ["bpe", "unigram"])
