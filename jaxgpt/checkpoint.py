@@ -245,12 +245,14 @@ class Checkpoints:
     def _verify(self, step: int) -> tuple[str | None, dict | None]:
         return verify_step(os.path.join(self.root, str(step)))
 
-    def _choose(self, check_meta) -> int:
-        """Newest step that passes `_verify` (bad ones moved aside); -1 if none."""
+    def _choose(self, check_meta, checked: int | None = None) -> int:
+        """Newest step that passes `_verify` (bad ones moved aside) and, unless it is
+        `checked` already, `check_meta`; -1 if none."""
         for step in reversed(self.steps()):
             problem, meta = self._verify(step)
             if problem is None:
-                check_meta(step, meta)
+                if step != checked:
+                    check_meta(step, meta)
                 return step
             self._move_aside(str(step), CORRUPT_DIR, f"{problem}; falling back to an "
                              f"older checkpoint")
@@ -263,14 +265,16 @@ class Checkpoints:
         incompatible checkpoint. `rollback_to` first moves every newer step aside, once that
         step has passed `check_meta` (a refused rollback leaves the steps where they are).
         """
+        checked = None
         if rollback_to is not None:
             if self.primary and rollback_to in self.steps():
                 problem, meta = self._verify(rollback_to)
                 if problem is None:
                     check_meta(rollback_to, meta)
+                    checked = rollback_to
             self.rollback(rollback_to)
         while True:
-            step = self._choose(check_meta) if self.primary else -1
+            step = self._choose(check_meta, checked) if self.primary else -1
             if jax.process_count() > 1:
                 step = int(multihost_utils.broadcast_one_to_all(jnp.int32(step)))
             self._reload()

@@ -105,7 +105,7 @@ def base_config(size: str = "small", **model_overrides) -> ml_collections.Config
     # File, directory or glob; None = the running interpreter's standard library sources.
     config.data.path = ml_collections.config_dict.placeholder(str)
     config.data.block_size = 128           # tokens per training window (<= n_positions)
-    config.data.val_fraction = 0.05        # last fraction of the token stream held out
+    config.data.val_fraction = 0.05        # without a validation split: of each source, its tail
     # SentencePiece .model to use (None = train one with model.vocab_size pieces, cached as
     # WORKDIR/tokenizer.model), or for gpt2 the folder with encoder.json and vocab.bpe.
     config.data.tokenizer_path = ml_collections.config_dict.placeholder(str)

@@ -203,6 +203,17 @@ def _held_out_tokens(segments, fraction: float, block_size: int) -> dict[str, in
         elif len(totals) > 1:
             log.warning("source %r has %d tokens, too few for a validation window of its "
                         "own: all of it is training data", name, total)
+    total = sum(totals.values())
+    n = max(int(total * fraction), block_size + 1)
+    if not n_val and len(totals) > 1 and total - n >= block_size + 1:
+        log.warning("no source has tokens enough for validation windows of its own: "
+                    "validation is the last %d tokens of the whole stream", n)
+        for name, _, start, stop in reversed(segments):
+            take = min(n, stop - start)
+            n_val[name] = n_val.get(name, 0) + take
+            n -= take
+            if not n:
+                break
     if not n_val:
         raise ValueError(f"the corpus has {sum(totals.values())} tokens: too few for "
                          f"block_size {block_size} with a validation split of {fraction}")

@@ -202,10 +202,10 @@ def read_jsonl(path: str, bad: BadRecords) -> Iterator[Document]:
     try:
         for lineno, raw, share in lines:
             where = f"{path}:{lineno}"
-            if not raw.strip():
-                continue
             if lineno == 1:
                 raw = raw.removeprefix(b"\xef\xbb\xbf")     # a byte-order mark
+            if not raw.strip():
+                continue
             try:
                 rec = json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as e:

@@ -341,14 +341,14 @@ def _sample_text(config, trainer: Trainer, params, tok, step: int) -> list[str]:
 
 
 def _restore_or_init(config, trainer, ckpts, meta, train_iter):
+    """(state, the restored checkpoint's config or None for a fresh start)."""
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             jax.eval_shape(trainer.init), trainer.state_shardings)
     out = ckpts.restore(abstract, check_meta=checks.resume_guard(config, meta),
                         rollback_to=config.checkpoint.restore_step)
     if out is None:
-        return _init_from(config.init_from, trainer, trainer.init())
+        return _init_from(config.init_from, trainer, trainer.init()), None
     state, data_state, saved_meta = out
-    _say_schedule_change(config, saved_meta.get("config", {}), int(state.step))
     # Test-only mutation controls: prove the resume tests catch a broken restore.
     broken = os.environ.get("JAXGPT_TEST_BREAK_RESTORE", "")
     if saved_meta.get("pipeline") != meta["pipeline"]:
@@ -361,7 +361,10 @@ def _restore_or_init(config, trainer, ckpts, meta, train_iter):
     if broken == "opt":
         state = state.replace(opt_state=trainer.init().opt_state)
     log.info("resumed from step %d in %s", int(state.step), ckpts.workdir)
-    return state
+    return state, saved_meta.get("config", {})
+
+
+SCHEDULE_FIELDS = ("learning_rate", "min_lr_ratio", "warmup_steps", "decay_steps", "schedule")
 
 
 def _say_schedule_change(config, saved: dict, step: int) -> None:
@@ -373,15 +376,18 @@ def _say_schedule_change(config, saved: dict, step: int) -> None:
     old_optim = {**now_optim, **saved.get("optim", {})}
     changed = [f"train.steps {old_steps} -> {config.train.steps}"] * (
         old_steps != config.train.steps)
-    changed += [f"optim.{k} {old_optim[k]!r} -> {v!r}" for k, v in now_optim.items()
-                if old_optim[k] != v]
+    changed += [f"optim.{k} {old_optim[k]!r} -> {now_optim[k]!r}" for k in SCHEDULE_FIELDS
+                if old_optim[k] != now_optim[k]]
     if not changed:
         return
     now = float(make_schedule(OptimConfig(**now_optim), config.train.steps)(step))
     try:
-        was = f"{float(make_schedule(OptimConfig(**old_optim), old_steps)(step)):.3e}"
+        before = float(make_schedule(OptimConfig(**old_optim), old_steps)(step))
     except (TypeError, ValueError):     # settings this version no longer knows
-        was = "unknown"
+        before = None
+    if before == now and changed[0].startswith("train.steps") and len(changed) == 1:
+        return      # a schedule of fixed length (optim.decay_steps) that train.steps leaves
+    was = "unknown" if before is None else f"{before:.3e}"
     log.warning("resuming step %d with %s: the learning-rate schedule is recomputed; step %d "
                 "runs at lr %.3e (%s under the saved settings)", step, "; ".join(changed),
                 step + 1, now, was)
@@ -450,7 +456,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 **checkpoint.provenance()}
         ckpts = checkpoint.Checkpoints(workdir, keep=config.checkpoint.keep,
                                        async_save=config.checkpoint.async_save)
-        state = _restore_or_init(config, trainer, ckpts, meta, train_iter)
+        state, saved = _restore_or_init(config, trainer, ckpts, meta, train_iter)
         if int(state.step) >= total:
             log.warning("the run is at step %d already, not before train.steps %d: nothing "
                         "to train (raise --config.train.steps to go on)", int(state.step),
@@ -458,6 +464,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             ckpts.close()
             return {"train": {}, "eval": {}, "state": state, "preempted": None,
                     "skipped_steps": 0}
+        if saved is not None and jax.process_index() == 0:
+            _say_schedule_change(config, saved, int(state.step))
         if jax.process_index() == 0:
             # Records of steps after the restored one belong to an abandoned continuation
             # (a crash, a fallback, a rollback): kept aside, so the curves run forward.
@@ -573,8 +581,10 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts,
             if is_log:
                 now = time.time()
                 rate = (done - step_last) / max(now - t_last - paused, 1e-9)
-                still = (_occurrences(done, total, config.eval.every) * took["eval"]
-                         + _occurrences(done, total, config.checkpoint.every) * took["save"])
+                # This line comes before its own step's evaluation and save: from done on.
+                still = (_occurrences(done - 1, total, config.eval.every) * took["eval"]
+                         + _occurrences(done - 1, total, config.checkpoint.every)
+                         * took["save"])
                 last_log = {
                     "step": done, "total_steps": total, "loss": float(metrics["loss"]),
                     "grad_norm": float(metrics["grad_norm"]), "lr": float(schedule(done - 1)),

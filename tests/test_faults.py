@@ -660,6 +660,7 @@ def test_a_run_moved_rolled_back_refused_finished_and_extended(tmp_path, shared_
         out = run(first, train__steps=3)
     assert int(out["state"].step) == 4 and out["train"] == {}
     assert "at step 4 already, not before train.steps 3: nothing to train" in caplog.text
+    assert "recomputed" not in caplog.text
     assert helpers.tree_hash(first) == before
 
     # A rollback the resume guard refuses (data.path may change, its tokens may not) moves
