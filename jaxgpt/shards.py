@@ -264,11 +264,12 @@ def _write_splits(dcfg, tok, splits: dict, tmp: str, manifest: dict, only=None) 
         log.info("prepared %s: %d documents, tokens per source %s", split,
                  sum(writer.documents.values()), tokens)
     manifest["bad_records"] = bad_total
-    if "train" in manifest["splits"] and not any(
-            s["tokens"] for s in manifest["splits"]["train"]["shards"]):
+    train = manifest["splits"].get("train")
+    # Nothing but the end-of-text id after each document: every document was empty.
+    if train is not None and sum(train["tokens"].values()) <= sum(train["documents"].values()):
         files = splits.get("train", [])
         raise ValueError(f"the corpus is empty: {len(files)} {dcfg.source} file(s) hold no "
-                         f"documents (first: {files[0] if files else dcfg.source})")
+                         f"text (first: {files[0] if files else dcfg.source})")
 
 
 # ---- prepare, in one piece or in parts ---------------------------------------------------

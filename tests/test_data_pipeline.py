@@ -388,3 +388,14 @@ def test_gpt2_bpe_shards_decode_to_the_articles(shared_data, tmp_path):
     np.testing.assert_array_equal(corpus.val[len(corpus.val) - 1][1:],
                                   shard[len(shard) - corpus.n_val_tokens:][
                                       (len(corpus.val) - 1) * 64 + 1:len(corpus.val) * 64 + 1])
+
+
+def test_a_corpus_of_empty_files_is_named_empty(sample, tmp_path):
+    _, tok, _ = sample
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("")
+    dcfg = data.DataConfig(source="text", path=str(tmp_path), block_size=8)
+    with pytest.raises(ValueError, match=r"the corpus is empty: 2 text file\(s\) hold no text "
+                                         r"\(first: .*a.txt\)"):
+        shards.prepare(dcfg, tok, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
