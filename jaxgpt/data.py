@@ -190,34 +190,37 @@ def _hold_out_tail(segments, n_val: dict[str, int]):
     return train[::-1], val[::-1]
 
 
-def _held_out_tokens(segments, fraction: float, block_size: int) -> dict[str, int]:
-    """Validation tokens to hold out of each source's tail: `fraction` of them, at least one
-    window. A source too small to leave a window to both splits gives none (a lone source
-    that small is an error)."""
+def _held_out_tokens(segments, fraction: float, block_size: int) -> tuple[dict[str, int], bool]:
+    """(validation tokens to hold out of each source's tail, whether per source): `fraction`
+    of each source's tokens, at least one window; a source too small to leave a window to
+    both splits gives none. Where no source can, the whole stream's tail, as a lone source
+    always has; a stream too small for that is an error."""
     totals = _tokens_by_source(segments)
     n_val = {}
     for name, total in totals.items():
         n = max(int(total * fraction), block_size + 1)
         if total - n >= block_size + 1:
             n_val[name] = n
-        elif len(totals) > 1:
+    if n_val:
+        for name in totals.keys() - n_val.keys():
             log.warning("source %r has %d tokens, too few for a validation window of its "
-                        "own: all of it is training data", name, total)
+                        "own: all of it is training data", name, totals[name])
+        return n_val, True
     total = sum(totals.values())
     n = max(int(total * fraction), block_size + 1)
-    if not n_val and len(totals) > 1 and total - n >= block_size + 1:
+    if total - n < block_size + 1:
+        raise ValueError(f"the corpus has {total} tokens: too few for block_size "
+                         f"{block_size} with a validation split of {fraction}")
+    if len(totals) > 1:
         log.warning("no source has tokens enough for validation windows of its own: "
                     "validation is the last %d tokens of the whole stream", n)
-        for name, _, start, stop in reversed(segments):
-            take = min(n, stop - start)
-            n_val[name] = n_val.get(name, 0) + take
-            n -= take
-            if not n:
-                break
-    if not n_val:
-        raise ValueError(f"the corpus has {sum(totals.values())} tokens: too few for "
-                         f"block_size {block_size} with a validation split of {fraction}")
-    return n_val
+    for name, _, start, stop in reversed(segments):
+        take = min(n, stop - start)
+        n_val[name] = n_val.get(name, 0) + take
+        n -= take
+        if not n:
+            break
+    return n_val, False
 
 
 def _tokens_by_source(segments) -> dict[str, int]:
@@ -242,10 +245,10 @@ def load_prepared(root: str, dcfg: DataConfig, tokenizer_fingerprint: str) -> Co
                                             sort_keys=True).encode())
     tokens = {k: v["tokens"] for k, v in manifest["splits"].items()}
     if not val and not dcfg.streaming:
-        n_val = _held_out_tokens(train, dcfg.val_fraction, dcfg.block_size)
+        n_val, per_source = _held_out_tokens(train, dcfg.val_fraction, dcfg.block_size)
         train, val = _hold_out_tail(train, n_val)
         tokens = {"train": _tokens_by_source(train), "val": _tokens_by_source(val)}
-        if len({s[0] for s in train + val}) > 1:
+        if per_source and len({s[0] for s in train + val}) > 1:
             # Held out of every source's tail (one source: the stream's tail, as always).
             fingerprint.update(b"|val: every source's tail")
     windows = lambda segs: Windows([s[1:] for s in segs], manifest["dtype"], dcfg.block_size)
@@ -274,17 +277,25 @@ def load_prepared(root: str, dcfg: DataConfig, tokenizer_fingerprint: str) -> Co
 
 
 def _drop_if_stale(root: str, check: bool) -> None:
-    """Remove a prepared cache whose input files have changed since (`check`: this process
-    may; the others read what process 0 left), so it is prepared again."""
-    manifest = os.path.join(root, MANIFEST)
-    if not check or not os.path.exists(manifest):
+    """Remove a prepared cache whose input files have changed since, or that a removal cut
+    short left without its manifest, so it is prepared again (`check`: this process may;
+    the others read what process 0 left). Moved aside first, atomically, so an interrupted
+    removal leaves no half cache under the name."""
+    if not check or not os.path.isdir(root):
         return
-    with open(manifest) as f:
-        changed = shards.stale_inputs(json.load(f))
-    if changed:
+    manifest = os.path.join(root, MANIFEST)
+    if os.path.exists(manifest):
+        with open(manifest) as f:
+            changed = shards.stale_inputs(json.load(f))
+        if not changed:
+            return
         log.warning("%d input file(s) changed since %s was prepared (first: %s); preparing "
                     "it again", len(changed), root, changed[0])
-        shutil.rmtree(root)
+    elif not os.listdir(root):
+        return
+    aside = f"{root}.stale-{os.getpid()}"
+    os.replace(root, aside)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def load_corpus(dcfg: DataConfig, tok, cache_dir: str, check_stamps: bool = True) -> Corpus:

@@ -50,19 +50,18 @@ def find_inputs(dcfg) -> dict[str, list[str]]:
     return sources.find_splits(dcfg.source, dcfg.path)
 
 
-def _file_stamp(path: str, local: bool = True) -> str:
+def _file_stamp(path: str) -> str:
     """What says a file has changed without reading it: its size and modification time in
-    nanoseconds, and (`local`) its change time, which even a copy that keeps the
-    modification time (`cp -p`, `rsync -t`) moves but which differs between machines' copies
-    of one file (parts prepared on several machines leave it out)."""
+    nanoseconds (a copy that keeps the modification time, `cp -p`, goes unnoticed; the
+    change time would notice it, but also every chmod and every machine's own copy, each
+    costing a corpus's tokenization)."""
     st = os.stat(path)
-    return f"{st.st_size}:{st.st_mtime_ns}" + (f":{st.st_ctime_ns}" if local else "")
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
-def input_stamps(splits: dict, local: bool = True) -> dict[str, str]:
+def input_stamps(splits: dict) -> dict[str, str]:
     """{absolute path: `_file_stamp`} of every input file, recorded in a manifest."""
-    return {os.path.abspath(f): _file_stamp(f, local) for files in splits.values()
-            for f in files}
+    return {os.path.abspath(f): _file_stamp(f) for files in splits.values() for f in files}
 
 
 def stale_inputs(manifest: dict) -> list[str]:
@@ -71,7 +70,7 @@ def stale_inputs(manifest: dict) -> list[str]:
     out = []
     for path, stamp in manifest.get("stamps", {}).items():
         try:
-            now = _file_stamp(path, local=stamp.count(":") == 2)
+            now = _file_stamp(path)
         except OSError:
             now = None
         if now != stamp:
@@ -81,8 +80,8 @@ def stale_inputs(manifest: dict) -> list[str]:
 
 def inputs_fingerprint(dcfg, tokenizer_fingerprint: str) -> str:
     """Hash of the inputs (paths, sizes, mtimes in seconds) and everything that shapes their
-    tokens: the name of their prepared cache. Changes within a second, or that keep the
-    modification time, are caught by the stamps the manifest records (`stale_inputs`)."""
+    tokens: the name of their prepared cache. Changes within a second are caught by the
+    stamps the manifest records (`stale_inputs`)."""
     h = hashlib.sha256(f"{tokenizer_fingerprint}|{dcfg.source}|{dcfg.on_bad_record}|"
                        f"{dcfg.max_documents}".encode())
     if dcfg.val_max_documents:     # (absent when 0, so older caches keep their names)
@@ -297,8 +296,7 @@ def _part_inputs(dcfg, splits: dict, index: int, count: int) -> tuple[dict, dict
     if len(splits["train"]) < count:
         raise ValueError(f"{len(splits['train'])} train files cannot be split into {count} "
                          f"parts")
-    # Stamps without change times: the parts' machines may hold their own copies.
-    options = [splits, dcfg.source, dcfg.on_bad_record, input_stamps(splits, local=False)] + (
+    options = [splits, dcfg.source, dcfg.on_bad_record, input_stamps(splits)] + (
         [dcfg.val_max_documents] if dcfg.val_max_documents else [])
     record = json.dumps(options, sort_keys=True)
     info = {"index": index, "count": count, "version": PART_VERSION,
@@ -354,8 +352,9 @@ def prepare(dcfg, tok, out_dir: str, part: tuple[int, int] | None = None,
                 "tokenizer": {"kind": dcfg.tokenizer, "fingerprint": tok.fingerprint,
                               "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
                 "inputs": splits or {"hf": [dcfg.source]}, "splits": {}, "bad_records": {}}
-    if splits and part is None:
-        manifest["stamps"] = input_stamps(splits)
+    if splits and part is None:   # of the splits written (streaming writes only "val")
+        manifest["stamps"] = input_stamps({k: v for k, v in splits.items()
+                                           if only is None or k in only})
     if info is not None:
         manifest["part"] = info
     try:

@@ -380,14 +380,19 @@ def _say_schedule_change(config, saved: dict, step: int) -> None:
                 if old_optim[k] != now_optim[k]]
     if not changed:
         return
-    now = float(make_schedule(OptimConfig(**now_optim), config.train.steps)(step))
+    new_schedule = make_schedule(OptimConfig(**now_optim), config.train.steps)
     try:
-        before = float(make_schedule(OptimConfig(**old_optim), old_steps)(step))
+        old_schedule = make_schedule(OptimConfig(**old_optim), old_steps)
     except (TypeError, ValueError):     # settings this version no longer knows
-        before = None
-    if before == now and changed[0].startswith("train.steps") and len(changed) == 1:
-        return      # a schedule of fixed length (optim.decay_steps) that train.steps leaves
-    was = "unknown" if before is None else f"{before:.3e}"
+        old_schedule = None
+    if old_schedule is not None and changed[0].startswith("train.steps") and len(changed) == 1:
+        # A schedule of fixed length (optim.decay_steps) may not change with train.steps:
+        # compared over every step still to come.
+        ahead = np.arange(step, max(old_steps, config.train.steps) + 1)
+        if np.array_equal(np.asarray(old_schedule(ahead)), np.asarray(new_schedule(ahead))):
+            return
+    now = float(new_schedule(step))
+    was = "unknown" if old_schedule is None else f"{float(old_schedule(step)):.3e}"
     log.warning("resuming step %d with %s: the learning-rate schedule is recomputed; step %d "
                 "runs at lr %.3e (%s under the saved settings)", step, "; ".join(changed),
                 step + 1, now, was)

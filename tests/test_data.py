@@ -95,15 +95,15 @@ def test_sources_too_small_for_their_own_validation_share_the_streams_tail():
     from jaxgpt import data
     # Two sources of 100 tokens, windows of 65: neither can spare one, the stream can.
     segments = [("A", "a.bin", 0, 100), ("B", "b.bin", 0, 100)]
-    n_val = data._held_out_tokens(segments, 0.1, 64)
-    assert n_val == {"B": 65}
+    n_val, per_source = data._held_out_tokens(segments, 0.1, 64)
+    assert n_val == {"B": 65} and not per_source
     train, val = data._hold_out_tail(segments, n_val)
     assert train == [("A", "a.bin", 0, 100), ("B", "b.bin", 0, 35)]
     assert val == [("B", "b.bin", 35, 100)]
     # Big enough: each source gives its own tail.
     segments = [("A", "a.bin", 0, 1000), ("B", "b.bin", 0, 500), ("A", "a2.bin", 0, 1000)]
-    n_val = data._held_out_tokens(segments, 0.1, 64)
-    assert n_val == {"A": 200, "B": 65}
+    n_val, per_source = data._held_out_tokens(segments, 0.1, 64)
+    assert n_val == {"A": 200, "B": 65} and per_source
     train, val = data._hold_out_tail(segments, n_val)
     assert val == [("B", "b.bin", 435, 500), ("A", "a2.bin", 800, 1000)]
     assert train == [("A", "a.bin", 0, 1000), ("B", "b.bin", 0, 435), ("A", "a2.bin", 0, 800)]

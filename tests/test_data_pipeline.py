@@ -1,6 +1,7 @@
 """Token shards, packing, per-process epochs, mixture and exact iterator resume on the
 SlimPajama sample, plus the prepare and tokenizer command lines."""
 
+import glob
 import hashlib
 import json
 import logging
@@ -9,7 +10,6 @@ import pathlib
 import shutil
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -279,31 +279,40 @@ def test_a_part_whose_input_files_changed_is_prepared_again_only_on_request(samp
                                            sources.BadRecords("error")))
 
 
-def test_prepared_cache_follows_a_rewrite_that_keeps_size_and_mtime(sample, tmp_path,
-                                                                    caplog):
-    _, tok, _ = sample
+def test_prepared_cache_follows_a_rewrite_within_the_same_second(tmp_path, caplog):
+    tok = tokenizer.SentencePiece(tokenizer.train_sentencepiece(
+        ["First Citizen: FIRST CITIZEN: second citizen"] * 20, 300))
     path = tmp_path / "a.txt"
-    path.write_text("First Citizen: " * 50)
     dcfg = data.DataConfig(source="text", path=str(path), block_size=8)
     cache = str(tmp_path / "cache")
-    first = data.load_corpus(dcfg, tok, cache)
-    st = path.stat()
-    time.sleep(0.05)
-    path.write_text("FIRST CITIZEN: " * 50)                    # same size
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))      # as `cp -p` would leave it
-    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    second = 1_700_000_000 * 10**9        # every write below lands in this second
+
+    def write(text, ns):
+        path.write_text(text * 50)
+        os.utime(path, ns=(second + ns, second + ns))
+
+    def first_window(**kw):
+        corpus = data.load_corpus(dcfg, tok, cache, **kw)
+        return corpus.train[0].tolist(), corpus.fingerprint
+
+    write("First Citizen: ", 100)
+    before, fp = first_window()
+    write("FIRST CITIZEN: ", 200)                            # same size, same second
     with caplog.at_level(logging.WARNING, logger="jaxgpt.data"):
-        again = data.load_corpus(dcfg, tok, cache)
+        after, fp_after = first_window()
     assert "1 input file(s) changed since" in caplog.text and "preparing it again" in caplog.text
-    expect = tok.encode("FIRST CITIZEN: " * 50) + [tok.eot_id]     # the new text's tokens
-    np.testing.assert_array_equal(again.train[0], expect[:9])
-    assert first.fingerprint != again.fingerprint
-    # Another process reads what process 0 prepared, without judging it; the same tokens
-    # prepared again (after a touch) are the same data.
-    os.utime(path)
-    assert data.load_corpus(dcfg, tok, cache, check_stamps=False).fingerprint == \
-        again.fingerprint
-    assert data.load_corpus(dcfg, tok, cache).fingerprint == again.fingerprint
+    assert after == (tok.encode("FIRST CITIZEN: " * 50) + [tok.eot_id])[:9] != before
+    assert fp_after != fp and os.listdir(cache) == [os.path.basename(os.path.dirname(
+        glob.glob(f"{cache}/*/{data.MANIFEST}")[0]))]      # one cache, the stale one gone
+    # Another process of the job reads what process 0 left, without judging it.
+    write("First Citizen: ", 300)
+    assert first_window(check_stamps=False) == (after, fp_after)
+    # A removal cut short (no manifest left) is cleared, not an error.
+    root = os.path.dirname(glob.glob(f"{cache}/*/{data.MANIFEST}")[0])
+    os.remove(os.path.join(root, data.MANIFEST))
+    assert first_window()[0] == before
+    # The same tokens prepared again are the same data.
+    assert first_window()[1] == fp
 
 
 @pytest.mark.parametrize("model_type", ["bpe", "unigram"])

@@ -343,3 +343,20 @@ def test_a_partial_last_eval_batch_is_scored_and_its_padding_is_not(tie):
     np.testing.assert_allclose([float(o["nll_sum"]) for o in out],
                                [nll[:4].sum(), nll[4:].sum()], rtol=2e-5)
     assert len(list(data.iter_val_batches(windows, 4, max_batches=1))) == 1
+
+
+def test_a_resume_names_a_schedule_change_even_where_the_next_rate_is_the_same(caplog):
+    from configs import default
+    config = default.get_config()
+    config.optim.warmup_steps, config.train.steps = 100, 2000
+    saved = {"train": {"steps": 1000}, "optim": config.optim.to_dict()}
+    with caplog.at_level(logging.WARNING, logger="jaxgpt.train"):
+        # In the warm-up both schedules give step 51 the same rate; the decay differs.
+        train._say_schedule_change(config, saved, 50)
+        assert "train.steps 1000 -> 2000: the learning-rate schedule is recomputed" in \
+            caplog.text
+        caplog.clear()
+        # A decay of fixed length: train.steps changes nothing still to come.
+        config.optim.decay_steps = 500
+        train._say_schedule_change(config, {**saved, "optim": config.optim.to_dict()}, 50)
+        assert caplog.text == ""
