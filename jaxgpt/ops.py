@@ -165,23 +165,20 @@ def tied_head_loss(x_BTD, w_VD, targets_BT, chunk: int):
     graph, so dlogits = (softmax - one_hot) / N is known in the forward pass): no [B, T, V]
     array is ever stored, and the backward pass only scales the stored dx and dw.
     """
-    xs, ts = _chunks(x_BTD, targets_BT, chunk)
-    def body(total, xt):
-        return total + _nll_and_lse(tied_head(xt[0], w_VD), xt[1])[0].sum(), None
-
-    total, _ = jax.lax.scan(body, jnp.float32(0), (xs, ts))
-    return total / targets_BT.size
+    return tied_head_nll_sum(x_BTD, w_VD, targets_BT, None, chunk) / targets_BT.size
 
 
 def tied_head_nll_sum(x_BTD, w_VD, targets_BT, weights_BT, chunk: int):
-    """Sum over tokens of weights * NLL of the logits x @ w.T, chunk by chunk like
-    tied_head_loss (evaluation: no gradient); a weight of 0 leaves a token out."""
+    """Sum over tokens of weights * NLL of the logits x @ w.T, chunk by chunk (no gradient:
+    evaluation, and tied_head_loss's value); a weight of 0 leaves a token out, weights None
+    counts every token."""
     xs, ts = _chunks(x_BTD, targets_BT, chunk)
-    ws = _chunks(x_BTD, weights_BT, chunk)[1]
+    ws = None if weights_BT is None else _chunks(x_BTD, weights_BT, chunk)[1]
 
     def body(total, xtw):
         x_BCD, t_BC, w_BC = xtw
-        return total + (_nll_and_lse(tied_head(x_BCD, w_VD), t_BC)[0] * w_BC).sum(), None
+        nll = _nll_and_lse(tied_head(x_BCD, w_VD), t_BC)[0]
+        return total + (nll if w_BC is None else nll * w_BC).sum(), None
 
     return jax.lax.scan(body, jnp.float32(0), (xs, ts, ws))[0]
 

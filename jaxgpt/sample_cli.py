@@ -183,11 +183,12 @@ def check_lengths(args, cfg, prompts: list[list[int]]) -> None:
                              f"allows {room} (--truncate keeps the last {room})")
 
 
-def run_cli(args, cfg, params, tok, out=None):
+def run_cli(args, cfg, params, tok, out=None, checked=None):
     """Generate for every prompt the flags give; a chunk of one prompt streams. With several
-    prompts every output starts with `--- prompt N`, however they are batched."""
+    prompts every output starts with `--- prompt N`, however they are batched. `checked`:
+    what check_args(args) returned, where the caller has run it already."""
     out = out or sys.stdout
-    method, penalties, texts = check_args(args)
+    method, penalties, texts = checked or check_args(args)
     prompts = [tok.encode(t) for t in texts]
     check_lengths(args, cfg, prompts)
     for start in range(0, len(texts), args.batch_size):
@@ -217,9 +218,9 @@ def run_cli(args, cfg, params, tok, out=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        check_args(args)    # cheap checks first: bad flags or files never load a model
+        checked = check_args(args)    # first: bad flags or files never load a model
         cfg, params, tok = load_model(args)
-        run_cli(args, cfg, params, tok)
+        run_cli(args, cfg, params, tok, checked=checked)
     except (ValueError, OSError, NotImplementedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

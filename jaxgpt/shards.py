@@ -410,7 +410,7 @@ def merge(out_dir: str) -> dict:
                 raise ValueError(f"{out_dir}: part {i} has {key} {m[key]!r}, part 0 has "
                                  f"{first[key]!r}")
         if m.get("part", {}).get("version") != first["part"].get("version"):
-            raise ValueError(f"{out_dir}: parts {0} and {i} were prepared by different "
+            raise ValueError(f"{out_dir}: parts 0 and {i} were prepared by different "
                              f"jaxgpt versions; prepare the older ones again")
         if m.get("part", {}).get("inputs") != first["part"]["inputs"]:
             raise ValueError(f"{out_dir}: part {i} was prepared from other input files or "

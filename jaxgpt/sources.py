@@ -93,7 +93,8 @@ def resolve_paths(path: str, name: str = "data.path") -> list[str]:
         real = os.path.realpath(f)
         if real not in seen or os.path.abspath(f) == real:
             seen[real] = f
-    unique = [f for f in files if seen[os.path.realpath(f)] == f]
+    kept = set(seen.values())
+    unique = [f for f in files if f in kept]
     if len(unique) < len(files):
         log.warning("%s %r: %d file(s) reached again through symlinks are read once",
                     name, path, len(files) - len(unique))

@@ -169,11 +169,16 @@ def _mean_nll(gpt: model.GPT, windows, rngs=None):
     inputs, targets = windows[:, :-1], windows[:, 1:]
     if not gpt.cfg.tie_embeddings:
         return cross_entropy(gpt(inputs, rngs=rngs)[0], targets)
-    # The tied head and the loss fused: the [B, T, V] logits are never stored.
+    hidden, w, chunk = _tied_head_inputs(gpt, inputs, targets, rngs)
+    return ops.tied_head_loss(hidden, w, targets, chunk)
+
+
+def _tied_head_inputs(gpt: model.GPT, inputs, targets, rngs=None):
+    """(final hidden states, the tied head's weight, loss chunk) for ops' fused head and
+    loss, which never store the [B, T, V] logits."""
     hidden, _ = gpt(inputs, rngs=rngs, head=False)
     w = gpt.wte.embedding[...].astype(gpt.cfg.compute_dtype)
-    chunk = ops.loss_chunk(*targets.shape, gpt.cfg.vocab_size)
-    return ops.tied_head_loss(hidden, w, targets, chunk)
+    return hidden, w, ops.loss_chunk(*targets.shape, gpt.cfg.vocab_size)
 
 
 def train_step(state: TrainState, batch: Batch, *, graphdef, tx, skip_nonfinite=False,
@@ -225,9 +230,7 @@ def eval_step(params, windows, *, graphdef):
     weights = jnp.broadcast_to(real, targets.shape).astype(jnp.float32)
     gpt = nnx.merge(graphdef, params)
     if gpt.cfg.tie_embeddings:
-        hidden, _ = gpt(inputs, head=False)
-        w = gpt.wte.embedding[...].astype(gpt.cfg.compute_dtype)
-        chunk = ops.loss_chunk(*targets.shape, gpt.cfg.vocab_size)
+        hidden, w, chunk = _tied_head_inputs(gpt, inputs, targets)
         nll_sum = ops.tied_head_nll_sum(hidden, w, targets, weights, chunk)
     else:
         nll_sum = (ops.token_nll(gpt(inputs)[0], targets) * weights).sum()
@@ -374,10 +377,10 @@ def _say_schedule_change(config, saved: dict, step: int) -> None:
     old_steps = saved.get("train", {}).get("steps", config.train.steps)
     now_optim = config.optim.to_dict()
     old_optim = {**now_optim, **saved.get("optim", {})}
+    optim_changed = [f"optim.{k} {old_optim[k]!r} -> {now_optim[k]!r}"
+                     for k in SCHEDULE_FIELDS if old_optim[k] != now_optim[k]]
     changed = [f"train.steps {old_steps} -> {config.train.steps}"] * (
-        old_steps != config.train.steps)
-    changed += [f"optim.{k} {old_optim[k]!r} -> {now_optim[k]!r}" for k in SCHEDULE_FIELDS
-                if old_optim[k] != now_optim[k]]
+        old_steps != config.train.steps) + optim_changed
     if not changed:
         return
     new_schedule = make_schedule(OptimConfig(**now_optim), config.train.steps)
@@ -385,7 +388,7 @@ def _say_schedule_change(config, saved: dict, step: int) -> None:
         old_schedule = make_schedule(OptimConfig(**old_optim), old_steps)
     except (TypeError, ValueError):     # settings this version no longer knows
         old_schedule = None
-    if old_schedule is not None and changed[0].startswith("train.steps") and len(changed) == 1:
+    if old_schedule is not None and not optim_changed:
         # A schedule of fixed length (optim.decay_steps) may not change with train.steps:
         # compared over every step still to come.
         ahead = np.arange(step, max(old_steps, config.train.steps) + 1)
