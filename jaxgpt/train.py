@@ -298,6 +298,18 @@ def fed_by_share(trainer: Trainer, step, params, batch: int):
                                             trainer.rules))
 
 
+def compile_eval_step(trainer: Trainer, params, batch: int, block_size: int) -> float:
+    """Compile trainer.eval_step for [batch, block_size + 1] windows ahead of the first
+    evaluation (jit reuses the executable), so an evaluation batch that cannot compile fails
+    before training, not after eval.every steps, and the first evaluation's time, which the
+    ETA counts for every evaluation still to come, is not its compilation's. Seconds taken."""
+    start = time.monotonic()
+    windows = jax.ShapeDtypeStruct((batch, block_size + 1), jnp.int32,
+                                   sharding=sharding.batch_sharding(trainer.mesh, trainer.rules))
+    trainer.eval_step.lower(params, windows).compile()
+    return time.monotonic() - start
+
+
 def evaluate(trainer: Trainer, params, windows, batch: int, max_batches: int):
     """Token-weighted validation loss over up to `max_batches` batches per source (0 = all);
     `windows` is one [W, T + 1] array or {source name: windows} (see eval.evaluate_windows)."""
@@ -560,6 +572,9 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts,
     stop = faults.StopRequest()
     watchdog = faults.Watchdog(config.train.watchdog_min_s, config.train.watchdog_factor)
     pending = []   # (step, batch digest, device metrics) not yet checked on the host
+    if config.eval.every:
+        log.info("evaluation step compiled in %.1f s", compile_eval_step(
+            trainer, state.params, config.eval.batch_size, config.data.block_size))
     try:
         for step in range(start, total):
             if step + 1 == config.train.inject_hang_at_step:   # tests only: a stuck host

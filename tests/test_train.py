@@ -345,6 +345,26 @@ def test_a_partial_last_eval_batch_is_scored_and_its_padding_is_not(tie):
     assert len(list(data.iter_val_batches(windows, 4, max_batches=1))) == 1
 
 
+def test_the_eval_step_compiled_before_training_is_the_one_evaluations_run(tiny_cfg):
+    """compile_eval_step's executable is reused by every evaluation: none compiles again."""
+    trainer = _trainer(tiny_cfg, optax.adamw(1e-3), mesh_shape=(2, 1, 1))
+    params = trainer.init().params
+    compiled = []
+
+    def listen(event, duration, fun_name="", **_):
+        if event == "/jax/core/compile/backend_compile_duration" and "eval_step" in fun_name:
+            compiled.append(fun_name)
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        assert train.compile_eval_step(trainer, params, batch=4, block_size=8) > 0
+        assert len(compiled) == 1
+        windows = np.random.default_rng(0).integers(0, tiny_cfg.vocab_size, (7, 9))
+        out = train.evaluate(trainer, params, windows.astype(np.int32), batch=4, max_batches=0)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert out["val_tokens"] == 7 * 8 and len(compiled) == 1, compiled
+
+
 def test_a_resume_names_a_schedule_change_even_where_the_next_rate_is_the_same(caplog):
     from configs import default
     config = default.get_config()
