@@ -11,8 +11,12 @@ tokens/s and MFU, its ratio to the mean of the baselines, and the drift.
         --variant 'b96||--batch 96'                          # NAME|XLA flags|bench args
     python bench/gpu_ab.py --dry-run                         # print the commands only
 
-Each run costs about a minute on an H100 (compilation included): five fit the device's
-10-minute limit per command. Extra arguments after `--` go to every run.
+Each run costs about a minute on an H100 (compilation included). Before any run, every
+variant's XLA flags are parsed by this jaxlib on the CPU (no GPU time): a misspelt flag is
+named at once instead of aborting its run. `--budget` keeps the whole call inside the
+device's 10-minute limit per command: a variant starts only if, at the longest run so far,
+it and the closing baseline still fit; the variants left out are named. Extra arguments
+after `--` go to every run.
 """
 
 import argparse
@@ -31,6 +35,8 @@ RESULT = re.compile(r"RESULT gpt2: tokens/s ([\d,]+)  MFU ([\d.]+)%")
 DEFAULT_VARIANTS = (
     # cuBLASLt lets XLA fold the MLP's bias and tanh GELU into the matmul's epilogue.
     ("cublaslt", "--xla_gpu_enable_cublaslt=true", ""),
+    # cuDNN's layer-norm kernel for the 25 layer norms (forward and backward) per step.
+    ("cudnn_layer_norm", "--xla_gpu_enable_cudnn_layer_norm=true", ""),
     # Triton GEMMs can fuse elementwise producers and consumers into the matmul.
     ("triton_gemm", "--xla_gpu_enable_triton_gemm=true", ""),
     ("batch_96", "", "--batch 96"),
@@ -50,6 +56,22 @@ def _command(script: str, xla: str, args: str, common: list[str]):
     env["XLA_FLAGS"] = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), xla) if f)
     # The variant's own arguments last, so they override the common ones.
     return ["bash", script, *common, *shlex.split(args)], env
+
+
+def _check_flags(plan) -> str | None:
+    """None if this jaxlib knows every XLA flag in the plan, else the error (XLA aborts a
+    process at start-up on an unknown flag). Parsed by a CPU-only process: no GPU time."""
+    for name, xla, _ in plan:
+        if not xla:
+            continue
+        env = {**os.environ, "XLA_FLAGS": xla, "JAX_PLATFORMS": "cpu"}
+        out = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env,
+                             capture_output=True, text=True, timeout=120, check=False)
+        if out.returncode != 0:
+            unknown = re.search(r"Unknown flags? in XLA_FLAGS: *(.*)", out.stderr)
+            why = unknown[1] if unknown else (out.stderr.strip().splitlines() or ["?"])[-1]
+            return f"variant {name}: XLA rejects its flags ({why})"
+    return None
 
 
 def _run(script, name, xla, args, common, timeout):
@@ -79,6 +101,8 @@ def main():
     p.add_argument("--variant", action="append", type=_parse_variant, default=None,
                    metavar="NAME|XLA|ARGS", help="a variant (repeatable; default: built-in)")
     p.add_argument("--timeout", type=int, default=240, help="seconds per run")
+    p.add_argument("--budget", type=float, default=540,
+                   help="seconds for the whole call (0: no limit); see above")
     p.add_argument("--script", default=os.path.join(REPO, "bench", "gpu_train.sh"),
                    help="the benchmark each run executes; it prints a RESULT line")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
@@ -86,13 +110,29 @@ def main():
     a = p.parse_args()
     variants = a.variant or list(DEFAULT_VARIANTS)
     plan = [("baseline", "", ""), *variants, ("baseline", "", "")]
+    if error := _check_flags(plan):
+        print(error, file=sys.stderr)
+        return 2
     if a.dry_run:
         for name, xla, args in plan:
             cmd, env = _command(a.script, xla, args, a.common)
             print(f"{name}: XLA_FLAGS={shlex.quote(env['XLA_FLAGS'])} {shlex.join(cmd)}")
         return 0
-    results = [(name, _run(a.script, name, xla, args, a.common, a.timeout))
-               for name, xla, args in plan]
+    results, longest, start = [], 0.0, time.monotonic()
+    for i, (name, xla, args) in enumerate(plan):
+        last = i == len(plan) - 1
+        # A variant needs room for itself and the closing baseline; that baseline always runs.
+        if (not last and i and a.budget
+                and time.monotonic() - start + 2 * longest > a.budget):
+            print(f"## {name}: left out, the budget of {a.budget:.0f} s would not hold it "
+                  f"and the closing baseline at {longest:.0f} s a run", flush=True)
+            results.append((name, "skipped"))
+            continue
+        t = time.monotonic()
+        results.append((name, _run(a.script, name, xla, args, a.common, a.timeout)))
+        longest = max(longest, time.monotonic() - t)
+    skipped = [name for name, r in results if r == "skipped"]
+    results = [(name, r) for name, r in results if r != "skipped"]
     base = [r[0] for name, r in results if name == "baseline" and r]
     if not base:
         print("no baseline result: nothing to compare", file=sys.stderr)
@@ -106,7 +146,9 @@ def main():
             print(f"| {name} | failed | | |")
         else:
             print(f"| {name} | {r[0]:,.0f} | {r[1]:.1f}% | {r[0] / mean:.3f}x |")
-    return 0 if all(r for _, r in results) else 1
+    if skipped:
+        print(f"left out for time: {', '.join(skipped)} (run them in a call of their own)")
+    return 0 if all(r for _, r in results) and not skipped else 1
 
 
 if __name__ == "__main__":

@@ -56,3 +56,39 @@ def test_gpu_ab_runs_baseline_around_each_variant_and_compares(tmp_path):
     assert rows == [("baseline", "120", "1.5", "1.000"), ("lt", "1,140", "1.5", "9.500"),
                     ("baseline", "120", "1.5", "1.000")]
     assert "baseline drift over the call: 0.00%" in out.stdout
+
+
+def test_gpu_ab_keeps_to_its_budget_and_always_closes_with_the_baseline(tmp_path):
+    """A 1.5 s stand-in run and a 5.2 s budget: after the first baseline the first variant
+    still fits with the closing baseline (1.5 + 2 x 1.5 s), the second does not (3 + 3 s)."""
+    script = tmp_path / "bench.sh"
+    script.write_text('sleep 1.5\necho "RESULT gpt2: tokens/s 100  MFU 1.0%"\n')
+    out = subprocess.run(
+        [sys.executable, os.path.join(helpers.REPO, "bench", "gpu_ab.py"), "--script",
+         str(script), "--budget", "5.2", "--variant", "a||", "--variant", "b||"],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 1, (out.stdout + out.stderr)[-3000:]
+    ran = re.findall(r"^## (\w+): XLA_FLAGS", out.stdout, re.MULTILINE)
+    assert ran == ["baseline", "a", "baseline"]
+    assert re.search(r"^## b: left out, the budget of 5 s", out.stdout, re.MULTILINE)
+    assert "left out for time: b" in out.stdout
+
+
+def test_gpu_ab_flags_are_checked_before_any_run(tmp_path):
+    """Every default variant's XLA flags are known to this jaxlib (a dry run checks them on
+    the CPU), and a misspelt flag stops the call before any run, named."""
+    gpu_ab = os.path.join(helpers.REPO, "bench", "gpu_ab.py")
+    ok = subprocess.run([sys.executable, gpu_ab, "--dry-run"], capture_output=True, text=True,
+                        timeout=300, check=False)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "cudnn_layer_norm: XLA_FLAGS=--xla_gpu_enable_cudnn_layer_norm=true" in ok.stdout
+    script = tmp_path / "bench.sh"
+    script.write_text('echo ran > "$0.ran"\n')
+    bad = subprocess.run(
+        [sys.executable, gpu_ab, "--script", str(script), "--variant",
+         "typo|--xla_gpu_enable_cublaslt=true --xla_gpu_enable_cublast=true|"],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == ("variant typo: XLA rejects its flags "
+                                  "(--xla_gpu_enable_cublast=true)")
+    assert not (tmp_path / "bench.sh.ran").exists()
