@@ -59,19 +59,27 @@ def _command(script: str, xla: str, args: str, common: list[str]):
 
 
 def _check_flags(plan) -> str | None:
-    """None if this jaxlib knows every XLA flag in the plan, else the error (XLA aborts a
-    process at start-up on an unknown flag). Parsed by a CPU-only process: no GPU time."""
-    for name, xla, _ in plan:
-        if not xla:
-            continue
+    """None if this jaxlib knows every XLA flag in the plan and the caller's XLA_FLAGS, else
+    the error (XLA aborts a process at start-up on an unknown flag). Parsed by a CPU-only
+    process, so no GPU time: all at once, then (on an error) one at a time, to name it."""
+    def error(xla):
         env = {**os.environ, "XLA_FLAGS": xla, "JAX_PLATFORMS": "cpu"}
         out = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env,
                              capture_output=True, text=True, timeout=120, check=False)
-        if out.returncode != 0:
-            unknown = re.search(r"Unknown flags? in XLA_FLAGS: *(.*)", out.stderr)
-            why = unknown[1] if unknown else (out.stderr.strip().splitlines() or ["?"])[-1]
-            return f"variant {name}: XLA rejects its flags ({why})"
-    return None
+        if out.returncode == 0:
+            return None
+        unknown = re.search(r"Unknown flags? in XLA_FLAGS: *(.*)", out.stderr)
+        return unknown[1] if unknown else (out.stderr.strip().splitlines() or ["?"])[-1]
+
+    flagged = [(f"variant {name}", xla) for name, xla, _ in plan if xla]
+    if os.environ.get("XLA_FLAGS"):
+        flagged.insert(0, ("the environment's XLA_FLAGS", os.environ["XLA_FLAGS"]))
+    if not flagged or not error(" ".join(xla for _, xla in flagged)):
+        return None
+    for label, xla in flagged:
+        if why := error(xla):
+            return f"{label}: XLA rejects its flags ({why})"
+    return "XLA rejects the variants' flags together, though each variant's alone parse"
 
 
 def _run(script, name, xla, args, common, timeout):
