@@ -230,7 +230,9 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: model.GPTConfig, *,
         node = pure
         for key in e.path[:-1]:
             node = node.setdefault(key, {})
-        node[e.path[-1]] = jnp.asarray(array.reshape(e.shape), jnp.float32)
+        # A copy: asarray may alias the numpy view of a torch tensor, so training that
+        # model in place would change these (immutable) params.
+        node[e.path[-1]] = jnp.array(array.reshape(e.shape), jnp.float32, copy=True)
     return _state(cfg, pure)
 
 
