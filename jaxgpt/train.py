@@ -68,7 +68,7 @@ class OptimConfig:
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
-    weight_decay: float = 0.1     # on >= 2-D weights only (not biases, LayerNorm)
+    weight_decay: float = 0.1     # on weight matrices and embeddings (not biases, norms)
     grad_clip: float = 1.0        # global-norm clip; 0 disables
     optimizer: str = "adamw"      # "adamw" | "muon" (hidden matrices; AdamW for the rest)
     muon_momentum: float = 0.95   # Muon's (Nesterov) momentum; AdamW's part uses b1, b2
@@ -126,8 +126,21 @@ def muon_dimensions(params):
                                             is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+# Weight decay's params (GPT-2/3 practice: the weight matrices and embeddings, not biases or
+# norm scales), by name: by rank, the fused q/k/v bias [3, H, K] would count as a matrix.
+DECAYED = ("kernel", "embedding", "lm_head")
+
+
+def decay_mask(params):
+    """True for each param AdamW's weight decay applies to (DECAYED), False elsewhere."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, var: getattr(path[-1], "key", None) in DECAYED, params,
+        is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """AdamW (GPT-2/3 practice) with decay on matrices only, after global-norm clipping.
+    """AdamW (GPT-2/3 practice) with decay on weight matrices and embeddings only (DECAYED),
+    after global-norm clipping.
 
     "muon": Muon (momentum orthogonalized by Newton-Schulz; Jordan et al. 2024) on the
     blocks' weight matrices, with updates scaled to AdamW's RMS (Liu et al. 2025) so the same
@@ -140,7 +153,6 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
             adam_b1=cfg.b1, adam_b2=cfg.b2, adam_weight_decay=0.0,
             muon_weight_dimension_numbers=muon_dimensions, consistent_rms=MUON_RMS)
     else:
-        decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
         tx = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                          weight_decay=cfg.weight_decay, mask=decay_mask)
     if cfg.grad_clip > 0:
