@@ -2,7 +2,8 @@
 
 Every option is checked alone and all together: cached decode = full forward, causality,
 8-device fsdp_tp sharding = one device; RoPE/RMSNorm/SwiGLU against numpy; grouped-query
-attention against plain attention with the same weights; resume and sampling end to end.
+attention against plain attention with the same weights; all but the parallel block together
+against PyTorch's Qwen3 (transformers); resume and sampling end to end.
 """
 
 import dataclasses
@@ -386,3 +387,59 @@ def test_every_option_with_speed_options_gives_the_same_loss_and_grads(speed, ke
         first, cache = _forward(params, windows[:, :8], cache, graphdef=graphdef)
         rest, _ = _forward(params, windows[:, 8:12], cache, graphdef=graphdef)
         np.testing.assert_allclose(jnp.concatenate([first, rest], axis=1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_modern_options_match_pytorch_qwen3(tie):
+    """The newer components together (RoPE, RMSNorm, SwiGLU, no biases, grouped-query
+    attention, QK-norm) are Qwen3's decoder: against transformers' Qwen3ForCausalLM with the
+    same random weights, logits agree on a full and on a left-padded batch (position ids
+    from the mask, as generation passes them)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cfg = _cfg(**{k: v for k, v in ALL.items() if k != "parallel_block"} | {"tie_embeddings": tie})
+    params = _init(cfg, seed=5)
+    D, H, G, K = cfg.n_embd, cfg.n_head, cfg.kv_heads, cfg.head_dim
+    hf_config = transformers.Qwen3Config(
+        vocab_size=cfg.vocab_size, hidden_size=D, intermediate_size=cfg.mlp_width,
+        num_hidden_layers=cfg.n_layer, num_attention_heads=H, num_key_value_heads=G,
+        head_dim=K, max_position_embeddings=cfg.n_positions, rms_norm_eps=cfg.layer_norm_epsilon,
+        tie_word_embeddings=tie, attention_bias=False, attention_dropout=0.0,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
+    ref = transformers.Qwen3ForCausalLM(hf_config).eval()
+    p = jax.tree.map(np.asarray, nnx.to_pure_dict(params))
+    t = lambda a: torch.as_tensor(np.array(a))   # a writable copy
+    weights = {"model.embed_tokens.weight": t(p["wte"]["embedding"]),
+               "model.norm.weight": t(p["ln_f"]["scale"])}
+    if not tie:
+        weights["lm_head.weight"] = t(p["lm_head"].T)
+    for i in range(cfg.n_layer):
+        b, pre = p["h"][i], f"model.layers.{i}."
+        kv = b["attn"]["c_kv"]["kernel"]                                      # [D, 2, G, K]
+        weights |= {
+            pre + "self_attn.q_proj.weight": t(b["attn"]["c_q"]["kernel"].reshape(D, H * K).T),
+            pre + "self_attn.k_proj.weight": t(kv[:, 0].reshape(D, G * K).T),
+            pre + "self_attn.v_proj.weight": t(kv[:, 1].reshape(D, G * K).T),
+            pre + "self_attn.o_proj.weight": t(b["attn"]["c_proj"]["kernel"].reshape(H * K, D).T),
+            pre + "self_attn.q_norm.weight": t(b["attn"]["q_norm"]["scale"]),
+            pre + "self_attn.k_norm.weight": t(b["attn"]["k_norm"]["scale"]),
+            pre + "mlp.gate_proj.weight": t(b["mlp"]["c_gate"]["kernel"].T),
+            pre + "mlp.up_proj.weight": t(b["mlp"]["c_fc"]["kernel"].T),
+            pre + "mlp.down_proj.weight": t(b["mlp"]["c_proj"]["kernel"].T),
+            pre + "input_layernorm.weight": t(b["ln_1"]["scale"]),
+            pre + "post_attention_layernorm.weight": t(b["ln_2"]["scale"])}
+    missing, unexpected = ref.load_state_dict(weights, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"} and (tie or not missing)
+
+    tokens = np.random.default_rng(6).integers(0, cfg.vocab_size, (2, 12))
+    mask = np.ones((2, 12), bool)
+    mask[1, :5] = False                                                     # left padding
+    for m in (np.ones_like(mask), mask):
+        positions = np.maximum(np.cumsum(m, axis=1) - 1, 0)
+        with torch.no_grad():
+            want = ref(input_ids=t(tokens), attention_mask=t(m.astype(np.int64)),
+                       position_ids=t(positions)).logits.numpy()
+        with jax.default_matmul_precision("highest"):
+            got = np.asarray(_forward(params, jnp.asarray(tokens), positions=jnp.asarray(positions),
+                                      mask=jnp.asarray(m), graphdef=sample.graphdef_of(cfg))[0])
+        np.testing.assert_allclose(got[m], want[m], rtol=0, atol=1e-4 * np.abs(want).max())
