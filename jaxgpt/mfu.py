@@ -6,10 +6,12 @@ backward 4N) plus 12·L·H·K·T for attention scores and their weighted sums.
 """
 
 import functools
+import math
 import time
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from jaxgpt import model
 
@@ -32,13 +34,18 @@ _PCIE = {"H100 PCIe": 756e12}
 def flops_per_token(cfg: model.GPTConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6N + 12·L·H·K·T (PaLM app. B).
 
-    N counts every matmul weight: the blocks and `wte` (the tied LM head multiplies by it),
-    not `wpe` (a lookup with no matmul), biases and LayerNorms are negligible but counted.
+    N counts every weight a matmul multiplies by: the blocks (biases and norms are negligible
+    but counted) and the LM head, which is `wte` when tied and `lm_head` otherwise; not the
+    embedding lookups (`wpe`, and `wte` under an untied head). Counted from the model's own
+    parameter shapes, so every option (grouped-query attention, SwiGLU, no biases) is in.
     """
-    d, layers, vocab = cfg.n_embd, cfg.n_layer, cfg.vocab_size
-    per_block = 4 * d * d + 4 * d + 2 * (4 * d * d) + 5 * d + 4 * d   # attn, mlp, 2 LNs
-    n = layers * per_block + vocab * d + 2 * d
-    attention = 12 * layers * cfg.n_head * cfg.head_dim * seq_len
+    shapes = nnx.to_pure_dict(nnx.state(
+        nnx.eval_shape(lambda: model.GPT(cfg, rngs=nnx.Rngs(0))), nnx.Param))
+    lookups = [shapes["wpe"]["embedding"]] if "wpe" in shapes else []
+    if not cfg.tie_embeddings:
+        lookups.append(shapes["wte"]["embedding"])
+    n = model.count_params(shapes) - sum(math.prod(x.shape) for x in lookups)
+    attention = 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
     return 6.0 * n + attention
 
 

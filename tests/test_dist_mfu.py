@@ -19,6 +19,19 @@ def test_flops_per_token_is_6n_plus_attention(name):
     assert mfu.flops_per_token(cfg, 1024) == 6 * n + attention
 
 
+def test_flops_per_token_counts_every_option_in_closed_form():
+    """Grouped-query attention, SwiGLU, no biases, RMSNorm, QK-norm, rotary (no wpe) and an
+    untied head: N by hand from the shapes, with the untied head's [D, V] matmul in and the
+    wte lookup out."""
+    cfg = model.modern_config("small", tie_embeddings=False, vocab_size=50304)
+    D, H, G, K, F, V = (cfg.n_embd, cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.mlp_width,
+                        cfg.vocab_size)
+    per_layer = D * H * K + 2 * D * G * K + H * K * D + 3 * D * F + 2 * D + 2 * K
+    n = cfg.n_layer * per_layer + D + D * V          # + ln_f + lm_head
+    assert (G, cfg.rotary, cfg.bias, cfg.qk_norm) == (4, True, False, True)
+    assert mfu.flops_per_token(cfg, 1024) == 6 * n + 12 * cfg.n_layer * H * K * 1024
+
+
 def _device(kind, platform="gpu"):
     return types.SimpleNamespace(device_kind=kind, platform=platform)
 
