@@ -53,20 +53,42 @@ class LM:
     step: int | None = None    # training step of a jaxgpt checkpoint
 
     def logprobs(self, rows: Sequence[Sequence[int]], batch_size: int = 16) -> list[np.ndarray]:
-        return target_logprobs(self.cfg, self.params, rows, batch_size=batch_size)
+        return target_logprobs(self.cfg, self.params, rows, batch_size=batch_size,
+                               n_valid_vocab=self.n_valid_vocab)
+
+    @property
+    def n_valid_vocab(self) -> int:
+        """The ids scoring ranks over: the tokenizer's (a padded vocabulary's extra rows
+        are no token and get no probability)."""
+        return min(self.tok.vocab_size, self.cfg.vocab_size)
+
+
+def split_spec(spec: str) -> tuple[str, int | None]:
+    """(run directory, step or None) of a `RUN` or `RUN@STEP` spec. A spec naming an existing
+    directory is that directory, whatever it contains (`runs/lr@3e-4`, `runs/exp@10`); only
+    otherwise is a trailing `@DIGITS` split off as the step."""
+    if not os.path.isdir(spec):
+        workdir, at, step = spec.rpartition("@")
+        if at and workdir and step.isdigit():
+            return workdir, int(step)
+    return spec, None
 
 
 def load_lm(spec: str) -> LM:
     """A run directory (its latest checkpoint; `RUN@STEP` for another one) or `hf:NAME|DIR`
-    (an HF GPT-2 through convert.hf, with its GPT-2 BPE tokenizer)."""
+    (an HF GPT-2 through convert.hf, with its GPT-2 BPE tokenizer).
+
+    A spec that is an existing directory is that run, even if its name ends in `@DIGITS`;
+    only otherwise is a trailing `@STEP` split off (`split_spec`)."""
     if spec.startswith("hf:"):
-        from jaxgpt.convert import hf  # torch + transformers load only when asked for
         name = spec[3:]
+        if not name:
+            raise ValueError(f"model {spec!r} names no HF model: write hf:NAME (a hub name "
+                             f"such as hf:gpt2) or hf:DIR")
+        from jaxgpt.convert import hf  # torch + transformers load only when asked for
         cfg, params = hf.import_gpt2(name)
         return LM(spec, cfg, params, tokenizer.load("gpt2", name))
-    workdir, _, step = spec.rpartition("@") if "@" in spec else (spec, "", "")
-    if step and not step.isdigit():
-        raise ValueError(f"model {spec!r}: the part after @ must be a step number")
+    workdir, step = split_spec(spec)
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"model {spec!r}: no such run directory (HF models are "
                                 f"written hf:NAME or hf:DIR)")
@@ -74,14 +96,20 @@ def load_lm(spec: str) -> LM:
     if not os.path.isdir(ckpts):
         raise FileNotFoundError(f"model {spec!r}: no checkpoints/ folder, so it has no saved "
                                 f"model yet")
-    cfg, params, step, meta = checkpoint.load_params(workdir, int(step) if step else None)
+    cfg, params, step, meta = checkpoint.load_params(workdir, step)
     return LM(spec, cfg, params, tokenizer.from_meta(meta), step)
 
 
-def target_logprobs_step(params, tokens_BT, *, graphdef, greedy=False):
+def target_logprobs_step(params, tokens_BT, *, graphdef, greedy=False, n_valid_vocab=None):
     """log p(tokens[:, t] | tokens[:, :t]) [B, T - 1] (and, with `greedy`, whether each
-    target is the argmax); jit it, or pass it jitted as `target_logprobs(forward=...)`."""
+    target is the argmax); jit it, or pass it jitted as `target_logprobs(forward=...)`.
+
+    `n_valid_vocab`: the tokenizer's size; the logits of ids at or above it (a vocabulary
+    padded to a multiple of 64, say) are left out of the softmax and the argmax, so scores
+    equal those of the unpadded model (None: every id of the model)."""
     logits, _ = nnx.merge(graphdef, params)(tokens_BT[:, :-1])
+    if n_valid_vocab is not None and n_valid_vocab < logits.shape[-1]:
+        logits = logits[..., :n_valid_vocab]
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)   # float32 log-softmax
     lp = jnp.take_along_axis(logp, tokens_BT[:, 1:, None], axis=-1)[..., 0]   # [B, T - 1]
     if not greedy:
@@ -90,15 +118,21 @@ def target_logprobs_step(params, tokens_BT, *, graphdef, greedy=False):
     return lp, jnp.argmax(logits, axis=-1) == tokens_BT[:, 1:]
 
 
-_target_logprobs = jax.jit(target_logprobs_step, static_argnames=("graphdef", "greedy"))
+_target_logprobs = jax.jit(target_logprobs_step,
+                           static_argnames=("graphdef", "greedy", "n_valid_vocab"))
 
 
 def target_logprobs(cfg: model.GPTConfig, params, rows: Sequence[Sequence[int]], *,
                     batch_size: int = 16, greedy: bool = False,
-                    forward: Callable[[np.ndarray], Any] | None = None) -> list:
+                    forward: Callable[[np.ndarray], Any] | None = None,
+                    n_valid_vocab: int | None = None) -> list:
     """log p(row[t] | row[:t]) for t >= 1 of every row of 2..n_positions + 1 ids (the model
     reads all but the last id, as a training window of block_size + 1); with `greedy`,
     (log-probs, whether each target is the model's argmax) per row.
+
+    `n_valid_vocab`: the tokenizer's size (`LM.n_valid_vocab`): probabilities and argmax
+    range over ids below it only, and a row's ids must be below it (None: the model's
+    vocab_size). A `forward` applies its own (the trainer's logprob_step does).
 
     Rows are right-padded to a power-of-two bucket; causal attention makes padding after a
     row invisible to its real positions, so the result equals an unpadded forward pass.
@@ -107,15 +141,17 @@ def target_logprobs(cfg: model.GPTConfig, params, rows: Sequence[Sequence[int]],
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n_vocab = cfg.vocab_size if n_valid_vocab is None else min(n_valid_vocab, cfg.vocab_size)
+    n_valid = None if n_vocab == cfg.vocab_size else n_vocab    # one compiled program for all
     for i, row in enumerate(rows):
         if not 2 <= len(row) <= cfg.n_positions + 1:
             raise ValueError(f"row {i} has {len(row)} tokens; scoring needs 2..n_positions + 1"
                              f" = {cfg.n_positions + 1}")
         lo, hi = min(row), max(row)
-        if lo < 0 or hi >= cfg.vocab_size:     # JAX would clamp them, not fail
+        if lo < 0 or hi >= n_vocab:     # JAX would clamp them, not fail
             bad = lo if lo < 0 else hi
             raise ValueError(f"row {i} has token id {bad} outside the model's vocabulary "
-                             f"[0, {cfg.vocab_size}): a tokenizer of another model?")
+                             f"[0, {n_vocab}): a tokenizer of another model?")
     graphdef = sample.graphdef_of(cfg)
     out: list[np.ndarray] = [np.empty(0)] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))   # similar lengths together
@@ -127,7 +163,8 @@ def target_logprobs(cfg: model.GPTConfig, params, rows: Sequence[Sequence[int]],
         for j, i in enumerate(idx):
             tokens[j, :len(rows[i])] = rows[i]
         got = (forward(tokens) if forward is not None else jax.device_get(
-            _target_logprobs(params, jnp.asarray(tokens), graphdef=graphdef, greedy=greedy)))
+            _target_logprobs(params, jnp.asarray(tokens), graphdef=graphdef, greedy=greedy,
+                             n_valid_vocab=n_valid)))
         for j, i in enumerate(idx):
             n = len(rows[i]) - 1
             out[i] = (got[0][j, :n], got[1][j, :n]) if greedy else got[j, :n]
@@ -239,13 +276,27 @@ def fit(prompt: list[int], cont: list[int], limit: int) -> tuple[list[int], list
     return prompt, cont[:len(cont) - over] if over > 0 else cont
 
 
+def fit_keeping_prompt(prompt: list[int], cont: list[int],
+                       limit: int) -> tuple[list[int], list[int]]:
+    """Fit prompt + continuation into `limit` ids for scoring the continuation against its
+    prompt: the prompt keeps at least min(len(prompt), limit // 2) of its last ids, the
+    continuation is cut from the right to fit, and a prompt shorter than that room keeps
+    more of itself (all of it when it fits)."""
+    n_cont = min(len(cont), limit - min(len(prompt), limit // 2))
+    n_prompt = min(len(prompt), limit - n_cont)
+    return prompt[len(prompt) - n_prompt:], cont[:n_cont]
+
+
 def continuation_scores(logprob_fn: LogprobFn, tok, prompts: Sequence[str],
                         conts: Sequence[str], limit: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per continuation: (log p(c_t | prompt, c_<t), log p(c_t | c_<t)) over its tokens, both
-    under the scorer's tokenizer; the unconditional context starts from end-of-text."""
+    """Per continuation: (log p(c_t | prompt, c_<t), log p(c_t | c_<t)) over its first tokens,
+    both under the scorer's tokenizer; the unconditional context starts from end-of-text.
+    Where prompt + continuation exceed `limit` ids, the prompt keeps its last
+    min(len(prompt), limit // 2) ids and the continuation's tail is not scored
+    (`fit_keeping_prompt`): fewer entries than the continuation has tokens."""
     rows, spans = [], []
     for p, c in zip(prompts, conts):
-        p_ids, c_ids = fit(tok.encode(p) or [tok.eot_id], tok.encode(c), limit)
+        p_ids, c_ids = fit_keeping_prompt(tok.encode(p) or [tok.eot_id], tok.encode(c), limit)
         if c_ids:   # an empty continuation (end-of-text at once) has nothing to score
             rows += [p_ids + c_ids, [tok.eot_id] + c_ids]
         spans.append(len(c_ids))
@@ -291,20 +342,35 @@ def repeated_ngram_rate(seqs: Sequence[Sequence], n: int = 4) -> float:
     return repeats / total if total else math.nan
 
 
-def cloze_ranks(logprob_fn: LogprobFn, tok, facts: Sequence[Mapping]) -> list[int]:
+def cloze_ranks(logprob_fn: LogprobFn, tok, facts: Sequence[Mapping],
+                limit: int | None = None, name: str = "the model") -> list[int]:
     """Rank (1 = best) of each fact's answer among its candidates by log p(candidate | prompt)
-    summed over the candidate's tokens; a tie counts in the answer's favour."""
-    rows, spans = [], []
-    for f in facts:
+    summed over the candidate's tokens; a tie counts in the answer's favour.
+
+    `limit`: the most ids a row may have (n_positions + 1 of the model `name`). A prompt too
+    long loses its first ids, the same ones for every candidate, so that the longest
+    candidate fits whole; a fact whose longest candidate cannot fit after even one prompt id
+    is skipped with a warning naming it (its rank is not in the result)."""
+    rows, spans, scored = [], [], []
+    for i, f in enumerate(facts):
         p_ids = tok.encode(f["prompt"]) or [tok.eot_id]
-        for cand in f["candidates"]:
-            c_ids = tok.encode(cand)
-            rows.append(p_ids + c_ids)
-            spans.append(len(c_ids))
-    lps = logprob_fn(rows)
+        c_ids = [tok.encode(cand) for cand in f["candidates"]]
+        if limit is not None:
+            longest = max(len(c) for c in c_ids)
+            if longest + 1 > limit:
+                log.warning("cloze fact %d (%r -> %r) skipped for %s: a candidate of %d "
+                            "tokens leaves no room for the prompt in %d tokens", i,
+                            f["prompt"], f["answer"], name, longest, limit)
+                continue
+            p_ids = p_ids[max(0, len(p_ids) + longest - limit):]
+        scored.append(f)
+        for c in c_ids:
+            rows.append(p_ids + c)
+            spans.append(len(c))
+    lps = logprob_fn(rows) if rows else []
     scores = [float(lp[len(lp) - n:].sum()) for lp, n in zip(lps, spans)]
     ranks, k = [], 0
-    for f in facts:
+    for f in scored:
         s = scores[k:k + len(f["candidates"])]
         k += len(f["candidates"])
         true = s[f["candidates"].index(f["answer"])]
@@ -369,6 +435,7 @@ def generation_metrics(scorer: LM, prompts: Sequence[str], conts: Sequence[str])
     out.update({f"distinct_{n}": distinct_n(toks, n) for n in (1, 2, 3)})
     out["repeat_4"] = repeated_ngram_rate(toks, 4)
     out["mean_tokens"] = float(np.mean([len(t) for t in toks]))
+    out["continuation_tokens"] = sum(len(t) for t in toks)   # scored_tokens of these
     return out
 
 
@@ -382,13 +449,14 @@ def compare_models(lms: Sequence[LM], scorer: LM, *, settings: GenSettings,
     for lm in lms:
         log.info("report: generating with %s", lm.name)
         gens = generate_suite(lm, texts, settings)
-        ranks = cloze_ranks(lm.logprobs, lm.tok, facts)
+        ranks = cloze_ranks(lm.logprobs, lm.tok, facts, lm.cfg.n_positions + 1, lm.name)
         models.append({
             "name": lm.name, "step": lm.step, "params": model.count_params(lm.params),
             "generations": gens,
             "metrics": {k: generation_metrics(scorer, texts, v) for k, v in gens.items()},
-            "cloze": {"accuracy": float(np.mean([r == 1 for r in ranks])),
-                      "mean_rank": float(np.mean(ranks)), "facts": len(ranks),
+            "cloze": {"accuracy": float(np.mean([r == 1 for r in ranks])) if ranks else math.nan,
+                      "mean_rank": float(np.mean(ranks)) if ranks else math.nan,
+                      "facts": len(ranks), "skipped": len(facts) - len(ranks),
                       "candidates": len(facts[0]["candidates"])}})
     return {"suite": suite, "cloze": cloze, "scorer": scorer.name,
             "settings": dataclasses.asdict(settings), "prompts": prompts, "models": models}
@@ -465,8 +533,10 @@ def run_cli(compute: Callable[[], dict], render: Callable[[dict], str],
     print(render(result))
     if out:
         try:
+            from jaxgpt import report  # its JSON: NaN/Inf written as null, never bare
+            text = report.to_json(result)
             with open(out, "w") as f:
-                json.dump(result, f, indent=1)
+                f.write(text)
         except OSError as e:
             print(f"error: --out {out!r}: {e}", file=sys.stderr)
             return 2

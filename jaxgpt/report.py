@@ -9,11 +9,29 @@ import base64
 import dataclasses
 import html
 import io
+import itertools
 import json
 import math
 import os
 import sys
 import time
+
+
+def json_safe(obj):
+    """`obj` with every non-finite float (NaN, ±Inf) replaced by None, for strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def to_json(obj, indent: int = 1) -> str:
+    """Valid JSON text of `obj`: NaN and ±Inf become null (a bare NaN is not JSON, and
+    strict parsers reject the whole file); anything else non-finite is an error."""
+    return json.dumps(json_safe(obj), indent=indent, allow_nan=False)
 
 
 def format_duration(seconds: float | None) -> str:
@@ -57,13 +75,21 @@ def progress_line(m: dict) -> str:
 
 def benchmark_scores(m: dict) -> dict[str, dict[str, float]]:
     """{task: {metric: value}} of the `TASK/METRIC` benchmark scores in an eval record
-    (`eval.tasks`; a per-source `val_loss/NAME` is not one)."""
+    (`eval.tasks`; a per-source `val_loss/NAME` is not one, nor `TASK/examples`, the
+    number of examples scored: see `benchmark_examples`)."""
     out: dict[str, dict[str, float]] = {}
     for key, value in m.items():
         task, sep, metric = key.partition("/")
-        if sep and not task.startswith("val_"):
+        if sep and not task.startswith("val_") and metric != "examples":
             out.setdefault(task, {})[metric] = value
     return out
+
+
+def benchmark_examples(m: dict, task: str) -> int | None:
+    """How many examples of `task` an eval record's scores are over (None in records
+    written before the count was logged)."""
+    n = m.get(f"{task}/examples")
+    return None if n is None else int(n)
 
 
 def _scores_text(scores: dict[str, float]) -> str:
@@ -79,6 +105,8 @@ def eval_line(m: dict) -> str:
             f"val ppl {m['val_ppl']:.2f} ({m['val_tokens']:,.0f} tokens)")
     for task, scores in benchmark_scores(m).items():
         line += f" | {task} {_scores_text(scores)}"
+        if (n := benchmark_examples(m, task)) is not None:
+            line += f" ({n:,} examples)"
     return line
 
 
@@ -176,8 +204,10 @@ class MetricsWriter:
             self.wandb.finish()
 
 
-def read_metrics(workdir: str) -> tuple[list[dict], list[dict]]:
-    """(train records, eval records) of RUN/metrics.jsonl.
+def read_metrics(workdir: str, *, with_starts: bool = False):
+    """(train records, eval records) of RUN/metrics.jsonl; `with_starts` adds a third item,
+    the index into the train records at which each start of the training process begins
+    (train.train_and_evaluate writes a `{"step", "data"}` record at every start).
 
     A run still training may be caught mid-write: an unterminated last line that does not
     parse is ignored. Any other bad line is an error naming file and line."""
@@ -189,7 +219,7 @@ def read_metrics(workdir: str) -> tuple[list[dict], list[dict]]:
                                 f"directory, or its first log step has not been written yet")
     with open(path, encoding="utf-8") as f:
         lines = f.readlines()
-    train, evals = [], []
+    train, evals, starts = [], [], []
     for i, line in enumerate(lines, 1):
         try:
             rec = json.loads(line)
@@ -203,14 +233,32 @@ def read_metrics(workdir: str) -> tuple[list[dict], list[dict]]:
             evals.append(rec)
         elif "loss" in rec:
             train.append(rec)
+        elif "data" in rec:
+            starts.append(len(train))
     if not train:
         raise ValueError(f"{path} has no training records yet")
-    return train, evals
+    return (train, evals, starts) if with_starts else (train, evals)
 
 
-def status_rows(train: list[dict], evals: list[dict],
-                now: float | None = None) -> list[tuple[str, str]]:
-    """(label, value) rows of the status block, from the newest records."""
+def logged_wall_time(train: list[dict], starts: list[int] | None = None) -> tuple[float, int]:
+    """(seconds, starts): the time between the first and last train record of each start
+    of the training process, summed, so time while the run was stopped is not counted.
+    `starts`: indices into `train` where each start begins (`read_metrics`); None or empty
+    is one start. Records before the first start marker count as a start of their own."""
+    cuts = sorted({0, *(s for s in (starts or []) if 0 <= s <= len(train))}) + [len(train)]
+    total = 0.0
+    for lo, hi in itertools.pairwise(cuts):
+        times = [r["time"] for r in train[lo:hi] if r.get("time") is not None]
+        if times:
+            total += times[-1] - times[0]
+    n_starts = max(len(starts or []), 1) + (1 if starts and min(starts) > 0 else 0)
+    return total, n_starts
+
+
+def status_rows(train: list[dict], evals: list[dict], now: float | None = None,
+                starts: list[int] | None = None) -> list[tuple[str, str]]:
+    """(label, value) rows of the status block, from the newest records; `starts`: where
+    each start of the training process begins in `train` (`read_metrics`)."""
     t = train[-1]
     finished = t["step"] >= t["total_steps"]
     rows = [("state", "finished" if finished else "in progress (or stopped)"),
@@ -220,8 +268,10 @@ def status_rows(train: list[dict], evals: list[dict],
         e = evals[-1]
         rows.append(("eval", (f"val loss {e['val_loss']:.4f}, perplexity {e['val_ppl']:.2f} "
                               f"@ step {e['step']}")))
-        rows += [(task, f"{_scores_text(scores)} @ step {e['step']}")
-                 for task, scores in benchmark_scores(e).items()]
+        for task, scores in benchmark_scores(e).items():
+            n = benchmark_examples(e, task)
+            over = "" if n is None else f" on {n:,} examples"
+            rows.append((task, f"{_scores_text(scores)}{over} @ step {e['step']}"))
     passes = int(t["epoch"])
     if t.get("pass_documents") is not None:
         done = (f"{passes} (the stream's length is unknown: {t['pass_documents']:,} documents "
@@ -240,7 +290,10 @@ def status_rows(train: list[dict], evals: list[dict],
         wait = f"{100 * t['data_wait']:.0f}% of the last interval, the accelerator idle"
         rows.append(("waiting for data", wait))
     if "time" in t and "time" in train[0]:
-        rows.append(("wall time logged", format_duration(t["time"] - train[0]["time"])))
+        wall, n_starts = logged_wall_time(train, starts)
+        rows.append(("wall time logged", format_duration(wall) + (
+            f" over {n_starts} starts (the time stopped between them not counted)"
+            if n_starts > 1 else "")))
         age = (time.time() if now is None else now) - t["time"]
         rows.append(("last record", f"{format_duration(age)} ago"))   # a stalled run shows
     return rows
@@ -272,7 +325,7 @@ def make_plots(train: list[dict], evals: list[dict]) -> dict[str, bytes]:
     for r in evals:
         for task, scores in benchmark_scores(r).items():
             for metric, v in scores.items():
-                if metric != "ppl":
+                if metric != "ppl":     # benchmark_scores leaves out TASK/examples
                     x, y = accuracy.setdefault(f"{task} {metric}", ([], []))
                     x.append(r["step"])
                     y.append(v)
@@ -304,11 +357,25 @@ METRIC_COLUMNS = (   # (key, header, format) of the per-model table
     ("distinct_3", "distinct-3", "{:.3f}"), ("repeat_4", "repeat-4 ↓", "{:.3f}"),
     ("mean_tokens", "tokens", "{:.1f}"))
 
+CUT = "(cut)"   # marks a row whose continuations were not all scored
+
+
+def scored_cell(vals: dict) -> str:
+    """`scored/all` continuation tokens under the scorer, `(cut)` when fewer than all were
+    (prompt + continuation longer than the scorer's context); `–` for an older report."""
+    n, total = vals.get("scored_tokens"), vals.get("continuation_tokens")
+    if n is None or total is None:
+        return "–"
+    return f"{n:,}/{total:,}" + (f" {CUT}" if n < total else "")
+
 DEFINITIONS = (
     "**coherence ppl**: perplexity of the continuation under the scorer, given the prompt "
     "(token-weighted over all prompts); **PMI**: mean per-token log p(continuation | prompt) "
     "− log p(continuation) under the scorer (the unconditional context is end-of-text); "
-    "low or negative = the text drifted off the prompt's topic; **distinct-n**: distinct "
+    "low or negative = the text drifted off the prompt's topic; **scored**: continuation "
+    "tokens scored for coherence and PMI / all of them (scorer tokens); where prompt + "
+    "continuation exceed the scorer's context, the prompt keeps at least half of it and "
+    "the continuation's tail is not scored, marked (cut); **distinct-n**: distinct "
     "n-grams / all n-grams over all continuations (scorer tokens); **repeat-4**: fraction of "
     "4-grams already seen earlier in the same continuation; **cloze**: accuracy and mean "
     "rank of the true answer among the candidates, by the model's own log-likelihood.")
@@ -326,13 +393,17 @@ def _fmt(fmt: str, v) -> str:
 
 def metrics_rows(comparison: dict) -> tuple[list[str], list[list[str]]]:
     header = (["model", "step", "params", "decoding"] + [h for _, h, _ in METRIC_COLUMNS]
-              + ["cloze acc", "cloze mean rank"])
+              + ["scored", "cloze acc", "cloze mean rank"])
     rows = []
     for m in comparison["models"]:
+        cloze = m["cloze"]
+        rank = _fmt("{:.2f}", cloze["mean_rank"])
+        if cloze.get("skipped"):
+            rank += f" ({cloze['facts']} of {cloze['facts'] + cloze['skipped']} facts)"
         for decoding, vals in m["metrics"].items():
             rows.append([m["name"], _fmt("{}", m["step"]), f"{m['params']:,}", decoding]
                         + [_fmt(f, vals[k]) for k, _, f in METRIC_COLUMNS]
-                        + [f"{m['cloze']['accuracy']:.2f}", f"{m['cloze']['mean_rank']:.2f}"])
+                        + [scored_cell(vals), _fmt("{:.2f}", cloze["accuracy"]), rank])
     return header, rows
 
 
@@ -448,25 +519,34 @@ def build_report(workdir: str, *, compare: list[str], scorer: str | None, settin
     from jaxgpt import eval as evaluation  # eval pulls in JAX; the progress line does not
     from jaxgpt import tasks
 
-    train, evals = read_metrics(workdir)
+    train, evals, starts = read_metrics(workdir, with_starts=True)
     # Benchmark files fetched and read first: a bad one fails before any generation.
     task_files = {t: path or tasks.fetch(t) for t, path in (benchmarks or {}).items()}
     task_examples = {t: tasks.load(t, path, benchmark_limit) for t, path in task_files.items()}
     notes, comparison, results = [], None, []
     has_ckpt = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
         name.isdigit() for name in os.listdir(os.path.join(workdir, "checkpoints")))
-    specs = ([workdir] if has_ckpt else []) + list(compare)
     if not has_ckpt:
         notes.append(f"{workdir} has no checkpoint yet, so it is not among the models.")
-    if specs:
-        lms = [evaluation.load_lm(s) for s in specs]
+    lms = []
+    if has_ckpt:
+        # Step folders none of which can be read: the same path as no checkpoint (status,
+        # curves, a note naming the problem); the checkpoints are only read, never moved.
+        try:
+            lms.append(evaluation.load_lm(workdir))
+        except (ValueError, OSError) as e:
+            notes.append(f"{workdir} has checkpoints but none could be loaded ({e}), so it "
+                         f"is not among the models.")
+    lms += [evaluation.load_lm(s) for s in compare]
+    if lms:
         by_name = {lm.name: lm for lm in lms}
         judge = lms[0] if scorer is None else by_name.get(scorer) or evaluation.load_lm(scorer)
         comparison = evaluation.compare_models(lms, judge, settings=settings)
         results = [tasks.evaluate(task, lms, path, task_examples[task])
                    for task, path in task_files.items()]
     return Report(run=workdir, generated=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                  n_records=len(train) + len(evals), status=status_rows(train, evals),
+                  n_records=len(train) + len(evals),
+                  status=status_rows(train, evals, starts=starts),
                   plots=make_plots(train, evals), comparison=comparison, notes=notes,
                   benchmarks=results)
 
@@ -489,7 +569,7 @@ def write_report(r: Report, out: str) -> list[str]:
     doc = {"run": r.run, "generated": r.generated, "status": dict(r.status),
            "comparison": r.comparison, "benchmarks": r.benchmarks, "notes": r.notes}
     for name, content in (("report.md", render_markdown(r)), ("report.html", render_html(r)),
-                          ("report.json", json.dumps(doc, indent=1))):
+                          ("report.json", to_json(doc))):
         paths.append(os.path.join(out, name))
         _write(paths[-1], content)
     return paths
@@ -508,6 +588,26 @@ def _out_dir_problem(out: str) -> str | None:
     return None
 
 
+def flag_problem(args) -> str | None:
+    """Why the report's generation or model flags cannot work, naming the flag, or None;
+    checked before any model is loaded (a large one takes minutes)."""
+    if args.max_new_tokens < 1:
+        return f"--max_new_tokens must be >= 1, got {args.max_new_tokens}"
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        return f"--temperature must be a number >= 0, got {args.temperature}"
+    if args.top_k < 0:
+        return f"--top_k must be >= 0 (0 = off), got {args.top_k}"
+    if args.temperature == 0 and args.top_k:
+        return (f"--temperature=0 is greedy: set --top_k=0 too (--top_k={args.top_k} would be "
+                f"ignored), or give a temperature > 0")
+    for flag, specs in (("--compare", args.compare.split(",")), ("--scorer", [args.scorer])):
+        for spec in specs:
+            if spec is not None and spec.strip() == "hf:":
+                return (f"{flag}={spec!r} names no HF model: write hf:NAME (a hub name such "
+                        f"as hf:gpt2) or hf:DIR")
+    return None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxgpt.report", description=(
         "Write report.md / report.html for a run: status, curves, model comparison."))
@@ -515,9 +615,10 @@ def main(argv=None) -> int:
     parser.add_argument("--compare", default="", help="comma-separated runs or hf:NAME|DIR")
     parser.add_argument("--scorer", help="model that grades continuations (default: the run)")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--max_new_tokens", type=int, default=48)
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top_k", type=int, default=40)
+    parser.add_argument("--max_new_tokens", type=int, default=48, help=">= 1")
+    parser.add_argument("--temperature", type=float, default=0.8,
+                        help=">= 0; 0 is greedy and needs --top_k=0")
+    parser.add_argument("--top_k", type=int, default=40, help=">= 0 (0 = off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tasks", default="", help=(
         "benchmarks for every model: hellaswag[=FILE],lambada[=FILE] (no FILE: downloaded "
@@ -527,6 +628,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.tasks_limit < 0:
         parser.error(f"--tasks_limit must be >= 0, got {args.tasks_limit}")
+    if problem := flag_problem(args):    # before any model is loaded
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if problem := _out_dir_problem(args.out):   # before the minutes of generation
         parser.error(f"--out {args.out}: {problem}")
     from jaxgpt import config as config_schema

@@ -180,7 +180,8 @@ def score_encoded(logprobs: Callable[[list], list], encoded, examples: Sequence[
 def score(lm: evaluation.LM, examples: Sequence[Example], *, batch_size: int = 16):
     """`score_encoded` of one model on its own encoding of `examples`."""
     logprobs = functools.partial(evaluation.target_logprobs, lm.cfg, lm.params,
-                                 batch_size=batch_size, greedy=True)
+                                 batch_size=batch_size, greedy=True,
+                                 n_valid_vocab=lm.n_valid_vocab)
     return score_encoded(logprobs, encode(lm.tok, examples, lm.cfg.n_positions, lm.name),
                          examples, lm.name)
 
@@ -241,8 +242,10 @@ def evaluate(task: str, lms: Iterable[evaluation.LM], path: str,
     return {"task": task, "data": path, "results": results}
 
 
-# What a training run logs of each task at every evaluation, as `TASK/KEY`.
-TRAINING_KEYS = {"hellaswag": ("acc", "acc_norm"), "lambada": ("acc", "ppl")}
+# What a training run logs of each task at every evaluation, as `TASK/KEY` (`examples`: how
+# many were scored, so a report can tell these scores from others on the same task).
+TRAINING_KEYS = {"hellaswag": ("acc", "acc_norm", "examples"),
+                 "lambada": ("acc", "ppl", "examples")}
 
 
 def load_spec(spec: str, limit: int = 0) -> list[tuple[str, str, list[Example]]]:

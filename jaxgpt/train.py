@@ -233,19 +233,26 @@ def train_step(state: TrainState, batch: Batch, *, graphdef, tx, skip_nonfinite=
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params, windows, *, graphdef):
+def eval_step(params, windows, *, graphdef, n_valid_vocab=None):
     """Summed token NLL and token count of validation windows [B, T + 1] (no dropout). Rows
-    of -1 are padding (filling a last, partial batch) and count for nothing."""
+    of -1 are padding (filling a last, partial batch) and count for nothing.
+
+    `n_valid_vocab`: the tokenizer's size; the softmax then ranges over ids below it only,
+    leaving out a padded vocabulary's extra rows (the training loss keeps them: they only
+    learn to be unlikely), so the perplexity is that of the unpadded (exported) model."""
     real = windows[:, :1] >= 0                                  # [B, 1]
     windows = jnp.where(real, windows, 0)
     inputs, targets = windows[:, :-1], windows[:, 1:]
     weights = jnp.broadcast_to(real, targets.shape).astype(jnp.float32)
     gpt = nnx.merge(graphdef, params)
+    n = gpt.cfg.vocab_size if n_valid_vocab is None else min(n_valid_vocab, gpt.cfg.vocab_size)
     if gpt.cfg.tie_embeddings:
-        hidden, w, chunk = _tied_head_inputs(gpt, inputs, targets)
-        nll_sum = ops.tied_head_nll_sum(hidden, w, targets, weights, chunk)
+        hidden, w, _ = _tied_head_inputs(gpt, inputs, targets)
+        w = w[:n]                                               # the tokenizer's rows only
+        nll_sum = ops.tied_head_nll_sum(hidden, w, targets, weights,
+                                        ops.loss_chunk(*targets.shape, n))
     else:
-        nll_sum = (ops.token_nll(gpt(inputs)[0], targets) * weights).sum()
+        nll_sum = (ops.token_nll(gpt(inputs)[0][..., :n], targets) * weights).sum()
     return {"nll_sum": nll_sum, "tokens": weights.sum()}
 
 
@@ -270,11 +277,18 @@ class Trainer:
     train_step: callable
     eval_step: callable
     logprob_step: callable   # eval.target_logprobs_step with greedy hits, replicated out
+    n_valid_vocab: int | None = None   # ids eval_step / logprob_step score over (None: all)
 
 
 def make_trainer(cfg: model.GPTConfig, tx, mesh, rules, seed: int, *,
-                 skip_nonfinite: bool = False, inject_nan=(-1, 0)) -> Trainer:
-    """jax.eval_shape(init_state) -> shardings from logical names -> jitted functions."""
+                 skip_nonfinite: bool = False, inject_nan=(-1, 0),
+                 n_valid_vocab: int | None = None) -> Trainer:
+    """jax.eval_shape(init_state) -> shardings from logical names -> jitted functions.
+
+    `n_valid_vocab`: the tokenizer's size, when the model's vocab_size is padded beyond it:
+    eval_step and logprob_step score over those ids only (train_step's loss is unchanged)."""
+    if n_valid_vocab is not None and n_valid_vocab >= cfg.vocab_size:
+        n_valid_vocab = None
     abstract = jax.eval_shape(functools.partial(init_state, cfg, tx, seed))
     state_sh = sharding.tree_shardings(abstract, mesh, rules)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: model.GPT(cfg, rngs=nnx.Rngs(0))))
@@ -286,13 +300,15 @@ def make_trainer(cfg: model.GPTConfig, tx, mesh, rules, seed: int, *,
                                      skip_nonfinite=skip_nonfinite, inject_nan=inject_nan),
                    in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
                    donate_argnums=0)
-    evaluate = jax.jit(functools.partial(eval_step, graphdef=graphdef),
+    evaluate = jax.jit(functools.partial(eval_step, graphdef=graphdef,
+                                         n_valid_vocab=n_valid_vocab),
                        in_shardings=(state_sh.params, windows_sh))
     logprobs = jax.jit(functools.partial(evaluation.target_logprobs_step, graphdef=graphdef,
-                                         greedy=True),
+                                         greedy=True, n_valid_vocab=n_valid_vocab),
                        in_shardings=(state_sh.params, windows_sh),
                        out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    return Trainer(cfg, mesh, rules, graphdef, state_sh, init, step, evaluate, logprobs)
+    return Trainer(cfg, mesh, rules, graphdef, state_sh, init, step, evaluate, logprobs,
+                   n_valid_vocab)
 
 
 def to_global(x: np.ndarray, mesh, spec_names, rules) -> jax.Array:
@@ -477,7 +493,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         trainer = make_trainer(
             cfg, tx, mesh, rules, config.train.seed,
             skip_nonfinite=config.train.nonfinite == "skip",
-            inject_nan=(config.train.inject_nan_at_step, config.train.inject_nan_steps))
+            inject_nan=(config.train.inject_nan_at_step, config.train.inject_nan_steps),
+            n_valid_vocab=tok.vocab_size)
         train_iter, pipeline = data.train_iterator(
             corpus, dcfg, tok, global_batch=config.train.batch_size, seed=config.train.seed,
             process_index=jax.process_index(), process_count=jax.process_count())

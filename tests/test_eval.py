@@ -303,3 +303,156 @@ def test_cli_names_the_data_that_has_nothing_to_predict(fake_cli, tmp_path):
     empty = tmp_path / "empty.jsonl"      # the reader itself names an empty .jsonl
     empty.write_text("")
     assert fake_cli(data=str(empty))[1] == [f"error: {empty}: holds no documents"]
+
+
+# --- Model specs, context fitting of report rows, strict JSON, padded vocabularies ----------
+
+
+def test_a_directory_named_like_run_at_step_is_that_directory(tmp_path, monkeypatch):
+    """`runs/exp@10` that exists is that directory (even beside a run `runs/exp` with a step
+    10); only a spec that is no directory has its trailing @DIGITS split off."""
+    loaded = []
+
+    def load_params(workdir, step=None):
+        loaded.append((workdir, step))
+        raise LookupError("stop here")
+    monkeypatch.setattr(evaluation.checkpoint, "load_params", load_params)
+    for name in ("exp", "exp@10", "lr@3e-4"):
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+    for spec, want in ((f"{tmp_path}/exp@10", (f"{tmp_path}/exp@10", None)),
+                       (f"{tmp_path}/lr@3e-4", (f"{tmp_path}/lr@3e-4", None)),
+                       (f"{tmp_path}/exp@7", (f"{tmp_path}/exp", 7)),
+                       (f"{tmp_path}/exp", (f"{tmp_path}/exp", None))):
+        with pytest.raises(LookupError):
+            evaluation.load_lm(spec)
+        assert loaded.pop() == want, spec
+    # No such directory and no step to split off: named as a missing run, not a bad step.
+    with pytest.raises(FileNotFoundError, match="exp@v2'?: no such run directory"):
+        evaluation.load_lm(f"{tmp_path}/exp@v2")
+    with pytest.raises(ValueError, match="names no HF model"):
+        evaluation.load_lm("hf:")
+
+
+def test_report_continuations_keep_half_the_context_for_the_prompt():
+    # Prompt "abcabc" (6 ids) + continuation "ccaab" (5) into 6: the prompt keeps its last
+    # 6 // 2 = 3 ids ("abc"), the continuation its first 3 ("cca"); 2 of 5 are not scored.
+    scores = evaluation.continuation_scores(_bigram_logprobs, _Chars(), ["abcabc"], ["ccaab"],
+                                            limit=6)
+    cond, uncond = scores[0]
+    np.testing.assert_allclose(cond, [LOGP[3, 3], LOGP[3, 3], LOGP[3, 1]], rtol=1e-12)
+    np.testing.assert_allclose(uncond, [LOGP[0, 3], LOGP[3, 3], LOGP[3, 1]], rtol=1e-12)
+    # The rule itself on ids: a short prompt keeps all of itself; a short continuation is whole.
+    assert evaluation.fit_keeping_prompt([1, 2], [3] * 9, 6) == ([1, 2], [3] * 4)
+    assert evaluation.fit_keeping_prompt([1] * 9, [3, 3], 6) == ([1] * 4, [3, 3])
+    assert evaluation.fit_keeping_prompt([1] * 9, [3] * 9, 7) == ([1] * 3, [3] * 4)
+    # tasks.encode's rule (prompt first, the choice never cut) is unchanged.
+    assert evaluation.fit([1] * 9, [3, 3], 6) == ([1] * 4, [3, 3])
+    # The report row says how many were scored of how many, and marks the cut.
+    scorer = type("Scorer", (), {"logprobs": staticmethod(_bigram_logprobs), "tok": _Chars(),
+                                 "cfg": model.GPTConfig(vocab_size=4, n_positions=6)})()
+    got = evaluation.generation_metrics(scorer, ["abcabc", "a"], ["ccaab", "bc"])
+    assert (got["scored_tokens"], got["continuation_tokens"]) == (3 + 2, 5 + 2)
+    from jaxgpt import report
+    assert report.scored_cell(got) == "5/7 (cut)"
+    assert report.scored_cell({"scored_tokens": 7, "continuation_tokens": 7}) == "7/7"
+
+
+def test_cloze_rows_fit_the_context_and_a_fact_that_cannot_is_skipped(caplog):
+    facts = [{"prompt": "abcabca", "answer": "b", "candidates": ["c", "b", "aa"]},
+             {"prompt": "cbca", "answer": "cc", "candidates": ["cc", "b"]},
+             {"prompt": "ab", "answer": "cccc", "candidates": ["cccc", "a"]}]
+    rows_seen = []
+
+    def logprobs(rows):
+        rows_seen.extend(rows)
+        return _bigram_logprobs(rows)
+    with caplog.at_level("WARNING", logger="jaxgpt.eval"):
+        ranks = evaluation.cloze_ranks(logprobs, _Chars(), facts, limit=4, name="tiny")
+    # Fact 1 after "a": b (logit 3.0) beats c (1.0) and aa (0 + 0): rank 1. Fact 2 after "a":
+    # cc = log p(c|a) + log p(c|c) is below b = log p(b|a): rank 2. Fact 3's "cccc" needs 4
+    # ids plus one of prompt, more than 4: skipped, and the warning names it.
+    assert LOGP[1, 2] > LOGP[1, 3] + LOGP[3, 3]
+    assert ranks == [1, 2]
+    assert max(len(r) for r in rows_seen) <= 4
+    # Every candidate of a fact reads the same prompt ids: the last 4 - 2 of "abcabca".
+    assert rows_seen[:3] == [[3, 1, 3], [3, 1, 2], [3, 1, 1, 1]]
+    assert "cloze fact 2 ('ab' -> 'cccc') skipped for tiny" in caplog.text
+
+
+def test_json_outputs_write_nan_as_null(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    result = {"acc": 1.0, "acc_stderr": math.nan, "ppl": [math.inf, 2.5], "n": 1}
+    assert evaluation.run_cli(lambda: result, str, str(out)) == 0
+    capsys.readouterr()
+
+    def strict(name):
+        raise ValueError(f"bare {name} in the JSON")
+    assert json.loads(out.read_text(), parse_constant=strict) == {
+        "acc": 1.0, "acc_stderr": None, "ppl": [None, 2.5], "n": 1}
+
+
+def test_a_padded_vocabulary_scores_as_pytorch_scores_its_export(shared_data, tmp_path):
+    """A model with vocab_size 50304 and the GPT-2 tokenizer's 50257 ids, its padding rows
+    made loud (they would take most of the probability and every argmax): perplexity, greedy
+    hits, and the trainer's eval_step / logprob_step equal PyTorch on the HF export, which
+    has only the tokenizer's rows."""
+    import os
+
+    import optax
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from jaxgpt import sharding, tokenizer
+    from jaxgpt.convert import hf
+    tok = tokenizer.load("gpt2", os.path.join(shared_data, "gpt2-bpe"))
+    assert tok.vocab_size == 50257
+    cfg = model.GPTConfig(vocab_size=50304, n_positions=32, n_embd=32, n_layer=1, n_head=2)
+    # Random weights drawn in numpy (an eager nnx init of this vocabulary takes seconds).
+    params = nnx.state(nnx.eval_shape(lambda: model.GPT(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    rng = np.random.default_rng(0)
+    nnx.replace_by_pure_dict(params, jax.tree_util.tree_map_with_path(
+        lambda path, x: jax.numpy.asarray(
+            float("scale" in jax.tree_util.keystr(path))      # LayerNorm scales near 1
+            + 0.1 * rng.standard_normal(x.shape, np.float32)), nnx.to_pure_dict(params)))
+    pure = nnx.to_pure_dict(params)
+    wte = np.array(pure["wte"]["embedding"])
+    wte[50257:] = rng.normal(size=(47, 32))     # std 1: the padding rows dominate every logit
+    pure["wte"]["embedding"] = jax.numpy.asarray(wte)
+    nnx.replace_by_pure_dict(params, pure)
+    export = hf.export_gpt2(str(tmp_path / "hf"), cfg, params, vocab_size=50257)
+    pt = transformers.GPT2LMHeadModel.from_pretrained(export).eval()
+
+    text = "The quick brown fox jumps over the lazy dog, and the cat sat on the mat."
+    ids = tok.encode(text)
+    assert 8 < len(ids) <= 33
+    with torch.no_grad():
+        logits = pt(torch.tensor([ids[:-1]])).logits[0].double()
+    ref_lp = torch.log_softmax(logits, -1)[torch.arange(len(ids) - 1), ids[1:]].numpy()
+    greedy = ids[:1]     # PyTorch's greedy text: every target is its argmax
+    with torch.no_grad():
+        for _ in range(16):
+            greedy.append(int(pt(torch.tensor([greedy])).logits[0, -1].argmax()))
+
+    lm = evaluation.LM("padded", cfg, params, tok)
+    got = evaluation.perplexity_of_sources(lm, {"text": [text]}, context=32, stride=32)
+    np.testing.assert_allclose(got["loss"], -ref_lp.mean(), rtol=1e-5)
+    np.testing.assert_allclose(got["ppl"], math.exp(-ref_lp.mean()), rtol=1e-5)
+    (lp, hits), = evaluation.target_logprobs(cfg, params, [greedy], greedy=True,
+                                            n_valid_vocab=lm.n_valid_vocab)
+    assert hits.all()    # over all 50304 ids, every argmax would be a padding id
+
+    # The trainer: eval_step (the fused tied head) and logprob_step, given n_valid_vocab.
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    trainer = train.make_trainer(cfg, optax.sgd(0.1), mesh, sharding.RULES["dp"], seed=0,
+                                 n_valid_vocab=tok.vocab_size)
+    windows = np.array([ids[:17], ids[-17:]], np.int32)
+    val = train.evaluate(trainer, params, windows, batch=2, max_batches=0)
+    with torch.no_grad():
+        ref = torch.log_softmax(pt(torch.tensor(windows[:, :-1])).logits.double(), -1)
+    ref_nll = -ref.gather(-1, torch.tensor(windows[:, 1:, None], dtype=torch.long)).mean()
+    np.testing.assert_allclose(val["val_loss"], float(ref_nll), rtol=1e-5)
+    rows = np.zeros((2, 33), np.int32)
+    rows[:, :len(greedy)] = greedy
+    lp_t, hits_t = trainer.logprob_step(params, train.to_global(rows, mesh, ("batch", None),
+                                                                trainer.rules))
+    np.testing.assert_allclose(np.asarray(lp_t)[0, :len(greedy) - 1], lp, rtol=1e-5, atol=1e-6)
+    assert np.asarray(hits_t)[:, :len(greedy) - 1].all()

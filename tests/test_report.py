@@ -307,3 +307,100 @@ def test_a_stream_of_unknown_length_reports_its_pass_and_documents():
                                    now=0.0))
     assert rows["epochs completed"] == ("1 (the stream's length is unknown: 155,908 "
                                         "documents into pass 2)")
+
+
+# --- Fast checks on synthetic metrics: no training -----------------------------------------
+
+
+def _train_record(step, time, total=40):
+    return {"step": step, "total_steps": total, "loss": 5.0 - step / 100, "grad_norm": 1.0,
+            "lr": 1e-3, "tokens_per_s": 1000.0, "samples_per_s": 10.0, "epoch": step / 100,
+            "eta_s": 1.0, "time": time}
+
+
+def _write_run(path, records) -> str:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+START = {"step": 0, "data": {"tokens": {"train": {"text": 100}}}}   # train.py, at each start
+
+
+def test_wall_time_sums_the_spans_of_each_start(tmp_path):
+    # First start: records at t = 100..112; stopped; resumed at t = 1000: records 1000..1020.
+    records = ([START] + [_train_record(s, 100 + 4 * i) for i, s in enumerate((5, 10, 15, 20))]
+               + [{"step": 20, "val_loss": 4.0, "val_ppl": 54.6, "val_tokens": 10.0}]
+               + [{**START, "step": 20}]
+               + [_train_record(s, 1000 + 10 * i) for i, s in enumerate((21, 30, 40))])
+    train_recs, evals, starts = report.read_metrics(_write_run(tmp_path / "run", records),
+                                                    with_starts=True)
+    assert starts == [0, 4] and len(train_recs) == 7 and len(evals) == 1
+    rows = dict(report.status_rows(train_recs, evals, now=1020.0, starts=starts))
+    assert rows["wall time logged"] == (
+        "0m32s over 2 starts (the time stopped between them not counted)")   # 12 + 20 s
+    one = dict(report.status_rows(train_recs[:4], evals, now=112.0, starts=[0]))
+    assert one["wall time logged"] == "0m12s"
+    assert report.read_metrics(str(tmp_path / "run")) == (train_recs, evals)
+
+
+def test_an_in_training_benchmark_row_names_its_example_count():
+    e = {"step": 20, "val_loss": 4.0, "val_ppl": 54.6, "val_tokens": 10.0,
+         "hellaswag/acc": 0.3256, "hellaswag/acc_norm": 0.3488, "hellaswag/examples": 43}
+    rows = dict(report.status_rows([_train_record(20, 0.0)], [e], now=0.0))
+    assert rows["hellaswag"] == "acc 0.3256 acc_norm 0.3488 on 43 examples @ step 20"
+    assert report.eval_line(e).endswith("| hellaswag acc 0.3256 acc_norm 0.3488 (43 examples)")
+
+
+def test_all_checkpoints_unreadable_gives_the_no_checkpoint_report(tmp_path):
+    run = _write_run(tmp_path / "run", [START] + [_train_record(s, float(s)) for s in (5, 10)])
+    for step in ("5", "10"):   # step folders none of which holds a checkpoint
+        (tmp_path / "run" / "checkpoints" / step).mkdir(parents=True)
+        (tmp_path / "run" / "checkpoints" / step / "junk").write_text("x")
+    before = helpers.tree_hash(tmp_path / "run" / "checkpoints")
+    out = tmp_path / "out"
+    assert report.main(["--workdir", run, "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "| step | 10 / 40 |" in md and "## Training curves" in md
+    assert "has checkpoints but none could be loaded (no readable checkpoint in" in md
+    assert (out / "plots" / "loss.png").read_bytes().startswith(PNG_MAGIC)
+    assert helpers.tree_hash(tmp_path / "run" / "checkpoints") == before
+
+
+def test_report_json_is_strict_json(tmp_path):
+    # One example: no standard error (NaN); a log-likelihood of -inf: ppl inf.
+    lambada = {"task": "lambada", "data": "lb.jsonl", "results": [
+        {"model": "m", "step": None, "examples": 1, "acc": 0.0, "acc_stderr": math.nan,
+         "ppl": math.inf}]}
+    r = report.Report(run="r", generated="now", n_records=1, status=[("state", "x")],
+                      plots={}, comparison=None, notes=[], benchmarks=[lambada])
+    report.write_report(r, str(tmp_path))
+
+    def strict(name):
+        raise ValueError(f"bare {name} in report.json")
+    doc = json.loads((tmp_path / "report.json").read_text(), parse_constant=strict)
+    assert doc["benchmarks"][0]["results"] == [
+        {"model": "m", "step": None, "examples": 1, "acc": 0.0, "acc_stderr": None,
+         "ppl": None}]
+    assert "0.0000 ± nan" in (tmp_path / "report.html").read_text()   # tables keep "nan"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--max_new_tokens=0"], "--max_new_tokens must be >= 1, got 0"),
+    (["--temperature=0"], "--temperature=0 is greedy: set --top_k=0 too"),
+    (["--temperature=-1"], "--temperature must be a number >= 0, got -1.0"),
+    (["--top_k=-2"], "--top_k must be >= 0 (0 = off), got -2"),
+    (["--compare=hf:"], "--compare='hf:' names no HF model"),
+    (["--compare=runs/x,hf:"], "--compare='hf:' names no HF model"),
+    (["--scorer=hf:"], "--scorer='hf:' names no HF model")])
+def test_generation_and_model_flags_are_checked_before_any_model_loads(
+        tmp_path, monkeypatch, capsys, flags, message):
+    def no_loading(spec):
+        raise AssertionError(f"loaded {spec} before checking the flags")
+    monkeypatch.setattr(evaluation, "load_lm", no_loading)
+    run = _write_run(tmp_path / "run", [_train_record(5, 0.0)])
+    (tmp_path / "run" / "checkpoints" / "5").mkdir(parents=True)
+    assert report.main(["--workdir", run, "--out", str(tmp_path / "out"), *flags]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {message}"), err
+    assert not (tmp_path / "out").exists()

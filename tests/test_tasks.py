@@ -341,3 +341,35 @@ def test_harness_adapter_generates_as_hf_greedy_and_cuts_at_stop_strings(gpt2_pa
         (prompts[1], {"until": [], "max_gen_toks": 12, "temperature": 0.9}),
         (prompts[1], {"until": [], "max_gen_toks": 12, "do_sample": True, "temperature": 0})))
     assert greedy == [want[1], want[1]]
+
+
+def test_in_training_scores_record_how_many_examples_they_are_over(tmp_path):
+    """DuringTraining logs TASK/examples beside each task's scores, and the status row
+    shows it, so a report can tell these scores from the Benchmarks table's."""
+    import jax
+    from flax import nnx
+
+    from jaxgpt import model
+
+    class Chars:
+        eot_id, vocab_size = 0, 97
+
+        def encode(self, text):
+            return [ord(c) % 96 + 1 for c in text]
+    cfg = model.GPTConfig(vocab_size=97, n_positions=64, n_embd=16, n_layer=1, n_head=2)
+    params = nnx.state(model.GPT(cfg, rngs=nnx.Rngs(params=jax.random.key(0))), nnx.Param)
+    graphdef = nnx.graphdef(model.GPT(cfg, rngs=nnx.Rngs(0)))
+    step = jax.jit(lambda tokens: evaluation.target_logprobs_step(
+        params, tokens, graphdef=graphdef, greedy=True))
+    hs, lb = _task_files(tmp_path)
+    loaded = [("hellaswag", str(hs), tasks.load("hellaswag", str(hs), 3)),
+              ("lambada", str(lb), tasks.load("lambada", str(lb)))]
+    got = tasks.DuringTraining(loaded, Chars(), cfg.n_positions, 4)(cfg, params, step)
+    assert (got["hellaswag/examples"], got["lambada/examples"]) == (3, len(LAMBADA))
+    rows = dict(report.status_rows(
+        [{"step": 6, "total_steps": 6, "loss": 1.0, "lr": 0.0, "tokens_per_s": 1.0,
+          "samples_per_s": 1.0, "epoch": 0.1}],
+        [{"step": 6, "val_loss": 1.0, "val_ppl": 2.7, "val_tokens": 8.0, **got}]))
+    assert rows["hellaswag"] == (f"acc {got['hellaswag/acc']:.4f} acc_norm "
+                                 f"{got['hellaswag/acc_norm']:.4f} on 3 examples @ step 6")
+    assert rows["lambada"].endswith(f"on {len(LAMBADA)} examples @ step 6")
