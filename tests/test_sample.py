@@ -256,6 +256,42 @@ def test_processors_match_numpy_reference():
                                    jnp.asarray(cur), n), _np_no_repeat(x, seqs, n))
 
 
+def test_processors_match_transformers_logits_processors():
+    """The same filters and penalties against transformers' own logits processors, row by
+    row on each row's history (ours read it from the cache's slots, left padding masked)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(4, 97)).astype(np.float32) * 3
+    seqs = [[3, 3, 4, 3, 4], [1, 2, 1, 2, 1, 2, 1], [7], [5, 6, 5, 6, 5, 6, 5, 6, 5, 6]]
+    S, cur = 12, 10
+    hist, valid = np.zeros((4, S), np.int32), np.zeros((4, S), bool)
+    for r, q in enumerate(seqs):
+        hist[r, cur - len(q):cur], valid[r, cur - len(q):cur] = q, True
+
+    def theirs(processor):
+        return np.concatenate([processor(torch.tensor([q]), torch.tensor(x[r:r + 1])).numpy()
+                               for r, q in enumerate(seqs)])
+    for k in (1, 5, 96):
+        np.testing.assert_array_equal(sample.top_k_filter(jnp.asarray(x), k),
+                                      theirs(transformers.TopKLogitsWarper(k)))
+    for p in (0.05, 0.5, 0.9):
+        np.testing.assert_array_equal(sample.top_p_filter(jnp.asarray(x), p),
+                                      theirs(transformers.TopPLogitsWarper(p)))
+    for p in (0.01, 0.1, 0.5):
+        np.testing.assert_array_equal(sample.min_p_filter(jnp.asarray(x), p),
+                                      theirs(transformers.MinPLogitsWarper(p)))
+    for pen in (1.3, 0.6):
+        np.testing.assert_allclose(
+            sample.repetition_penalty(jnp.asarray(x), jnp.asarray(hist), jnp.asarray(valid), pen),
+            theirs(transformers.RepetitionPenaltyLogitsProcessor(pen)), rtol=1e-6)
+    for n in (1, 2, 3, 4):
+        np.testing.assert_array_equal(
+            sample.no_repeat_ngram(jnp.asarray(x), jnp.asarray(hist), jnp.asarray(valid),
+                                   jnp.asarray(cur), n),
+            theirs(transformers.NoRepeatNGramLogitsProcessor(n)))
+
+
 def test_argmax_equals_numpy_with_ties_infinities_and_nan():
     rng = np.random.default_rng(0)
     x = rng.integers(-3, 4, size=(7, 50257)).astype(np.float32)   # many tied maxima
