@@ -47,6 +47,9 @@ def _parse():
     p.add_argument("--attention", default="einsum", help="jaxgpt attention kernel")
     p.add_argument("--remat", default="none", help="jaxgpt remat policy")
     p.add_argument("--scan_layers", action="store_true")
+    p.add_argument("--loss_chunk_elements", type=int, default=0, metavar="N",
+                   help="logits elements per chunk of the fused head + loss on an accelerator "
+                        "(default: ops.CHUNK_ELEMENTS_ACCELERATOR)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, trace N jaxgpt steps and print where the time goes")
     p.add_argument("--profile_dir", default="", help="keep the trace here (default: a tmp dir)")
@@ -213,6 +216,11 @@ def _cpu_peak() -> float:
 
 def main():
     args = _parse()
+    if args.loss_chunk_elements:
+        from jaxgpt import ops
+        if args.loss_chunk_elements < 1:
+            raise SystemExit(f"--loss_chunk_elements must be >= 1, got {args.loss_chunk_elements}")
+        ops.CHUNK_ELEMENTS_ACCELERATOR = args.loss_chunk_elements
     results = []
     for size in args.sizes.split(","):
         if size not in SIZES:
