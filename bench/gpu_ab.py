@@ -129,21 +129,18 @@ def main():
             cmd, env = _command(a.script, xla, args, a.common)
             print(f"{name}: XLA_FLAGS={shlex.quote(env['XLA_FLAGS'])} {shlex.join(cmd)}")
         return 0
-    results, longest, start = [], 0.0, time.monotonic()
+    results, skipped, longest, start = [], [], 0.0, time.monotonic()
     for i, (name, xla, args) in enumerate(plan):
-        last = i == len(plan) - 1
-        # A variant needs room for itself and the closing baseline; that baseline always runs.
-        if (not last and i and a.budget
+        # A variant needs room for itself and the closing baseline; the baselines always run.
+        if (0 < i < len(plan) - 1 and a.budget
                 and time.monotonic() - start + 2 * longest > a.budget):
             print(f"## {name}: left out, the budget of {a.budget:.0f} s would not hold it "
                   f"and the closing baseline at {longest:.0f} s a run", flush=True)
-            results.append((name, "skipped"))
+            skipped.append(name)
             continue
         t = time.monotonic()
         results.append((name, _run(a.script, name, xla, args, a.common, a.timeout)))
         longest = max(longest, time.monotonic() - t)
-    skipped = [name for name, r in results if r == "skipped"]
-    results = [(name, r) for name, r in results if r != "skipped"]
     base = [r[0] for name, r in results if name == "baseline" and r]
     if not base:
         print("no baseline result: nothing to compare", file=sys.stderr)

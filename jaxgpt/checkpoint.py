@@ -26,7 +26,6 @@ import zlib
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
-from flax import nnx
 from jax.experimental import multihost_utils
 
 import jaxgpt
@@ -384,7 +383,7 @@ def load_params(workdir: str, step: int | None = None):
     except TypeError as e:
         raise ValueError(f"checkpoint step {step} in {manager.directory} holds a model config "
                          f"this jaxgpt does not know ({e})") from None
-    abstract = nnx.state(nnx.eval_shape(lambda: model.GPT(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    abstract = model.abstract_params(cfg)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = {"params": jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)}

@@ -52,9 +52,11 @@ class LM:
     tok: tokenizer.Tokenizer
     step: int | None = None    # training step of a jaxgpt checkpoint
 
-    def logprobs(self, rows: Sequence[Sequence[int]], batch_size: int = 16) -> list[np.ndarray]:
+    def logprobs(self, rows: Sequence[Sequence[int]], batch_size: int = 16,
+                 greedy: bool = False) -> list:
+        """`target_logprobs` of this model over its tokenizer's ids."""
         return target_logprobs(self.cfg, self.params, rows, batch_size=batch_size,
-                               n_valid_vocab=self.n_valid_vocab)
+                               greedy=greedy, n_valid_vocab=self.n_valid_vocab)
 
     @property
     def n_valid_vocab(self) -> int:
@@ -108,8 +110,7 @@ def target_logprobs_step(params, tokens_BT, *, graphdef, greedy=False, n_valid_v
     padded to a multiple of 64, say) are left out of the softmax and the argmax, so scores
     equal those of the unpadded model (None: every id of the model)."""
     logits, _ = nnx.merge(graphdef, params)(tokens_BT[:, :-1])
-    if n_valid_vocab is not None and n_valid_vocab < logits.shape[-1]:
-        logits = logits[..., :n_valid_vocab]
+    logits = logits[..., :n_valid_vocab]                    # None: every id
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)   # float32 log-softmax
     lp = jnp.take_along_axis(logp, tokens_BT[:, 1:, None], axis=-1)[..., 0]   # [B, T - 1]
     if not greedy:

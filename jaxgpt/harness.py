@@ -55,9 +55,7 @@ class Adapter:
                 rows.append(context + targets)
                 owners.append((i, len(targets)))
         totals = [0.0] * len(requests)
-        lps = evaluation.target_logprobs(self.lm.cfg, self.lm.params, rows,
-                                         batch_size=self.batch_size,
-                                         n_valid_vocab=self.lm.n_valid_vocab) if rows else []
+        lps = self.lm.logprobs(rows, batch_size=self.batch_size) if rows else []
         for lp, (i, n) in zip(lps, owners):
             totals[i] += float(lp[-n:].sum())
         return totals

@@ -6,7 +6,6 @@ backward 4N) plus 12·L·H·K·T for attention scores and their weighted sums.
 """
 
 import functools
-import math
 import time
 
 import jax
@@ -39,12 +38,11 @@ def flops_per_token(cfg: model.GPTConfig, seq_len: int) -> float:
     embedding lookups (`wpe`, and `wte` under an untied head). Counted from the model's own
     parameter shapes, so every option (grouped-query attention, SwiGLU, no biases) is in.
     """
-    shapes = nnx.to_pure_dict(nnx.state(
-        nnx.eval_shape(lambda: model.GPT(cfg, rngs=nnx.Rngs(0))), nnx.Param))
+    shapes = nnx.to_pure_dict(model.abstract_params(cfg))
     lookups = [shapes["wpe"]["embedding"]] if "wpe" in shapes else []
     if not cfg.tie_embeddings:
         lookups.append(shapes["wte"]["embedding"])
-    n = model.count_params(shapes) - sum(math.prod(x.shape) for x in lookups)
+    n = model.count_params(shapes) - model.count_params(lookups)
     attention = 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
     return 6.0 * n + attention
 

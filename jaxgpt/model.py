@@ -599,5 +599,10 @@ class GPT(nnx.Module):
         return logits, cache
 
 
+def abstract_params(cfg: GPTConfig) -> nnx.State:
+    """The nnx.State of `nnx.split(GPT(cfg), nnx.Param)`, as shapes and dtypes only."""
+    return nnx.state(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+
+
 def count_params(params) -> int:
     return sum(x.size for x in jax.tree.leaves(params))

@@ -179,9 +179,7 @@ def score_encoded(logprobs: Callable[[list], list], encoded, examples: Sequence[
 
 def score(lm: evaluation.LM, examples: Sequence[Example], *, batch_size: int = 16):
     """`score_encoded` of one model on its own encoding of `examples`."""
-    logprobs = functools.partial(evaluation.target_logprobs, lm.cfg, lm.params,
-                                 batch_size=batch_size, greedy=True,
-                                 n_valid_vocab=lm.n_valid_vocab)
+    logprobs = functools.partial(lm.logprobs, batch_size=batch_size, greedy=True)
     return score_encoded(logprobs, encode(lm.tok, examples, lm.cfg.n_positions, lm.name),
                          examples, lm.name)
 

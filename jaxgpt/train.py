@@ -245,14 +245,14 @@ def eval_step(params, windows, *, graphdef, n_valid_vocab=None):
     inputs, targets = windows[:, :-1], windows[:, 1:]
     weights = jnp.broadcast_to(real, targets.shape).astype(jnp.float32)
     gpt = nnx.merge(graphdef, params)
-    n = gpt.cfg.vocab_size if n_valid_vocab is None else min(n_valid_vocab, gpt.cfg.vocab_size)
     if gpt.cfg.tie_embeddings:
         hidden, w, _ = _tied_head_inputs(gpt, inputs, targets)
-        w = w[:n]                                               # the tokenizer's rows only
+        w = w[:n_valid_vocab]                          # the tokenizer's rows only (None: all)
         nll_sum = ops.tied_head_nll_sum(hidden, w, targets, weights,
-                                        ops.loss_chunk(*targets.shape, n))
+                                        ops.loss_chunk(*targets.shape, w.shape[0]))
     else:
-        nll_sum = (ops.token_nll(gpt(inputs)[0][..., :n], targets) * weights).sum()
+        nll_sum = (ops.token_nll(gpt(inputs)[0][..., :n_valid_vocab], targets)
+                   * weights).sum()
     return {"nll_sum": nll_sum, "tokens": weights.sum()}
 
 

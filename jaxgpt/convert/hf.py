@@ -238,7 +238,7 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: model.GPTConfig, *,
 
 def _state(cfg: model.GPTConfig, pure: dict) -> nnx.State:
     """The nnx.State `nnx.split(GPT(cfg), nnx.Param)` would give, holding `pure`'s arrays."""
-    state = nnx.state(nnx.eval_shape(lambda: model.GPT(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    state = model.abstract_params(cfg)
     nnx.replace_by_pure_dict(state, pure)
     return state
 
