@@ -9,6 +9,7 @@ order: penalties -> temperature -> top-k -> top-p -> min-p -> sample.
 import dataclasses
 import functools
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -43,6 +44,8 @@ def no_repeat_ngram(logits_BV, hist_BS, valid_BS, cur, n: int):
     in the row gets -inf. `cur` is the next slot; slots < cur hold the row (where valid)."""
     B, S = hist_BS.shape
     W = S - n + 1                                              # window start positions
+    if W < 1:     # no n-gram fits in the cache, so none can repeat: HF bans nothing then
+        return logits_BV
     win_BWn = jnp.stack([hist_BS[:, i:i + W] for i in range(n)], axis=-1)
     ok_BW = jnp.stack([valid_BS[:, i:i + W] for i in range(n)], axis=-1).all(-1)
     if n > 1:
@@ -53,6 +56,13 @@ def no_repeat_ngram(logits_BV, hist_BS, valid_BS, cur, n: int):
     banned_BV = jnp.zeros(logits_BV.shape, jnp.int32).at[rows, win_BWn[:, :, -1]].max(
         ok_BW.astype(jnp.int32)) > 0
     return jnp.where(banned_BV, -jnp.inf, logits_BV)
+
+
+def _check_finite(**values):
+    """NaN or inf in a method's number gives NaN logits or scores silently, not an error."""
+    for name, value in values.items():
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
 
 
 def ban(logits_BV, ids_B_or_V):
@@ -69,6 +79,7 @@ class Penalties:
     banned_ids: tuple[int, ...] = ()  # never generated
 
     def __post_init__(self):
+        _check_finite(repetition_penalty=self.repetition_penalty)
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.no_repeat_ngram_size < 0:
@@ -147,11 +158,25 @@ def temperature_at(step, n_steps: int, t0: float, t1: float, schedule: str):
 
 def draw(key, logits_BV):
     """One token per row from softmax(logits): inverse CDF with one uniform per row (a
-    Gumbel draw needs V random numbers per row and costs ~10x more on CPU)."""
-    cdf_BV = jnp.cumsum(jax.nn.softmax(logits_BV, axis=-1), axis=-1)
-    u_B1 = jax.random.uniform(key, (logits_BV.shape[0], 1)) * cdf_BV[:, -1:]
-    # Zero-probability tokens repeat the previous cdf value, so they are never chosen.
-    return jnp.minimum((cdf_BV <= u_B1).sum(-1), logits_BV.shape[-1] - 1).astype(jnp.int32)
+    Gumbel draw needs V random numbers per row and costs ~10x more on CPU). A token with
+    probability 0 (logit -inf: banned, filtered out, padded vocab) is never returned."""
+    B, V = logits_BV.shape
+    probs_BV = jax.nn.softmax(logits_BV, axis=-1)
+    cdf_BV = jnp.cumsum(probs_BV, axis=-1)
+    u_B1 = jax.random.uniform(key, (B, 1)) * cdf_BV[:, -1:]
+    token_B = jnp.minimum((cdf_BV <= u_B1).sum(-1), V - 1)
+    # XLA:CPU's cumsum is a blocked scan, not sequential: its rounding can step the cdf up
+    # at a zero-probability token (~3e-5 of the draws at V=50257), and u * total can round
+    # up to the total. Such a draw takes the next allowed token, or the last allowed one if
+    # none follows; other draws are unchanged. (Branch-free: a lax.cond would cost a GPU a
+    # device-to-host read of its predicate every step.)
+    ok_BV = probs_BV > 0
+    ids_1V = jnp.arange(V)[None]
+    next_B = jnp.where(ok_BV & (ids_1V >= token_B[:, None]), ids_1V, V).min(-1)
+    last_B = jnp.where(ok_BV, ids_1V, 0).max(-1)    # 0 for a row with nothing allowed
+    hit_B = jnp.take_along_axis(ok_BV, token_B[:, None], axis=-1)[:, 0]
+    token_B = jnp.where(hit_B, token_B, jnp.where(next_B < V, next_B, last_B))
+    return token_B.astype(jnp.int32)
 
 
 def argmax(logits_BV):
@@ -187,6 +212,7 @@ class Sampling:
     final_temperature: float | None = None   # T1 for linear/exponential schedules
 
     def __post_init__(self):
+        _check_finite(temperature=self.temperature, final_temperature=self.final_temperature)
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -238,6 +264,7 @@ class Beam:
     num_return_sequences: int = 1
 
     def __post_init__(self):
+        _check_finite(length_penalty=self.length_penalty)
         if self.num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
         if not 1 <= self.num_return_sequences <= self.num_beams:
@@ -499,6 +526,8 @@ def generate(cfg: model.GPTConfig, params, prompts: list[list[int]], *, max_new_
         raise ValueError("beam search cannot stream: its best sequence is known only at the end")
     if not isinstance(method, (Greedy, Sampling, Beam)):
         raise TypeError(f"unsupported sampling method {method!r}")
+    if not 0 <= seed < 2**32:     # jax.random.key keeps the low 32 bits: seeds would alias
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
     tokens, mask = pad_prompts(cfg, prompts, max_new_tokens, eot_id=eot_id, truncate=truncate)
     n_valid = n_valid_vocab or cfg.vocab_size
     pad = np.arange(cfg.vocab_size) >= n_valid

@@ -57,7 +57,8 @@ def parse_args(argv=None):
     ap.add_argument("--batch_size", type=int, default=1,
                     help="prompts decoded together; a lone prompt streams token by token; "
                          "with several prompts each output starts with '--- prompt N'")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="in [0, 2**32); each batch uses seed + its first prompt's number")
     ap.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     ap.add_argument("--schedule", default="constant", choices=sample.SCHEDULES)
     ap.add_argument("--final_temperature", type=float, default=None,
@@ -166,6 +167,11 @@ def check_args(args):
     penalties = sample.Penalties(args.repetition_penalty, args.no_repeat_ngram_size,
                                  parse_ban(args.ban))
     texts = read_prompts(args.prompts_file) if args.prompts_file else (args.prompt or [""])
+    # Each batch samples with --seed plus its first prompt's number, all below 2**32.
+    last = (len(texts) - 1) // args.batch_size * args.batch_size
+    if not 0 <= args.seed < 2**32 - last:
+        why = f" (the batch from prompt {last} uses seed + {last})" if last else ""
+        raise ValueError(f"--seed must be in [0, {2**32 - last}), got {args.seed}{why}")
     return method, penalties, texts
 
 

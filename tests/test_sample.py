@@ -1,6 +1,7 @@
 """Sampler tests: cached decode = full forward, HF generate parity (greedy, beams, penalties),
-numpy references for HF's logits processors, sampling frequencies, annealing closed form,
-compile reuse per bucket, the scan loop on a fake model, bad input, the CLI."""
+numpy references for HF's logits processors, sampling frequencies, excluded ids never drawn,
+annealing closed form, compile reuse per bucket, the scan loop on a fake model, bad input,
+the CLI."""
 
 import dataclasses
 import os
@@ -292,6 +293,29 @@ def test_processors_match_transformers_logits_processors():
             theirs(transformers.NoRepeatNGramLogitsProcessor(n)))
 
 
+def test_no_repeat_ngram_longer_than_the_cache_bans_nothing_as_transformers(hf_pair):
+    """No n-gram longer than the cache's slots exists yet, so HF bans nothing; ours built
+    windows of negative width and failed inside JAX."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    x = np.random.default_rng(2).normal(size=(1, 97)).astype(np.float32)
+    seq, S = [5, 6, 5, 6, 5, 6, 5, 6, 5, 6], 12
+    hist, valid = np.zeros((1, S), np.int32), np.zeros((1, S), bool)
+    hist[0, :len(seq)], valid[0, :len(seq)] = seq, True
+    for n in (S, S + 1, S + 2, 40):
+        theirs = transformers.NoRepeatNGramLogitsProcessor(n)(torch.tensor([seq]),
+                                                              torch.tensor(x)).numpy()
+        np.testing.assert_array_equal(
+            sample.no_repeat_ngram(jnp.asarray(x), jnp.asarray(hist), jnp.asarray(valid),
+                                   jnp.asarray(len(seq)), n), theirs, err_msg=f"n={n}")
+    cfg, params, hf = hf_pair     # the cache: a 16-token prompt bucket + 4 new tokens
+    pen = sample.Penalties(no_repeat_ngram_size=40)
+    ours = sample.generate(cfg, params, PROMPTS, max_new_tokens=4, method=sample.Greedy(),
+                           penalties=pen, eot_id=EOT)
+    assert ours == [_hf_generate(hf, p, 4, do_sample=False, no_repeat_ngram_size=40)[0]
+                    for p in PROMPTS]
+
+
 def test_argmax_equals_numpy_with_ties_infinities_and_nan():
     rng = np.random.default_rng(0)
     x = rng.integers(-3, 4, size=(7, 50257)).astype(np.float32)   # many tied maxima
@@ -322,6 +346,26 @@ def test_sampling_frequencies_match_distribution(method, expected):
     nz = want > 0
     chi2 = (((counts[nz] - draws.size * want[nz]) ** 2) / (draws.size * want[nz])).sum()
     assert chi2 < scipy_stats.chi2.ppf(0.999, nz.sum() - 1), (counts, want)
+
+
+@pytest.mark.parametrize("case", ["banned", "top_p"])
+def test_excluded_tokens_are_never_drawn_at_gpt2_vocab_size(case):
+    """XLA:CPU's cumsum is a blocked scan whose rounding can step the CDF up at a -inf
+    token: the bare inverse-CDF draw then picked excluded ids ~4e-5 of the time here, 2 to 9
+    times in 128k draws for every seed tried. The excluded set comes from numpy."""
+    V = 50257
+    x = np.random.default_rng(0).normal(size=(1, V)).astype(np.float32) * 2
+    if case == "banned":     # every even id banned, the odd ones equally likely
+        method, x = sample.Sampling(), np.where(np.arange(V) % 2 == 0, -np.inf, np.zeros_like(x))
+        excluded = np.arange(V) % 2 == 0
+    else:                    # top-p keeps ~12k of the 50k ids
+        method, excluded = sample.Sampling(top_p=0.9), np.isinf(_np_top_p(x, 0.9)[0])
+    logits = jnp.broadcast_to(jnp.asarray(x, jnp.float32), (256, V))
+    keys = jax.random.split(jax.random.key(0), 500)
+    draws = np.asarray(jax.jit(lambda x, keys: jax.lax.map(lambda k: method(x, k), keys))(
+        logits, keys))
+    assert 0 < excluded.sum() < V - 10_000
+    assert not excluded[draws].any(), np.unique(draws[excluded[draws]])
 
 
 @pytest.mark.parametrize("schedule", ["constant", "linear", "exponential"])
@@ -415,6 +459,29 @@ def test_bad_method_values_are_errors():
         sample.Sampling(temperature=0.0, top_k=5)
 
 
+@pytest.mark.parametrize("make,message", [
+    (lambda: sample.Sampling(temperature=float("nan")), "temperature must be finite, got nan"),
+    (lambda: sample.Sampling(temperature=float("inf")), "temperature must be finite, got inf"),
+    (lambda: sample.Sampling(schedule="linear", final_temperature=float("nan")),
+     "final_temperature must be finite, got nan"),
+    (lambda: sample.Beam(length_penalty=float("nan")), "length_penalty must be finite, got nan"),
+    (lambda: sample.Penalties(repetition_penalty=float("inf")),
+     "repetition_penalty must be finite, got inf")],
+    ids=["temperature-nan", "temperature-inf", "final-nan", "length-nan", "repetition-inf"])
+def test_non_finite_method_values_are_errors(make, message):
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        make()
+
+
+def test_seed_outside_32_bits_is_an_error(hf_pair):
+    """jax.random.key keeps a seed's low 32 bits, so 2**32 + 1 would sample as 1."""
+    cfg, params, _ = hf_pair
+    for seed in (-1, 2**32, 2**32 + 1, 2**64):
+        with pytest.raises(ValueError, match=rf"^seed must be in \[0, 2\*\*32\), got {seed}$"):
+            sample.generate(cfg, params, [[1]], max_new_tokens=2, seed=seed)
+    assert len(sample.generate(cfg, params, [[1]], max_new_tokens=2, seed=2**32 - 1)[0]) == 2
+
+
 def test_prompt_bounds(hf_pair):
     cfg, params, _ = hf_pair
     assert (sample.generate(cfg, params, [[]], max_new_tokens=3, method=sample.Greedy(),
@@ -506,6 +573,24 @@ def cli(tiny_cfg, monkeypatch, capsys):
       "--temperature/--top_k/--top_p/--min_p/--schedule/--final_temperature"))])
 def test_cli_flags_that_would_be_ignored_or_are_malformed_are_one_line_errors(cli, flags,
                                                                              message):
+    code, out, err, loaded = cli("--prompt=ab", *flags)
+    assert (code, out, err, loaded) == (1, "", [f"error: {message}"], [])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--temperature=nan"], "temperature must be finite, got nan"),
+    (["--schedule=linear", "--final_temperature=nan"], "final_temperature must be finite, got nan"),
+    (["--temperature=inf", "--ban=5"], "temperature must be finite, got inf"),
+    (["--num_beams=3", "--length_penalty=nan"], "length_penalty must be finite, got nan"),
+    (["--seed=-1"], "--seed must be in [0, 4294967296), got -1"),
+    (["--seed=4294967297"], "--seed must be in [0, 4294967296), got 4294967297"),
+    (["--seed=18446744073709551616"],
+     "--seed must be in [0, 4294967296), got 18446744073709551616"),
+    (["--prompt=cd", "--prompt=ef", "--batch_size=2", "--seed=4294967295"],
+     "--seed must be in [0, 4294967294), got 4294967295 (the batch from prompt 2 uses seed + 2)")],
+    ids=["temperature-nan", "final-nan", "temperature-inf", "length-nan", "seed-negative",
+         "seed-2**32+1", "seed-2**64", "seed+batch"])
+def test_cli_non_finite_values_and_seeds_beyond_32_bits_are_one_line_errors(cli, flags, message):
     code, out, err, loaded = cli("--prompt=ab", *flags)
     assert (code, out, err, loaded) == (1, "", [f"error: {message}"], [])
 
