@@ -71,11 +71,26 @@ class _QuietLibraries(logging.Filter):
         return record.levelno >= logging.WARNING or not noisy
 
 
+def _slurm_step_tasks() -> int:
+    """Tasks of the SLURM job step this process is one of: srun sets SLURM_STEP_NUM_TASKS.
+    A process of an allocation that srun did not start (`salloc -n4` then `python ...`) is
+    alone, whatever the job's SLURM_NTASKS: jax's SLURM detection would fail or wait for
+    peers that never come."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return 1
+    tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "0") or 0)
+    job_tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
+    if not tasks and job_tasks > 1:
+        log.warning("SLURM_NTASKS=%d, but srun did not start this process: it runs alone "
+                    "(start every process with srun, e.g. launch/slurm.sbatch)", job_tasks)
+    return tasks or 1
+
+
 def _cluster_runs_several_processes() -> bool:
-    """SLURM with several tasks, or a multi-host TPU slice (jax then detects the rest)."""
-    slurm = int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in os.environ
+    """A SLURM job step of several tasks, or a multi-host TPU slice (jax then detects the
+    rest)."""
     tpu_pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    return slurm or tpu_pod
+    return _slurm_step_tasks() > 1 or tpu_pod
 
 
 def init_distributed() -> None:
@@ -87,8 +102,14 @@ def init_distributed() -> None:
     process_id = FLAGS.process_id if FLAGS.process_id is not None else _env_int(
         "JAXGPT_PROCESS_ID")
     explicit = FLAGS.coordinator_address is not None
-    if FLAGS.distributed == "off" or (FLAGS.distributed == "auto" and not explicit
-                                      and not _cluster_runs_several_processes()):
+    if FLAGS.distributed == "off":
+        return
+    cluster = _cluster_runs_several_processes()
+    if not explicit and not cluster and (num_processes is not None or process_id is not None):
+        raise app.UsageError(f"--num_processes={num_processes} --process_id={process_id} "
+                             f"need --coordinator_address (or JAXGPT_COORDINATOR_ADDRESS), "
+                             f"unless SLURM or a TPU pod starts the processes")
+    if FLAGS.distributed == "auto" and not explicit and not cluster:
         return
     if explicit and (num_processes is None or process_id is None):
         raise app.UsageError(f"--coordinator_address={FLAGS.coordinator_address} needs "
@@ -97,11 +118,16 @@ def init_distributed() -> None:
     # CPU devices of different processes talk through gloo (no-op for GPU/TPU backends).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     heartbeat = FLAGS.heartbeat_timeout or _env_int("JAXGPT_HEARTBEAT_TIMEOUT") or 100
-    jax.distributed.initialize(
-        coordinator_address=FLAGS.coordinator_address, num_processes=num_processes,
-        process_id=process_id, heartbeat_timeout_seconds=heartbeat,
-        local_device_ids=[int(i) for i in FLAGS.local_device_ids or ()] or None,
-        initialization_timeout=max(60, 3 * heartbeat), shutdown_timeout_seconds=heartbeat)
+    try:
+        jax.distributed.initialize(
+            coordinator_address=FLAGS.coordinator_address, num_processes=num_processes,
+            process_id=process_id, heartbeat_timeout_seconds=heartbeat,
+            local_device_ids=[int(i) for i in FLAGS.local_device_ids or ()] or None,
+            initialization_timeout=max(60, 3 * heartbeat), shutdown_timeout_seconds=heartbeat)
+    except ValueError as e:   # e.g. --distributed=on where no cluster says who the peers are
+        raise app.UsageError(f"jax.distributed.initialize: {e} (--distributed="
+                             f"{FLAGS.distributed}; give --coordinator_address, start the "
+                             f"processes with srun, or use --distributed=off)") from None
 
 
 def _parents(path: str):
@@ -133,6 +159,10 @@ def _train(config, workdir: str) -> dict:
     except USER_ERRORS as e:
         log.error("%s: %s", type(e).__name__, e)
         message = str(e)
+    except ConnectionError as e:   # the HF hub, for a dataset or model named by hub id
+        log.error("%s: %s", type(e).__name__, e)
+        message = (f"{e} (hub names need the network; point data.path, "
+                   f"data.tokenizer_path or init_from at local files instead)")
     except OSError as e:
         message = _workdir_error(e, workdir)
         if message is None:

@@ -125,3 +125,12 @@ def test_batch_not_divisible_by_devices(tmp_path):
 def test_unknown_data_source(tmp_path):
     err = _bad(tmp_path, "--config.data.source=slimpjama")
     assert "slimpjama" in err and "data.source must be one of" in err
+
+
+def test_an_unreachable_hub_dataset_is_one_line(tmp_path):
+    err = _bad(tmp_path, "--config.data.source=slimpajama",
+               env={"HF_HUB_OFFLINE": "1"})
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(
+        "error: Couldn't reach 'cerebras/SlimPajama-627B' on the Hub")
+    assert "point data.path, data.tokenizer_path or init_from at local files" in err

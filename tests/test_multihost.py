@@ -82,6 +82,57 @@ def test_slurm_dry_run_per_gpu_and_per_node():
     assert all("JAXGPT_LOCAL_DEVICE_IDS=0,1,2,3 " in line for line in per_node)
 
 
+def test_slurm_runs_the_words_its_dry_run_prints(tmp_path):
+    """The real path hands srun each argument as given (parentheses, spaces, quotes), and
+    the dry run prints exactly that command, quoted for a shell."""
+    (tmp_path / "srun").write_text('#!/usr/bin/env bash\n'
+                                   'python3 -c "import json, sys; print(json.dumps(sys.argv))" '
+                                   '"$@"\n')
+    (tmp_path / "srun").chmod(0o755)
+    args = ["--nodes", "1", "--ntasks-per-node", "2", "--", "--config.mesh.shape=(2,2,2)",
+            "--workdir=/shared/my run's"]
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}",
+           "SLURM_CPUS_PER_TASK": "6"}
+    out = subprocess.run(["bash", os.path.join(LAUNCH, "slurm.sbatch"), *args], env=env,
+                         capture_output=True, text=True, timeout=30, check=False)
+    assert out.returncode == 0, out.stderr
+    argv = json.loads(out.stdout)[1:]
+    assert argv[:4] == ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=6",
+                        "--kill-on-bad-exit=1"]
+    assert argv[-6:] == ["python", "-m", "jaxgpt.main", "--distributed=on",
+                         "--config.mesh.shape=(2,2,2)", "--workdir=/shared/my run's"]
+    dry = subprocess.run(["bash", os.path.join(LAUNCH, "slurm.sbatch"), "--dry-run", *args],
+                         env=env, capture_output=True, text=True, timeout=30, check=True)
+    assert shlex.split(dry.stdout.splitlines()[0]) == ["srun", *argv]
+
+
+def test_launch_environments_that_name_no_peers(tmp_path):
+    """A process of a SLURM allocation that srun did not start runs alone (jax's detection
+    would fail, or wait for peers that never come); a process count without a coordinator,
+    or --distributed=on where no cluster names the peers, is a one-line error."""
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    base = ["--config=configs/default.py", f"--workdir={not_a_dir}"]
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("SLURM_", "TPU_", "JAXGPT_"))}
+
+    def run(*args, **env):
+        out = subprocess.run([sys.executable, "-m", "jaxgpt.main", *base, *args],
+                             cwd=helpers.REPO, env={**clean, **env}, capture_output=True,
+                             text=True, timeout=120, check=False)
+        return out.returncode, out.stderr
+
+    rc, err = run(SLURM_JOB_ID="7", SLURM_NTASKS="4", SLURM_PROCID="0", SLURM_LOCALID="0",
+                  SLURM_STEP_NODELIST="localhost")
+    assert "SLURM_NTASKS=4, but srun did not start this process: it runs alone" in err
+    assert rc == 2 and f"workdir {not_a_dir} exists and is not a directory" in err
+    rc, err = run("--num_processes=2", "--process_id=1")
+    assert rc == 1 and "--num_processes=2 --process_id=1 need --coordinator_address" in err
+    rc, err = run("--distributed=on")
+    assert rc == 1 and "jax.distributed.initialize: coordinator_address should be" in err
+    assert "Traceback" not in err
+
+
 def test_tpu_pod_dry_run():
     lines = _dry_run("tpu_pod.sh", "--tpu", "pod1", "--zone", "us-central2-b", "--workers",
                      "4", "--dry-run", "--", "--workdir=gs://b/run")
