@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from jaxgpt import choices, ops
+from jaxgpt import choices, ops, sharding
 
 log = logging.getLogger(__name__)
 
@@ -377,6 +377,8 @@ class Attention(nnx.Module):
         """
         dtype = self.cfg.compute_dtype
         q, k, v = self._qkv(x)
+        q = sharding.constrain(q, ("batch", None, "heads", None))
+        k, v = (sharding.constrain(t, ("batch", None, "kv_heads", None)) for t in (k, v))
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.cfg.rotary:
@@ -397,6 +399,7 @@ class Attention(nnx.Module):
             out = _fused_attention(q, k, v, mask_BTS, self.cfg.attention == "cudnn")
         else:
             out = _attend(q, k, v, mask_BTS, self.attn_dropout, rngs, kv_layout=kv_layout)
+        out = sharding.constrain(out, ("batch", None, "heads", None))
         out = self.c_proj.project("BTHK,HKD->BTD", out, dtype)
         return self.resid_dropout(out, deterministic=rngs is None, rngs=rngs), new_kv
 
@@ -458,7 +461,11 @@ class Mlp(nnx.Module):
             h = jax.nn.silu(self.c_gate(x)) * self.c_fc(x)
         else:
             h = jax.nn.gelu(self.c_fc(x), approximate=True)  # GPT-2's tanh GELU
+        h = sharding.constrain(h, ("batch", None, "mlp"))
         return self.dropout(self.c_proj(h), deterministic=rngs is None, rngs=rngs)
+
+
+_RESIDUAL = ("batch", None, None)   # the residual stream [B, T, D]: rows over the batch axes
 
 
 class Block(nnx.Module):
@@ -474,12 +481,13 @@ class Block(nnx.Module):
         self.mlp = Mlp(cfg, rngs=rngs)
 
     def __call__(self, x, mask_BTS, kv=None, *, rope=None, rngs=None):
+        x = sharding.constrain(x, _RESIDUAL)
         h = self.ln_1(x)
         a, new_kv = self.attn(h, mask_BTS, kv, rope=rope, rngs=rngs)
         if self.parallel:
-            return x + a + self.mlp(h, rngs=rngs), new_kv
-        x = x + a
-        return x + self.mlp(self.ln_2(x), rngs=rngs), new_kv
+            return sharding.constrain(x + a + self.mlp(h, rngs=rngs), _RESIDUAL), new_kv
+        x = sharding.constrain(x + a, _RESIDUAL)
+        return sharding.constrain(x + self.mlp(self.ln_2(x), rngs=rngs), _RESIDUAL), new_kv
 
 
 def _run_blocks(blocks: nnx.List, x, mask_BTS, cfg: GPTConfig, rngs, rope=None):

@@ -4,6 +4,8 @@ Model code names logical axes (`batch seq embed heads head_dim mlp vocab positio
 a rule set maps each to a mesh axis (or a tuple of them, or None = replicated).
 """
 
+import contextlib
+import functools
 import math
 
 import jax
@@ -143,3 +145,57 @@ def batch_sharding(mesh: Mesh, rules: dict, ndim: int = 2) -> NamedSharding:
 def batch_divisor(mesh: Mesh, rules: dict) -> int:
     """How many ways the batch dimension is split."""
     return _axis_size(mesh, rules["batch"])
+
+
+# (mesh, rules) while a sharded step is traced (`activations`), for `constrain`.
+_TRACING: list = []
+
+
+@contextlib.contextmanager
+def activations(mesh: Mesh, rules: dict):
+    """Within: `constrain` pins activations to `rules` on `mesh` (make_trainer traces its
+    steps here)."""
+    _TRACING.append((mesh, rules))
+    try:
+        yield
+    finally:
+        _TRACING.pop()
+
+
+def constrain(x, names):
+    """x with its dims sharded by logical `names`, inside `activations`; else x unchanged.
+
+    The model pins its activations (batch rows over the batch axes, heads or MLP units
+    over `tensor`): left to propagation, XLA shards them like the FSDP weights, along
+    `embed`, and all-gathers whole global batches of activations, which costs FSDP more
+    memory per device than plain data parallel. Activations never name `embed`."""
+    if not _TRACING:
+        return x
+    mesh, rules = _TRACING[-1]
+    return jax.lax.with_sharding_constraint(
+        x, NamedSharding(mesh, logical_to_spec(names, rules)))
+
+
+def batch_share(mesh: Mesh, rules: dict) -> tuple[int, int]:
+    """(index, count): this process feeds rows [index * B / count, (index + 1) * B / count)
+    of every global batch of B rows. Processes whose devices hold the same rows (the batch
+    split fewer ways than there are processes, e.g. tensor parallel across hosts) share an
+    index and must feed the same rows, so they read the same data."""
+    return _batch_share(mesh, rules["batch"], jax.process_index())
+
+
+@functools.cache
+def _batch_share(mesh: Mesh, axes, process: int) -> tuple[int, int]:
+    ways = _axis_size(mesh, axes)
+    rows: dict[int, set] = {}
+    placement = NamedSharding(mesh, PartitionSpec(axes)).devices_indices_map((ways,))
+    for device, (index,) in placement.items():
+        rows.setdefault(device.process_index, set()).add(index.start or 0)
+    blocks = sorted({tuple(sorted(r)) for r in rows.values()})
+    per = ways // len(blocks)
+    if blocks != [tuple(range(i * per, (i + 1) * per)) for i in range(len(blocks))]:
+        raise ValueError(f"mesh {dict(mesh.shape)}: the processes' devices hold batch shards "
+                         f"{[sorted(r) for _, r in sorted(rows.items())]} of the {ways} the "
+                         f"batch is split over {axes}; each process needs one contiguous "
+                         f"block, the same size for all")
+    return blocks.index(tuple(sorted(rows[process]))), len(blocks)

@@ -409,10 +409,15 @@ class StreamIterator:
         states, resumes = [self.local_state()], [self._start.resume]
         if self.n > 1:
             from jax.experimental import multihost_utils
-            states = np.asarray(multihost_utils.process_allgather(   # int32: < 2^31 docs
-                np.asarray(states[0], np.int32))).reshape(self.n, -1).tolist()
+            rows = np.asarray(multihost_utils.process_allgather(   # int32: < 2^31 docs
+                np.asarray([self.p] + states[0], np.int32))).reshape(-1, 1 + len(states[0]))
+            # Processes that feed the same rows (sharding.batch_share) hold the same state:
+            # one of each, in order.
+            first = {int(p): i for i, p in reversed(list(enumerate(rows[:, 0])))}
+            states = [rows[first[p], 1:].tolist() for p in range(self.n)]
             if self.n_files == 0:     # every process streams from the hub, or none does
-                resumes = [s or None for s in _allgather_text(resumes[0] or "")]
+                texts = _allgather_text(resumes[0] or "")
+                resumes = [texts[first[p]] or None for p in range(self.n)]
         out = {"format": FORMAT, "processes": states}
         if self.n_files == 0:
             out["hf_states"] = resumes

@@ -295,16 +295,22 @@ def make_trainer(cfg: model.GPTConfig, tx, mesh, rules, seed: int, *,
     batch_sh = jax.sharding.NamedSharding(
         mesh, sharding.logical_to_spec((None, "batch", None), rules))
     windows_sh = sharding.batch_sharding(mesh, rules)
+    def on_mesh(fn, **kwargs):   # traced with the model's activations pinned to the rules
+        def traced(*args):
+            with sharding.activations(mesh, rules):
+                return fn(*args, **kwargs)
+        traced.__name__ = traced.__qualname__ = fn.__name__   # as jit and profiles name it
+        return traced
+
     init = jax.jit(functools.partial(init_state, cfg, tx, seed), out_shardings=state_sh)
-    step = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx,
-                                     skip_nonfinite=skip_nonfinite, inject_nan=inject_nan),
+    step = jax.jit(on_mesh(train_step, graphdef=graphdef, tx=tx,
+                           skip_nonfinite=skip_nonfinite, inject_nan=inject_nan),
                    in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
                    donate_argnums=0)
-    evaluate = jax.jit(functools.partial(eval_step, graphdef=graphdef,
-                                         n_valid_vocab=n_valid_vocab),
+    evaluate = jax.jit(on_mesh(eval_step, graphdef=graphdef, n_valid_vocab=n_valid_vocab),
                        in_shardings=(state_sh.params, windows_sh))
-    logprobs = jax.jit(functools.partial(evaluation.target_logprobs_step, graphdef=graphdef,
-                                         greedy=True, n_valid_vocab=n_valid_vocab),
+    logprobs = jax.jit(on_mesh(evaluation.target_logprobs_step, graphdef=graphdef,
+                               greedy=True, n_valid_vocab=n_valid_vocab),
                        in_shardings=(state_sh.params, windows_sh),
                        out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     return Trainer(cfg, mesh, rules, graphdef, state_sh, init, step, evaluate, logprobs,
@@ -312,16 +318,20 @@ def make_trainer(cfg: model.GPTConfig, tx, mesh, rules, seed: int, *,
 
 
 def to_global(x: np.ndarray, mesh, spec_names, rules) -> jax.Array:
-    """Host-local numpy rows -> a global array sharded over the mesh's batch axes."""
+    """This process's share of the rows (sharding.batch_share) -> a global array sharded
+    over the mesh's batch axes."""
     sh = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(spec_names, rules))
-    return jax.make_array_from_process_local_data(sh, x)
+    shape = list(x.shape)
+    shape[spec_names.index("batch")] *= sharding.batch_share(mesh, rules)[1]
+    return jax.make_array_from_process_local_data(sh, x, tuple(shape))
 
 
 def fed_by_share(trainer: Trainer, step, params, batch: int):
     """step(params, global batch) as a function of a host batch of `batch` rows that every
-    process reads alike: each process feeds its contiguous share of the rows."""
-    rows = batch // jax.process_count()
-    lo = jax.process_index() * rows
+    process reads alike: each process feeds its share of the rows."""
+    index, count = sharding.batch_share(trainer.mesh, trainer.rules)
+    rows = batch // count
+    lo = index * rows
     return lambda b: step(params, to_global(b[lo:lo + rows], trainer.mesh, ("batch", None),
                                             trainer.rules))
 
@@ -458,6 +468,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rules = sharding.RULES[config.mesh.rules]
     micro_batch = config.train.batch_size // config.train.grad_accum
     checks.check_batch_divisible(micro_batch, config, mesh, rules)
+    share, shares = sharding.batch_share(mesh, rules)
+    tx = make_optimizer(optim, config.train.steps)
+    # Every parameter and optimizer moment divisible by its mesh axes (make_trainer's check).
+    sharding.tree_shardings(jax.eval_shape(functools.partial(
+        init_state, cfg, tx, config.train.seed)), mesh, rules)
     dcfg = data.DataConfig.from_config(config.data)
     # A missing path (or, streaming, a missing validation split) fails here, before the
     # workdir is touched.
@@ -489,7 +504,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             multihost_utils.sync_global_devices("jaxgpt: workdir prepared")
         checks.check_inputs(config, workdir, corpus, tok, cfg)
         total = config.train.steps
-        tx = make_optimizer(optim, total)
         trainer = make_trainer(
             cfg, tx, mesh, rules, config.train.seed,
             skip_nonfinite=config.train.nonfinite == "skip",
@@ -497,7 +511,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             n_valid_vocab=tok.vocab_size)
         train_iter, pipeline = data.train_iterator(
             corpus, dcfg, tok, global_batch=config.train.batch_size, seed=config.train.seed,
-            process_index=jax.process_index(), process_count=jax.process_count())
+            process_index=share, process_count=shares)
         meta = {"config": config.to_dict(), "data": corpus.fingerprint,
                 "tokenizer": {"kind": config.data.tokenizer, "path": _tokenizer_location(tok.path),
                               "fingerprint": tok.fingerprint},

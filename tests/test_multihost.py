@@ -187,6 +187,28 @@ def test_two_processes_train_like_one_and_resume_in_one(tmp_path):
 
 
 @pytest.mark.slow
+def test_processes_that_hold_the_same_rows_feed_the_same_data(tmp_path):
+    """The batch split fewer ways than there are processes (tensor parallel across hosts:
+    the batch is not split at all here): processes sharing rows read the same ones, and the
+    run trains and evaluates on the batches one process with 8 devices does."""
+    corpus = helpers.small_corpus(tmp_path)
+    args = TINY + [f"--config.data.path={corpus}", "--config.model.n_head=8",
+                   "--config.mesh.shape=(1,1,-1)", "--config.mesh.rules=fsdp_tp",
+                   "--config.train.steps=3", "--config.eval.every=3"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _one_process(args, one)
+    out = subprocess.run(
+        ["bash", os.path.join(LAUNCH, "local.sh"), "2", "--devices", "4", "--port",
+         str(_free_port()), "--", *args, f"--workdir={two}"],
+        cwd=helpers.REPO, capture_output=True, text=True, timeout=240, check=False)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    reference, got = _records(one), _records(two)
+    for key in ("loss", "val_loss"):
+        want = {r["step"]: r[key] for r in reference if key in r}
+        assert {r["step"]: r[key] for r in got if key in r} == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.slow
 def test_killed_process_stops_the_others(tmp_path):
     corpus = helpers.small_corpus(tmp_path)
     args = TINY + [f"--config.data.path={corpus}", "--config.train.steps=100000",
