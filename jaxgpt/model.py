@@ -564,6 +564,10 @@ class GPT(nnx.Module):
         B, T = tokens.shape
         valid_BT = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
         start = 0 if cache is None else cache.index
+        if cache is not None and not isinstance(start, jax.core.Tracer) and (
+                int(start) + T > cache.length):   # the write would clamp over the last slots
+            raise ValueError(f"the KV cache has {cache.length} slots, {int(start)} filled: "
+                             f"{T} more tokens do not fit")
         if positions is None:
             positions = jnp.broadcast_to(start + jnp.arange(T), (B, T))
         if cache is None and attention_mask is None:

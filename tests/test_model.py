@@ -123,6 +123,17 @@ def test_cache_longer_than_context_is_rejected(tiny_cfg):
         model.KVCache.create(tiny_cfg, 1, tiny_cfg.n_positions + 1)
 
 
+def test_tokens_past_the_caches_last_slot_are_rejected(tiny_cfg):
+    """dynamic_update_slice would clamp the write over the last slots, silently."""
+    gpt = model.GPT(tiny_cfg, rngs=nnx.Rngs(0))
+    _, cache = gpt(jnp.zeros((1, 7), jnp.int32), cache=model.KVCache.create(tiny_cfg, 1, 8))
+    _, full = gpt(jnp.zeros((1, 1), jnp.int32), cache=cache)
+    with pytest.raises(ValueError, match="8 slots, 8 filled: 1 more tokens do not fit"):
+        gpt(jnp.zeros((1, 1), jnp.int32), cache=full)
+    with pytest.raises(ValueError, match="8 slots, 7 filled: 2 more tokens do not fit"):
+        gpt(jnp.zeros((1, 2), jnp.int32), cache=cache)
+
+
 # The hand-written backward passes (layer_norm, softmax, tied_head_loss, token_nll) against
 # autodiff of the library reference each one replaces: flax's LayerNorm, jax.nn.softmax
 # differentiated through its division, einsum logits + log_softmax + take_along_axis.
