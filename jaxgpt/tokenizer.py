@@ -83,10 +83,10 @@ class Gpt2Bpe:
     """GPT-2 byte-level BPE through transformers' fast tokenizer; `<|endoftext|>` separates
     documents.
 
-    `path` is a hub name (`gpt2` or `hf:gpt2`), a directory holding one of GPT2_FILE_PAIRS or a
-    `tokenizer.json`, or a vocabulary file whose merges file sits beside it. Text is
-    encoded as ordinary text: a literal `<|endoftext|>` inside a document becomes its
-    bytes' tokens, so only the data pipeline inserts document separators.
+    `path` is a hub name (`gpt2` or `hf:gpt2`), a directory (`hf:DIR` too) holding one of
+    GPT2_FILE_PAIRS or a `tokenizer.json`, or a vocabulary file whose merges file sits beside
+    it. Text is encoded as ordinary text: a literal `<|endoftext|>` inside a document becomes
+    its bytes' tokens, so only the data pipeline inserts document separators.
     """
 
     def __init__(self, path: str):
@@ -94,8 +94,10 @@ class Gpt2Bpe:
         from transformers import GPT2TokenizerFast
 
         self.path = path
-        # A hub name (`gpt2`, `hf:gpt2`) stands for its files in the HF cache.
-        local = path if os.path.exists(path) else _hub_files(path)
+        # `hf:` marks a hub name or a directory, as in convert.hf.import_gpt2; a hub name
+        # (`gpt2`, `hf:gpt2`) stands for its files in the HF cache.
+        local = os.path.expanduser(path.removeprefix("hf:"))
+        local = local if os.path.exists(local) else _hub_files(path)
         files = _gpt2_files(local)
         if files is not None:
             self.hf = GPT2TokenizerFast(vocab=files[0], merges=files[1])
@@ -131,10 +133,21 @@ class Gpt2Bpe:
     def decode(self, ids: Iterable[int]) -> str:
         return self._plain.decode([int(i) for i in ids], skip_special_tokens=False)
 
-    def save(self, directory: str) -> None:
+    def save(self, directory: str, *, model_max_length: int | None = None) -> None:
         """Write tokenizer.json + tokenizer_config.json (transformers) and vocab.json +
-        merges.txt (older GPT-2 tools) into `directory`."""
+        merges.txt (older GPT-2 tools) into `directory`.
+
+        `model_max_length` (a model's n_positions) is the length `truncation=True` cuts
+        to; without it transformers writes 1e30, which never truncates.
+        """
         self.hf.save_pretrained(directory)
+        if model_max_length is not None:
+            path = os.path.join(directory, "tokenizer_config.json")
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(config | {"model_max_length": model_max_length}, f, indent=2,
+                          ensure_ascii=False)
         with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
             json.dump(self.vocab, f, ensure_ascii=False)
         with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8") as f:

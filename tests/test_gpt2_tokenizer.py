@@ -165,3 +165,10 @@ def test_hub_name_reads_the_hf_cache_offline(bpe_dir, tok, empty_hf_cache, monke
     cached = tokenizer.load("gpt2", "gpt2")
     assert cached.path == "gpt2" and cached.fingerprint == tok.fingerprint
     assert cached.encode("Hello world") == [15496, 995]
+
+
+def test_hf_prefix_also_takes_a_directory(tok, bpe_dir):
+    """`hf:DIR`, as `convert.hf.import_gpt2` takes it (and sample/eval --hf pass it on)."""
+    prefixed = tokenizer.load("gpt2", "hf:" + bpe_dir)
+    assert prefixed.fingerprint == tok.fingerprint
+    assert prefixed.encode("Hello world") == [15496, 995]

@@ -460,3 +460,113 @@ def test_jaxgpt_imports_without_torch_or_transformers():
     out = subprocess.run([sys.executable, "-c", code], cwd=helpers.REPO, capture_output=True,
                          text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An offline HF cache of our own: `add(repo, save)` fills repo's snapshot via save(dir)."""
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+
+    def add(repo, save):
+        base = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
+        (base / "snapshots" / commit).mkdir(parents=True)
+        (base / "refs").mkdir()
+        (base / "refs" / "main").write_text(commit)
+        save(base / "snapshots" / commit)
+        return sorted(os.listdir(base / "snapshots" / commit))
+    return add
+
+
+def test_hub_names_of_every_weight_layout_load_offline(hub_cache):
+    """Single safetensors, sharded safetensors and a lone pytorch_model.bin, all cached."""
+    m = _hf_model(**TINY)
+
+    def bin_only(d):
+        m.config.to_json_file(str(d / "config.json"))
+        torch.save(m.state_dict(), d / "pytorch_model.bin")
+
+    layouts = {"me/single": lambda d: m.save_pretrained(str(d)),
+               "me/sharded": lambda d: m.save_pretrained(str(d), max_shard_size="100KB"),
+               "me/bin-only": bin_only}
+    files = {repo: hub_cache(repo, save) for repo, save in layouts.items()}
+    assert "model.safetensors.index.json" in files["me/sharded"]
+    assert files["me/bin-only"] == ["config.json", "pytorch_model.bin"]
+    tokens, masks = _batches(97, 12)
+    for repo in layouts:
+        ref, _ = _torch_forward(transformers.GPT2LMHeadModel.from_pretrained(repo).eval(),
+                                tokens, masks["full"])
+        cfg, params = hf.import_gpt2("hf:" + repo)
+        ours, _ = _jax_forward(cfg, params, tokens, masks["full"])
+        np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0, err_msg=repo)
+    hub_cache("me/no-weights", lambda d: m.config.to_json_file(str(d / "config.json")))
+    with pytest.raises(FileNotFoundError, match="me/no-weights has no weights") as err:
+        hf.import_gpt2("hf:me/no-weights")
+    assert "model.safetensors.index.json" in str(err.value)
+
+
+def test_export_directory_mode_follows_umask(tmp_path, tiny_cfg):
+    """As `os.makedirs` would make it (save_pretrained's too); an existing one keeps its own."""
+    import stat
+    params = _random_params(tiny_cfg, 0)
+    old = os.umask(0o027)
+    try:
+        os.makedirs(tmp_path / "reference")
+        hf.export_gpt2(str(tmp_path / "new"), tiny_cfg, params)
+    finally:
+        os.umask(old)
+    (tmp_path / "existing").mkdir()
+    os.chmod(tmp_path / "existing", 0o751)
+    hf.export_gpt2(str(tmp_path / "existing"), tiny_cfg, params)
+
+    def mode(name):
+        return stat.S_IMODE(os.stat(tmp_path / name).st_mode)
+    assert mode("reference") & 0o777 == 0o750
+    assert mode("new") == mode("reference")
+    assert mode("existing") == 0o751
+
+
+@pytest.mark.parametrize("vocab_size", ["0", "-5"])
+def test_export_cli_refuses_a_vocab_size_below_one(tmp_path, tiny_cfg, capsys, vocab_size):
+    _make_run(tmp_path / "run", tiny_cfg, _random_params(tiny_cfg, 0),
+              {"kind": "sentencepiece", "path": str(tmp_path / "gone.model"),
+               "fingerprint": "spm:0"})
+    assert hf.main(["export", f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'out'}",
+                    f"--vocab_size={vocab_size}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: vocab_size {vocab_size} must be in [1, ")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_exported_tokenizer_truncates_to_the_context(tmp_path, shared_data):
+    bpe = tokenizer.load("gpt2", os.path.join(shared_data, "gpt2-bpe"))
+    cfg = model.GPTConfig(**(TINY | {"vocab_size": bpe.vocab_size}))
+    out = str(tmp_path / "hf")
+    hf.export_gpt2(out, cfg, _random_params(cfg, 0), tokenizer=bpe)
+    n_positions = transformers.GPT2Config.from_pretrained(out).n_positions
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    ids = hf_tok("word " * 100, truncation=True, return_tensors="pt")["input_ids"]
+    assert n_positions == 32 and ids.shape == (1, n_positions)
+    with torch.no_grad():   # the model accepts what its tokenizer gives it
+        transformers.GPT2LMHeadModel.from_pretrained(out)(ids)
+
+
+@pytest.mark.parametrize("filename", ["model.safetensors", "pytorch_model.bin"])
+def test_truncated_weights_file_is_named(tmp_path, filename, capsys):
+    from jaxgpt import sample_cli
+    m = _hf_model(**TINY)
+    m.config.to_json_file(str(tmp_path / "config.json"))
+    path = tmp_path / filename
+    if filename == "pytorch_model.bin":
+        torch.save(m.state_dict(), path)
+    else:
+        m.save_pretrained(str(tmp_path))
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))}: not a readable .* truncated"):
+        hf.import_gpt2(str(tmp_path))
+    capsys.readouterr()   # save_pretrained's progress bar
+    assert sample_cli.main([f"--hf={tmp_path}", "--prompt=Hi"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {path}: not a readable")

@@ -12,9 +12,10 @@ import logging
 import os
 import pickle
 import re
+import secrets
 import shutil
+import stat
 import sys
-import tempfile
 from collections.abc import Mapping
 
 import jax.numpy as jnp
@@ -129,10 +130,21 @@ def _to_numpy(t) -> np.ndarray:
     return t.detach().to(device="cpu", dtype=torch.float32).numpy()
 
 
+def _unreadable(path: str, kind: str, e: Exception) -> ValueError:
+    """The error for a weights file its reader can't parse: the readers' own messages omit
+    the path, and torch's can be as bare as `[Errno 22] Invalid argument` or `101`."""
+    detail = str(e).split(". ")[0].splitlines()[0] if str(e) else ""
+    return ValueError(f"{path}: not a readable {kind} file, probably truncated or corrupt "
+                      f"({type(e).__name__}{': ' + detail if detail else ''})")
+
+
 def _read_safetensors(path: str) -> dict:
-    from safetensors import safe_open
-    with safe_open(path, framework="pt") as f:   # not a dict: `in f` does not iterate names
-        return {name: _to_numpy(f.get_tensor(name)) for name in f.keys()}  # noqa: SIM118
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, framework="pt") as f:   # not a dict: `in f` does not iterate names
+            return {name: _to_numpy(f.get_tensor(name)) for name in f.keys()}  # noqa: SIM118
+    except SafetensorError as e:
+        raise _unreadable(path, "safetensors", e) from None
 
 
 def _read_torch_bin(path: str) -> dict:
@@ -143,25 +155,35 @@ def _read_torch_bin(path: str) -> dict:
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path}: refused; its pickle holds more than tensors "
                          f"(weights_only load failed: {str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, KeyError, OSError) as e:
+        if isinstance(e, OSError) and e.filename is not None:   # missing, unreadable: named
+            raise
+        raise _unreadable(path, "PyTorch", e) from None
     if not isinstance(state, Mapping):
         raise TypeError(f"{path}: expected a state dict, got {type(state).__name__}")
     return {name: _to_numpy(t) for name, t in state.items()}
 
 
+def _shards(index: str) -> list[str]:
+    """The shard file names a model.safetensors.index.json lists."""
+    with open(index) as f:
+        return sorted(set(json.load(f)["weight_map"].values()))
+
+
+# Weight layouts in the order they are looked for (transformers' order too).
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
 def _weight_files(directory: str) -> list[str]:
-    single = os.path.join(directory, "model.safetensors")
-    index = os.path.join(directory, "model.safetensors.index.json")
-    legacy = os.path.join(directory, "pytorch_model.bin")
+    single, index, legacy = (os.path.join(directory, f) for f in WEIGHT_FILES)
     if os.path.isfile(single):
         return [single]
     if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(directory, s) for s in shards]
+        return [os.path.join(directory, s) for s in _shards(index)]
     if os.path.isfile(legacy):
         return [legacy]
-    raise FileNotFoundError(f"{directory}: no model.safetensors, model.safetensors.index.json "
-                            f"or pytorch_model.bin")
+    raise FileNotFoundError(f"{directory}: no {', '.join(WEIGHT_FILES[:-1])} or "
+                            f"{WEIGHT_FILES[-1]}")
 
 
 def read_dir(directory: str) -> tuple[dict, dict, dict]:
@@ -185,13 +207,37 @@ def read_dir(directory: str) -> tuple[dict, dict, dict]:
 
 
 def _hub_dir(name: str) -> str:
-    """A hub model's snapshot directory, through transformers' own download and cache."""
+    """A hub model's snapshot directory, through transformers' own download and cache.
+
+    Fetches config.json and the first weight layout (WEIGHT_FILES) the repository has, so
+    the directory holds what `_weight_files` reads; offline, only cached files count.
+    """
     if name.startswith(("/", ".", "~")) or name.count("/") > 1:
         raise FileNotFoundError(f"{name}: no such directory (and not a hub name, which is "
                                 f"NAME or NAMESPACE/NAME)")
     from transformers.utils import cached_file
-    cached_file(name, "model.safetensors")
-    return os.path.dirname(cached_file(name, "config.json"))
+
+    def fetch(filename: str) -> str | None:   # None: the repo (or, offline, the cache) lacks it
+        return cached_file(name, filename, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+
+    config = cached_file(name, "config.json")   # raises for an unknown or unreachable repo
+    if config is None:
+        raise FileNotFoundError(f"hub repository {name} has no config.json")
+    for layout in WEIGHT_FILES:
+        path = fetch(layout)
+        if path is None:
+            continue
+        if layout.endswith(".index.json"):
+            missing = [s for s in _shards(path) if fetch(s) is None]
+            if missing:
+                raise FileNotFoundError(f"hub repository {name}: shards {', '.join(missing)} "
+                                        f"listed in {layout} could not be fetched (offline, "
+                                        f"they are not in the HF cache)")
+        return os.path.dirname(config)
+    raise FileNotFoundError(f"hub repository {name} has no weights in a layout jaxgpt reads "
+                            f"(tried {', '.join(WEIGHT_FILES)}; offline, only files in the HF "
+                            f"cache count)")
 
 
 # ---------------------------------------------------------------------------------- import
@@ -344,14 +390,20 @@ def export_gpt2(out_dir: str, cfg: model.GPTConfig, params, *,
                  vocab_size, cfg.vocab_size)
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    # Not tempfile.mkdtemp, whose 0700 the export would keep: os.mkdir gives the mode
+    # os.makedirs(out_dir) would (umask), and an existing empty out_dir keeps its own.
+    tmp = os.path.join(parent, f".export-{secrets.token_hex(8)}")
+    os.mkdir(tmp)
     try:
+        if os.path.isdir(out_dir):
+            os.chmod(tmp, stat.S_IMODE(os.stat(out_dir).st_mode))
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         eot = tokenizer.eot_id if tokenizer is not None else None
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config(cfg, vocab_size, eot), f, indent=2)
         if tokenizer is not None and hasattr(tokenizer, "save"):
-            tokenizer.save(tmp)
+            # transformers' default model_max_length (1e30) would never truncate.
+            tokenizer.save(tmp, model_max_length=cfg.n_positions)
         if os.path.isdir(out_dir):
             os.rmdir(out_dir)
         os.replace(tmp, out_dir)
@@ -386,8 +438,9 @@ def export_checkpoint(workdir: str, out_dir: str, *, vocab_size: int | None = No
         log.warning("the run used a %s tokenizer; transformers can't load it, so the "
                     "export has no tokenizer files", type(tok).__name__)
     log.info("exporting %s step %d", workdir, step)
-    return export_gpt2(out_dir, cfg, params, vocab_size=vocab_size or tok.vocab_size,
-                tokenizer=tok if isinstance(tok, tokenizer.Gpt2Bpe) else None)
+    return export_gpt2(out_dir, cfg, params,
+                       vocab_size=tok.vocab_size if vocab_size is None else vocab_size,
+                       tokenizer=tok if isinstance(tok, tokenizer.Gpt2Bpe) else None)
 
 
 def main(argv: list[str] | None = None) -> int:
