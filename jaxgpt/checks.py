@@ -33,6 +33,10 @@ def validate_config(config: ml_collections.ConfigDict, cfg: model.GPTConfig, n_d
         raise ValueError(f"model.attention='cudnn' trains only on a GPU (this backend is "
                          f"{jax.default_backend()}); use 'dot_product' or 'einsum'")
     _validate_tasks(config.eval)
+    if config.init_from and config.data.tokenizer != "gpt2":
+        raise ValueError(f"init_from={config.init_from!r} loads GPT-2's embeddings, rows of "
+                         f"GPT-2 BPE ids, but data.tokenizer is {config.data.tokenizer!r}: set "
+                         f"data.tokenizer=gpt2")
     if config.report.wandb_project and importlib.util.find_spec("wandb") is None:
         raise ValueError(f"report.wandb_project is {config.report.wandb_project!r} but wandb "
                          f"is not installed (pip install wandb)")

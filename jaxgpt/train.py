@@ -295,6 +295,7 @@ def make_trainer(cfg: model.GPTConfig, tx, mesh, rules, seed: int, *,
     batch_sh = jax.sharding.NamedSharding(
         mesh, sharding.logical_to_spec((None, "batch", None), rules))
     windows_sh = sharding.batch_sharding(mesh, rules)
+
     def on_mesh(fn, **kwargs):   # traced with the model's activations pinned to the rules
         def traced(*args):
             with sharding.activations(mesh, rules):

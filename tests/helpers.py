@@ -1,6 +1,7 @@
 """Shared test utilities."""
 
 import hashlib
+import json
 import os
 import pathlib
 import subprocess
@@ -64,3 +65,22 @@ def tree_hash(path) -> str:
             h.update(os.path.relpath(full, path).encode())
             h.update(pathlib.Path(full).read_bytes())
     return h.hexdigest()
+
+
+def byte_level_bpe(directory) -> str:
+    """A GPT-2 BPE tokenizer with no merges (vocab.json + merges.txt in `directory`): the 256
+    byte symbols GPT-2's vocabulary starts with, in its order, then <|endoftext|> = 256."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):   # GPT-2's bytes_to_unicode: unprintable bytes map past 255
+        chars[b] = chr(b) if b in printable else chr(256 + extra)
+        extra += b not in printable
+    vocab = {chars[b]: i for i, b in enumerate(printable + [b for b in range(256)
+                                                            if b not in printable])}
+    vocab["<|endoftext|>"] = 256
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    return str(directory)

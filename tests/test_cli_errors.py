@@ -8,7 +8,7 @@ import os
 import pytest
 
 from jaxgpt import config as config_schema
-from jaxgpt import main, report, tasks, tokenizer
+from jaxgpt import main, report, tasks, tokenizer, train
 from tests import helpers
 
 
@@ -169,3 +169,15 @@ def test_the_shards_command_checks_its_config_flags_too(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip() == 'error: --config.data.pathz: no such field (did you mean "path"?)'
     assert not (tmp_path / "shards").exists()
+
+
+def test_init_from_needs_gpt2_bpe_ids(tmp_path):
+    """GPT-2's embedding rows belong to GPT-2 BPE ids: under another tokenizer they would be
+    used for unrelated tokens (a padded vocabulary even hides the size difference)."""
+    config = helpers.tiny_run_config(helpers.small_corpus(tmp_path))
+    config.init_from = "hf:gpt2"
+    with pytest.raises(ValueError, match="init_from='hf:gpt2' loads GPT-2's embeddings, rows "
+                                         "of GPT-2 BPE ids, but data.tokenizer is "
+                                         "'sentencepiece': set data.tokenizer=gpt2"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

@@ -418,7 +418,8 @@ def test_init_from_checks_architecture_and_pads_vocab(tmp_path):
 def test_training_starts_from_init_from(tmp_path):
     corpus = helpers.small_corpus(tmp_path)
     config = helpers.tiny_run_config(corpus, train__steps=1, eval__every=0,
-                                     sample__max_new_tokens=0)
+                                     sample__max_new_tokens=0, data__tokenizer="gpt2")
+    config.data.tokenizer_path = helpers.byte_level_bpe(tmp_path / "bpe")   # GPT-2's ids
     m = _hf_model(**{f: config.model[f] for f in hf.ARCH_FIELDS})
     m.save_pretrained(str(tmp_path / "hf"))
     config.init_from = str(tmp_path / "hf")
