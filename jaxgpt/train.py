@@ -574,9 +574,13 @@ def _occurrences(done: int, total: int, every: int) -> int:
     return total // every - done // every + (total % every != 0 and done < total)
 
 
-def _flush(pending: list, ledger, guard) -> dict:
+def _flush(pending: list, ledger, guard, watchdog) -> dict:
     """Pull pending steps' metrics to the host, judge non-finite ones, extend the ledger.
-    Returns the newest step's host metrics."""
+    Returns the newest step's host metrics. Waits for the steps one by one, telling the
+    watchdog as each finishes: the queue can hold a whole log interval of them."""
+    for step, _, m in pending:
+        jax.block_until_ready(m)
+        watchdog.beat(step)
     host = jax.device_get([m for _, _, m in pending])
     hashes = faults.global_digests([d for _, d, _ in pending])
     records = []
@@ -637,14 +641,20 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts,
             done = step + 1
             pending.append((done, digest, metrics))
             if done == start + 1:
-                watchdog.start()   # armed once the first (compiling) step is dispatched
-            watchdog.beat(done)
+                # Armed once the first (compiling) step is dispatched. Dispatch returns
+                # before a step runs, so beats come as steps finish, not as they are queued.
+                watchdog.beat(start)
+                watchdog.start()
+            for d, _, m in reversed(pending):   # the newest finished step
+                if jax.tree.leaves(m)[0].is_ready():
+                    watchdog.beat(d)
+                    break
             stopping = stop.should_stop(done)
             is_log = done % config.train.log_every == 0 or done == total or done == start + 1
             is_eval = bool(config.eval.every) and (done % config.eval.every == 0 or done == total)
             is_save = done % config.checkpoint.every == 0 or done == total or stopping
             if is_log or is_eval or is_save or len(pending) >= 1024:
-                metrics = _flush(pending, ledger, guard)
+                metrics = _flush(pending, ledger, guard, watchdog)
             if is_log:
                 now = time.time()
                 rate = (done - step_last) / max(now - t_last - paused, 1e-9)

@@ -474,6 +474,22 @@ def test_watchdog_exits_a_stuck_trainer(tmp_path, shared_tok):
     assert time.time() - t0 < 120
 
 
+def test_watchdog_counts_finished_steps_not_dispatched_ones(tmp_path, shared_tok):
+    """Dispatch returns before a step runs, so a log interval's steps queue up and the host
+    then waits for all of them at once (~6 s here): progress is each step finishing (~0.1
+    s apart), not a 6 s silence after 60 steps dispatched in no time."""
+    args = bench.run_args(str(tmp_path / "run"), *shared_tok, steps=60)
+    args += ["--config.model.n_layer=4", "--config.model.n_embd=256", "--config.model.n_head=4",
+             "--config.model.resid_pdrop=0", "--config.data.block_size=64",
+             "--config.train.batch_size=16", "--config.train.log_every=60",
+             "--config.eval.every=0", "--config.checkpoint.every=1000",
+             "--config.train.watchdog_min_s=2", "--config.train.watchdog_factor=10"]
+    out = subprocess.run(args, cwd=helpers.REPO, capture_output=True, text=True, timeout=300,
+                         check=False)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "stalled" not in out.stdout + out.stderr
+
+
 def test_watchdog_times_phases_against_their_own_earlier_runs():
     stalls = []
     dog = faults.Watchdog(0.2, 3.0, poll_s=0.01, on_stall=stalls.append)
