@@ -204,20 +204,35 @@ class Checkpoints:
         self.manager.wait_until_finished()
         self.manager.check_for_errors()
         if self.primary:
-            directory = os.path.join(self.root, str(step))
-            record = {"step": step, "val_loss": val_loss, "files": _file_crcs(directory)}
-            tmp = os.path.join(directory, INTEGRITY + ".tmp")
-            with open(tmp, "w") as f:
-                json.dump(record, f)
-            os.replace(tmp, os.path.join(directory, INTEGRITY))
+            self._write_integrity(step, val_loss)
         _sync("jaxgpt_checkpoint_flush")
         self._prune()   # on every process: orbax's delete is collective
         log.info("checkpoint at step %d complete", step)
 
+    def _write_integrity(self, step: int, val_loss: float | None) -> None:
+        directory = os.path.join(self.root, str(step))
+        record = {"step": step, "val_loss": val_loss, "files": _file_crcs(directory)}
+        tmp = os.path.join(directory, INTEGRITY + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+        os.replace(tmp, os.path.join(directory, INTEGRITY))
+
+    def _val_loss(self, step: int):
+        """A step's validation loss: from its integrity record, or, where a kill came
+        before the record was written, from the metadata saved with it."""
+        record = self._integrity(step)
+        if record:
+            return record.get("val_loss")
+        try:
+            with open(os.path.join(self.root, str(step), "meta", "metadata")) as f:
+                return json.load(f).get("val_loss")
+        except (OSError, ValueError, AttributeError):
+            return None
+
     def _prune(self) -> None:
         steps = self.steps()
         keep = set(steps[-self.keep:])
-        losses = {s: self._integrity(s).get("val_loss") for s in steps}
+        losses = {s: self._val_loss(s) for s in steps}
         scored = [(v, s) for s, v in losses.items() if isinstance(v, (int, float))]
         if scored:
             keep.add(min(scored)[1])
@@ -268,9 +283,11 @@ class Checkpoints:
         if rollback_to is not None:
             if self.primary and rollback_to in self.steps():
                 problem, meta = self._verify(rollback_to)
-                if problem is None:
-                    check_meta(rollback_to, meta)
-                    checked = rollback_to
+                if problem is not None:   # asked for by number: no falling back past it
+                    raise ValueError(f"checkpoint.restore_step {rollback_to}: the checkpoint "
+                                     f"{problem}; nothing was moved")
+                check_meta(rollback_to, meta)
+                checked = rollback_to
             self.rollback(rollback_to)
         while True:
             step = self._choose(check_meta, checked) if self.primary else -1
@@ -291,6 +308,10 @@ class Checkpoints:
                 self._move_aside(str(step), CORRUPT_DIR,
                                  f"failed to restore ({problem}); falling back")
                 continue
+            if self.primary and not self._integrity(step):
+                # A kill before the record was written: it restored, so record it now (its
+                # checksums from here on, and its val_loss for keeping the best).
+                self._write_integrity(step, out.meta.get("val_loss"))
             return out.state, out.data, out.meta
 
     def rollback(self, step: int) -> None:

@@ -194,15 +194,38 @@ def _identity(value):
     return value
 
 
+def rollback_still_to_do(config, workdir: str) -> int | None:
+    """checkpoint.restore_step, unless the newest checkpoint was written after that very
+    rollback (its config asks for it too): a preempted job rerun with the same command
+    goes on from there instead of rolling back again on every start."""
+    step = config.checkpoint.restore_step
+    if step is None:
+        return None
+    try:
+        latest, saved = checkpoint.read_meta(workdir, quiet=True)
+    except Exception:    # noqa: BLE001 - none, or unreadable: the rollback decides
+        return step
+    if latest > step and saved.get("config", {}).get("checkpoint", {}).get(
+            "restore_step") == step:
+        log.warning("checkpoint.restore_step %d was applied already: step %d continues from "
+                    "it, so the run resumes there (drop restore_step from the command; to "
+                    "roll back to step %d again, move the newer steps out of checkpoints/)",
+                    step, latest, step)
+        return None
+    return step
+
+
 def precheck_resume(config, workdir: str) -> None:
     """The config part of the resume guard, against the checkpoint a resume would start
     from, before training a tokenizer or preparing data that a refusal would waste (the
     full guard, with the tokenizer and pipeline fingerprints, runs at restore)."""
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         return
+    rollback = rollback_still_to_do(config, workdir)
     try:
-        step, saved = checkpoint.read_meta(workdir, config.checkpoint.restore_step,
-                                           quiet=True)
-    except Exception:    # noqa: BLE001 - none, or unreadable: the restore decides and says
+        step, saved = checkpoint.read_meta(workdir, rollback, quiet=True)
+    except Exception as e:    # noqa: BLE001 - none or unreadable: the restore says
+        if rollback is not None:   # a step asked for by number: absent or damaged is it
+            raise ValueError(f"checkpoint.restore_step {rollback}: {e}") from None
         return
     resume_guard(config, {"config": config.to_dict()}, quiet=True)(step, saved)

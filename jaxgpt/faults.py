@@ -47,12 +47,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+_EMPTY_LOCK_S = 10.0   # an empty LOCK older than this was left by a killed writer
+_HELD: set = set()     # the LOCK paths this process holds
+
+
 class WorkdirLock:
     """`WORKDIR/LOCK` holds {"pid", "host"} of the one trainer allowed to write there.
 
     orbax has no single-writer lock, and two trainers on one workdir delete each other's
-    checkpoints. A lock left by a dead pid on this host is taken over with a warning; a
-    lock from another host cannot be checked and must be removed by hand.
+    checkpoints. A lock left by a dead pid on this host (or by this process's own pid, as a
+    restarted container has it) is taken over with a warning, as is one a kill left empty;
+    a lock from another host cannot be checked and must be removed by hand.
     """
 
     def __init__(self, workdir: str):
@@ -66,20 +71,38 @@ class WorkdirLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 owner = self._owner()
-                if (owner.get("host") == me["host"] and isinstance(owner.get("pid"), int)
-                        and not _pid_alive(owner["pid"])):
-                    log.warning("taking over stale workdir lock %s of dead pid %d",
-                                self.path, owner["pid"])
-                    os.unlink(self.path)
+                if self._stale(owner, me):
+                    log.warning("taking over stale workdir lock %s (%s)", self.path,
+                                f"pid {owner['pid']}" if owner else "left empty")
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.path)
                     continue
+                if not owner:
+                    raise Halt(f"workdir lock {self.path} is empty: a trainer is taking it "
+                               f"(a lock left empty is taken over after {_EMPTY_LOCK_S:.0f} "
+                               f"s)", EXIT_LOCKED) from None
                 raise Halt(f"workdir locked by pid {owner.get('pid')} on host "
                            f"{owner.get('host')} ({self.path}); if that trainer is gone, "
                            f"delete the file", EXIT_LOCKED) from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             self.held = True
+            _HELD.add(os.path.abspath(self.path))
             return
         raise Halt(f"could not take the workdir lock {self.path}", EXIT_LOCKED)
+
+    def _stale(self, owner: dict, me: dict) -> bool:
+        """A lock left on this host by a dead pid, or by this very pid (a restarted
+        container reuses it, often as pid 1), or left empty by a kill between its creation
+        and its write (older than a live writer would take)."""
+        if not owner:
+            with contextlib.suppress(FileNotFoundError):
+                return time.time() - os.path.getmtime(self.path) > _EMPTY_LOCK_S
+            return False
+        pid = owner.get("pid")
+        mine = pid == me["pid"] and os.path.abspath(self.path) not in _HELD
+        return (owner.get("host") == me["host"] and isinstance(pid, int)
+                and (mine or not _pid_alive(pid)))
 
     def _owner(self) -> dict:
         try:
@@ -92,6 +115,7 @@ class WorkdirLock:
     def release(self) -> None:
         if self.held:
             self.held = False
+            _HELD.discard(os.path.abspath(self.path))
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
 

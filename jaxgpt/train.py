@@ -399,7 +399,7 @@ def _restore_or_init(config, trainer, ckpts, meta, train_iter):
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             jax.eval_shape(trainer.init), trainer.state_shardings)
     out = ckpts.restore(abstract, check_meta=checks.resume_guard(config, meta),
-                        rollback_to=config.checkpoint.restore_step)
+                        rollback_to=checks.rollback_still_to_do(config, ckpts.workdir))
     if out is None:
         return _init_from(config.init_from, trainer, trainer.init()), None
     state, data_state, saved_meta = out
@@ -521,15 +521,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ckpts = checkpoint.Checkpoints(workdir, keep=config.checkpoint.keep,
                                        async_save=config.checkpoint.async_save)
         state, saved = _restore_or_init(config, trainer, ckpts, meta, train_iter)
-        if int(state.step) >= total:
-            log.warning("the run is at step %d already, not before train.steps %d: nothing "
-                        "to train (raise --config.train.steps to go on)", int(state.step),
-                        total)
-            ckpts.close()
-            return {"train": {}, "eval": {}, "state": state, "preempted": None,
-                    "skipped_steps": 0}
-        if saved is not None and jax.process_index() == 0:
-            _say_schedule_change(config, saved, int(state.step))
         if jax.process_index() == 0:
             # Records of steps after the restored one belong to an abandoned continuation
             # (a crash, a fallback, a rollback): kept aside, so the curves run forward.
@@ -539,6 +530,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if dropped:
                 log.info("metrics.jsonl: %d record(s) after step %d moved to "
                          "metrics.abandoned.jsonl", dropped, int(state.step))
+        if int(state.step) >= total:
+            faults.Ledger(workdir, int(state.step))   # truncated to the restored step too
+            log.warning("the run is at step %d already, not before train.steps %d: nothing "
+                        "to train (raise --config.train.steps to go on)", int(state.step),
+                        total)
+            ckpts.close()
+            return {"train": {}, "eval": {}, "state": state, "preempted": None,
+                    "skipped_steps": 0}
+        if saved is not None and jax.process_index() == 0:
+            _say_schedule_change(config, saved, int(state.step))
         # Tokens and documents per source and split, and bad records skipped while preparing.
         report.MetricsWriter(workdir, enabled=jax.process_index() == 0).write(
             {"step": int(state.step), "data": corpus.stats})

@@ -190,6 +190,26 @@ def test_keeps_newest_plus_best_and_never_saves_nonfinite(tmp_path, tiny_cfg):
     assert sorted(os.listdir(root)) == ["2", "4", "5"]
 
 
+def test_a_step_killed_before_its_integrity_record_keeps_its_val_loss(tmp_path, tiny_cfg):
+    """The record is written at the next save point: a kill before it must not make the
+    run's best checkpoint look unscored, and pruning delete it."""
+    ckpts = checkpoint.Checkpoints(str(tmp_path), keep=1)
+    ckpts.save(_state(tiny_cfg, 3), {"pos": 3}, {}, val_loss=1.0)
+    ckpts.manager.wait_until_finished()
+    ckpts._pending = None                    # killed: the save finished, no record written
+    ckpts.manager.close()
+    root = tmp_path / "checkpoints"
+    assert not (root / "3" / checkpoint.INTEGRITY).exists()
+    ckpts = checkpoint.Checkpoints(str(tmp_path), keep=1)
+    restored = ckpts.restore(_abstract(_state(tiny_cfg, 3)), check_meta=lambda s, m: None)
+    assert int(restored[0].step) == 3
+    record = json.loads((root / "3" / checkpoint.INTEGRITY).read_text())
+    assert record["val_loss"] == 1.0 and record["files"]   # recorded, with its checksums
+    ckpts.save(_state(tiny_cfg, 6), {"pos": 6}, {}, val_loss=2.0)
+    ckpts.close()
+    assert sorted(os.listdir(root)) == ["3", "6"]           # the newest, and the best
+
+
 def test_resume_refuses_another_optimizers_state_even_when_changes_are_allowed():
     from jaxgpt import checks
     from jaxgpt import config as config_lib
@@ -223,6 +243,18 @@ def test_workdir_lock(tmp_path):
     assert str(os.getpid()) in (tmp_path / "LOCK").read_text()
     taker.release()
     assert not (tmp_path / "LOCK").exists()
+    # This very pid (a restarted container's trainer, often pid 1) holds no lock it has not
+    # taken: the lock is a previous life's.
+    (tmp_path / "LOCK").write_text(f'{{"pid": {os.getpid()}, "host": "{os.uname().nodename}"}}')
+    faults.WorkdirLock(str(tmp_path)).acquire()
+    # Empty (a kill between creating and writing it): refused while fresh, taken when old.
+    (tmp_path / "LOCK").write_text("")
+    with pytest.raises(faults.Halt, match="LOCK is empty: a trainer is taking it"):
+        faults.WorkdirLock(str(tmp_path)).acquire()
+    old = time.time() - 60
+    os.utime(tmp_path / "LOCK", (old, old))
+    faults.WorkdirLock(str(tmp_path)).acquire()
+    assert str(os.getpid()) in (tmp_path / "LOCK").read_text()
 
 
 # ---------------------------------------------------------------- in-process training runs
@@ -304,6 +336,21 @@ def test_rollback_guards_and_lock_in_a_run(tmp_path, shared_tok, caplog):
     assert sorted(os.listdir(f"{workdir}/checkpoints")) == ["2", "4", "6"]
     assert sorted(n.split("-")[0] for n in os.listdir(f"{workdir}/checkpoints.rolledback")) \
         == ["4", "6"]
+    # The same command again (a preempted job requeued): the rollback was done, and the
+    # steps after it are its own continuation, not rolled back on every start.
+    with caplog.at_level(logging.WARNING):
+        train.train_and_evaluate(_config(shared_tok, checkpoint__restore_step=2), workdir)
+    assert "checkpoint.restore_step 2 was applied already: step 6 continues" in caplog.text
+    assert len(os.listdir(f"{workdir}/checkpoints.rolledback")) == 2
+    caplog.clear()
+    # A damaged step asked for by number is an error, not a fall back past it.
+    damaged = _biggest_file(f"{workdir}/checkpoints/4")
+    intact = pathlib.Path(damaged).read_bytes()
+    pathlib.Path(damaged).write_bytes(bytes([intact[0] ^ 1]) + intact[1:])
+    with pytest.raises(ValueError, match=r"checkpoint.restore_step 4: .* failing its CRC32"):
+        train.train_and_evaluate(_config(shared_tok, checkpoint__restore_step=4), workdir)
+    assert sorted(os.listdir(f"{workdir}/checkpoints")) == ["2", "4", "6"]
+    pathlib.Path(damaged).write_bytes(intact)
     before = helpers.tree_hash(workdir)
     with pytest.raises(ValueError, match=r"model.n_layer: 2 -> 3"):
         train.train_and_evaluate(_config(shared_tok, model__n_layer=3), workdir)
