@@ -395,7 +395,7 @@ def _sample_text(config, trainer: Trainer, params, tok, step: int) -> list[str]:
 
 
 def _restore_or_init(config, trainer, ckpts, meta, train_iter):
-    """(state, the restored checkpoint's config or None for a fresh start)."""
+    """(state, the restored checkpoint's metadata or None for a fresh start)."""
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             jax.eval_shape(trainer.init), trainer.state_shardings)
     out = ckpts.restore(abstract, check_meta=checks.resume_guard(config, meta),
@@ -415,7 +415,7 @@ def _restore_or_init(config, trainer, ckpts, meta, train_iter):
     if broken == "opt":
         state = state.replace(opt_state=trainer.init().opt_state)
     log.info("resumed from step %d in %s", int(state.step), ckpts.workdir)
-    return state, saved_meta.get("config", {})
+    return state, saved_meta
 
 
 SCHEDULE_FIELDS = ("learning_rate", "min_lr_ratio", "warmup_steps", "decay_steps", "schedule")
@@ -521,6 +521,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ckpts = checkpoint.Checkpoints(workdir, keep=config.checkpoint.keep,
                                        async_save=config.checkpoint.async_save)
         state, saved = _restore_or_init(config, trainer, ckpts, meta, train_iter)
+        saved = saved or {}
         if jax.process_index() == 0:
             # Records of steps after the restored one belong to an abandoned continuation
             # (a crash, a fallback, a rollback): kept aside, so the curves run forward.
@@ -538,8 +539,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             ckpts.close()
             return {"train": {}, "eval": {}, "state": state, "preempted": None,
                     "skipped_steps": 0}
-        if saved is not None and jax.process_index() == 0:
-            _say_schedule_change(config, saved, int(state.step))
+        if saved and jax.process_index() == 0:
+            _say_schedule_change(config, saved.get("config", {}), int(state.step))
         # Tokens and documents per source and split, and bad records skipped while preparing.
         report.MetricsWriter(workdir, enabled=jax.process_index() == 0).write(
             {"step": int(state.step), "data": corpus.stats})
@@ -550,7 +551,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         bench = tasks.DuringTraining(benchmarks, tok, cfg.n_positions,
                                      config.eval.batch_size) if benchmarks else None
         return _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts,
-                           meta, schedule=schedule, bench=bench)
+                           meta, schedule=schedule, bench=bench,
+                           skips=saved.get("skips", (0, 0)))
     finally:
         lock.release()
 
@@ -597,7 +599,8 @@ def _flush(pending: list, ledger, guard, watchdog) -> dict:
 
 
 def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts, meta,
-                *, schedule, bench=None) -> dict:
+                *, schedule, bench=None, skips=(0, 0)) -> dict:
+    """`skips`: (non-finite steps skipped in a row, in all) up to the restored step."""
     writer = report.MetricsWriter(workdir, enabled=jax.process_index() == 0,
                                   tensorboard=config.report.tensorboard,
                                   wandb_project=config.report.wandb_project,
@@ -618,6 +621,7 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts,
     paused, took = 0.0, {"eval": 0.0, "save": 0.0}
     ledger = faults.Ledger(workdir, start)
     guard = faults.NonFiniteGuard(config.train.nonfinite, config.train.max_consecutive_skips)
+    guard.consecutive, guard.skipped = skips   # a resume goes on counting
     stop = faults.StopRequest()
     watchdog = faults.Watchdog(config.train.watchdog_min_s, config.train.watchdog_factor)
     pending = []   # (step, batch digest, device metrics) not yet checked on the host
@@ -700,7 +704,9 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts,
                 t_save = time.monotonic()
                 with watchdog.phase("checkpoint save"):
                     best = last_eval.get("val_loss") if last_eval.get("step") == done else None
-                    ckpts.save(state, train_iter.get_state(), meta, val_loss=best)
+                    ckpts.save(state, train_iter.get_state(),
+                               dict(meta, skips=(guard.consecutive, guard.skipped)),
+                               val_loss=best)
                 took["save"] = time.monotonic() - t_save
             paused += time.monotonic() - t_pause
             if stopping:

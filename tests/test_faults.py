@@ -322,6 +322,15 @@ def test_nonfinite_halt_skip_and_consecutive_skips(tmp_path, shared_tok):
             _config(shared_tok, train__inject_nan_at_step=2, train__inject_nan_steps=9,
                     train__nonfinite="skip", train__max_consecutive_skips=2),
             str(tmp_path / "skip2"))
+    # Skips in a row are counted across a resume: 2 before the stop at step 3, 1 after.
+    skip3 = {"train__inject_nan_at_step": 2, "train__inject_nan_steps": 9,
+             "train__nonfinite": "skip", "train__max_consecutive_skips": 3,
+             "checkpoint__every": 1}
+    out = train.train_and_evaluate(_config(shared_tok, train__steps=3, **skip3),
+                                   str(tmp_path / "skip3"))
+    assert out["skipped_steps"] == 2
+    with pytest.raises(faults.Halt, match="3 consecutive non-finite steps up to step 4"):
+        train.train_and_evaluate(_config(shared_tok, **skip3), str(tmp_path / "skip3"))
 
 
 @pytest.mark.slow
