@@ -2,6 +2,7 @@
 and the guard that refuses to resume a checkpoint of an incompatible run."""
 
 import importlib.util
+import json
 import logging
 import os
 import shlex
@@ -194,10 +195,11 @@ def _identity(value):
     return value
 
 
-def rollback_still_to_do(config, workdir: str) -> int | None:
+def rollback_still_to_do(config, workdir: str, *, quiet: bool = False) -> int | None:
     """checkpoint.restore_step, unless the newest checkpoint was written after that very
-    rollback (its config asks for it too): a preempted job rerun with the same command
-    goes on from there instead of rolling back again on every start."""
+    rollback by this very config (a preempted job requeued with its command), which goes on
+    from there instead of rolling back again on every start. Any other change to the
+    config (say, a lower learning rate for a second try) rolls back again."""
     step = config.checkpoint.restore_step
     if step is None:
         return None
@@ -205,12 +207,12 @@ def rollback_still_to_do(config, workdir: str) -> int | None:
         latest, saved = checkpoint.read_meta(workdir, quiet=True)
     except Exception:    # noqa: BLE001 - none, or unreadable: the rollback decides
         return step
-    if latest > step and saved.get("config", {}).get("checkpoint", {}).get(
-            "restore_step") == step:
-        log.warning("checkpoint.restore_step %d was applied already: step %d continues from "
-                    "it, so the run resumes there (drop restore_step from the command; to "
-                    "roll back to step %d again, move the newer steps out of checkpoints/)",
-                    step, latest, step)
+    if latest > step and saved.get("config") == json.loads(json.dumps(config.to_dict())):
+        if not quiet:
+            log.warning("checkpoint.restore_step %d was applied already by this same config: "
+                        "step %d continues from it, so the run resumes there (to roll back "
+                        "to step %d again, move the newer steps out of checkpoints/)",
+                        step, latest, step)
         return None
     return step
 
@@ -221,7 +223,7 @@ def precheck_resume(config, workdir: str) -> None:
     full guard, with the tokenizer and pipeline fingerprints, runs at restore)."""
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         return
-    rollback = rollback_still_to_do(config, workdir)
+    rollback = rollback_still_to_do(config, workdir, quiet=True)
     try:
         step, saved = checkpoint.read_meta(workdir, rollback, quiet=True)
     except Exception as e:    # noqa: BLE001 - none or unreadable: the restore says

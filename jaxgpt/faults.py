@@ -48,6 +48,17 @@ def _pid_alive(pid: int) -> bool:
 
 
 _EMPTY_LOCK_S = 10.0   # an empty LOCK older than this was left by a killed writer
+
+
+def _started() -> int | None:
+    """This process's start time (clock ticks after boot; Linux), which tells it from an
+    earlier process with the same pid: a restarted container's, or one in another pid
+    namespace on the same host."""
+    try:
+        with open("/proc/self/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 _HELD: set = set()     # the LOCK paths this process holds
 
 
@@ -55,8 +66,9 @@ class WorkdirLock:
     """`WORKDIR/LOCK` holds {"pid", "host"} of the one trainer allowed to write there.
 
     orbax has no single-writer lock, and two trainers on one workdir delete each other's
-    checkpoints. A lock left by a dead pid on this host (or by this process's own pid, as a
-    restarted container has it) is taken over with a warning, as is one a kill left empty;
+    checkpoints. A lock left by a dead pid on this host (or by a process with this one's pid
+    that started earlier, as in a restarted container) is taken over with a warning, as is
+    one a kill left empty;
     a lock from another host cannot be checked and must be removed by hand.
     """
 
@@ -65,7 +77,7 @@ class WorkdirLock:
         self.held = False
 
     def acquire(self) -> None:
-        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _started()}
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -92,17 +104,21 @@ class WorkdirLock:
         raise Halt(f"could not take the workdir lock {self.path}", EXIT_LOCKED)
 
     def _stale(self, owner: dict, me: dict) -> bool:
-        """A lock left on this host by a dead pid, or by this very pid (a restarted
-        container reuses it, often as pid 1), or left empty by a kill between its creation
-        and its write (older than a live writer would take)."""
+        """A lock left on this host by a dead pid, or by an earlier process with this pid (a
+        restarted container reuses it, often as pid 1), or left empty by a kill between its
+        creation and its write (older than a live writer would take)."""
         if not owner:
             with contextlib.suppress(FileNotFoundError):
                 return time.time() - os.path.getmtime(self.path) > _EMPTY_LOCK_S
             return False
         pid = owner.get("pid")
-        mine = pid == me["pid"] and os.path.abspath(self.path) not in _HELD
+        # This pid, but not this process: one started at another time (a lock this process
+        # took is in _HELD).
+        earlier_me = (pid == me["pid"] and os.path.abspath(self.path) not in _HELD
+                      and me["started"] is not None
+                      and owner.get("started") not in (None, me["started"]))
         return (owner.get("host") == me["host"] and isinstance(pid, int)
-                and (mine or not _pid_alive(pid)))
+                and (earlier_me or not _pid_alive(pid)))
 
     def _owner(self) -> dict:
         try:
@@ -183,18 +199,24 @@ class Watchdog:
         self._thread = None
 
     def start(self) -> None:
-        if self.enabled:
+        if self.enabled and self._thread is None:
             self._thread = threading.Thread(target=self._run, name="step-watchdog",
                                             daemon=True)
             self._thread.start()
 
     def beat(self, step: int) -> None:
+        """Step `step` has finished; the first beat arms the watchdog (the first step, which
+        compiles, is not timed). A step no newer than the last beat's is no progress."""
         now = time.monotonic()
         with self._lock:
-            if self._last is not None and step > self._last[0]:
+            if self._last is not None and step <= self._last[0]:
+                return
+            if self._last is not None:
                 self._times = (self._times + [(now - self._last[1]) / (step - self._last[0])]
                                )[-100:]
             self._last = (step, now)
+        if self._thread is None:
+            self.start()
 
     @contextlib.contextmanager
     def phase(self, name: str):

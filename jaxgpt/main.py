@@ -104,7 +104,7 @@ def init_distributed() -> None:
     explicit = FLAGS.coordinator_address is not None
     if FLAGS.distributed == "off":
         return
-    cluster = _cluster_runs_several_processes()
+    cluster = not explicit and _cluster_runs_several_processes()
     if not explicit and not cluster and (num_processes is not None or process_id is not None):
         raise app.UsageError(f"--num_processes={num_processes} --process_id={process_id} "
                              f"need --coordinator_address (or JAXGPT_COORDINATOR_ADDRESS), "

@@ -389,7 +389,7 @@ def _sample_text(config, trainer: Trainer, params, tok, step: int) -> list[str]:
     ids = [tok.encode(p) or [tok.eot_id] for p in prompts]
     method = sample.Sampling(temperature=config.sample.temperature, top_k=config.sample.top_k)
     out = sample.generate(trainer.cfg, params, ids, max_new_tokens=config.sample.max_new_tokens,
-                          method=method, seed=config.train.seed + step, eot_id=tok.eot_id,
+                          method=method, seed=(config.train.seed + step) % 2**32, eot_id=tok.eot_id,
                           n_valid_vocab=tok.vocab_size)
     return [tok.decode(o) for o in out]
 
@@ -538,7 +538,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         total)
             ckpts.close()
             return {"train": {}, "eval": {}, "state": state, "preempted": None,
-                    "skipped_steps": 0}
+                    "skipped_steps": saved.get("skips", (0, 0))[1]}
         if saved and jax.process_index() == 0:
             _say_schedule_change(config, saved.get("config", {}), int(state.step))
         # Tokens and documents per source and split, and bad records skipped while preparing.
@@ -645,11 +645,8 @@ def _train_loop(config, workdir, trainer, state, train_iter, corpus, tok, ckpts,
             state, metrics = trainer.train_step(state, batch)
             done = step + 1
             pending.append((done, digest, metrics))
-            if done == start + 1:
-                # Armed once the first (compiling) step is dispatched. Dispatch returns
-                # before a step runs, so beats come as steps finish, not as they are queued.
-                watchdog.beat(start)
-                watchdog.start()
+            # Dispatch returns before a step runs, so beats come as steps finish, not as
+            # they are queued; the first beat (the first step, compiled, done) arms it.
             for d, _, m in reversed(pending):   # the newest finished step
                 if jax.tree.leaves(m)[0].is_ready():
                     watchdog.beat(d)

@@ -243,9 +243,16 @@ def test_workdir_lock(tmp_path):
     assert str(os.getpid()) in (tmp_path / "LOCK").read_text()
     taker.release()
     assert not (tmp_path / "LOCK").exists()
-    # This very pid (a restarted container's trainer, often pid 1) holds no lock it has not
-    # taken: the lock is a previous life's.
-    (tmp_path / "LOCK").write_text(f'{{"pid": {os.getpid()}, "host": "{os.uname().nodename}"}}')
+    # This pid, taken by a process started earlier (a restarted container's trainer, often
+    # pid 1): a previous life's lock. The same pid started at the same time (another pid
+    # namespace on this host, or not knowing) is refused.
+    host, started = os.uname().nodename, faults._started()
+    (tmp_path / "LOCK").write_text(json.dumps({"pid": os.getpid(), "host": host,
+                                               "started": started}))
+    with pytest.raises(faults.Halt, match=f"workdir locked by pid {os.getpid()}"):
+        faults.WorkdirLock(str(tmp_path)).acquire()
+    (tmp_path / "LOCK").write_text(json.dumps({"pid": os.getpid(), "host": host,
+                                               "started": started - 1}))
     faults.WorkdirLock(str(tmp_path)).acquire()
     # Empty (a kill between creating and writing it): refused while fresh, taken when old.
     (tmp_path / "LOCK").write_text("")
@@ -349,9 +356,14 @@ def test_rollback_guards_and_lock_in_a_run(tmp_path, shared_tok, caplog):
     # steps after it are its own continuation, not rolled back on every start.
     with caplog.at_level(logging.WARNING):
         train.train_and_evaluate(_config(shared_tok, checkpoint__restore_step=2), workdir)
-    assert "checkpoint.restore_step 2 was applied already: step 6 continues" in caplog.text
+    assert "checkpoint.restore_step 2 was applied already by this same config: step 6 " \
+        "continues" in caplog.text
     assert len(os.listdir(f"{workdir}/checkpoints.rolledback")) == 2
     caplog.clear()
+    # A second try with another setting (a lower learning rate) does roll back again.
+    train.train_and_evaluate(_config(shared_tok, checkpoint__restore_step=2,
+                                     optim__learning_rate=1e-4), workdir)
+    assert len(os.listdir(f"{workdir}/checkpoints.rolledback")) == 4
     # A damaged step asked for by number is an error, not a fall back past it.
     damaged = _biggest_file(f"{workdir}/checkpoints/4")
     intact = pathlib.Path(damaged).read_bytes()
@@ -532,18 +544,32 @@ def test_watchdog_exits_a_stuck_trainer(tmp_path, shared_tok):
 
 def test_watchdog_counts_finished_steps_not_dispatched_ones(tmp_path, shared_tok):
     """Dispatch returns before a step runs, so a log interval's steps queue up and the host
-    then waits for all of them at once (~6 s here): progress is each step finishing (~0.1
-    s apart), not a 6 s silence after 60 steps dispatched in no time."""
-    args = bench.run_args(str(tmp_path / "run"), *shared_tok, steps=60)
+    then waits for all of them at once (~4 s here): progress is each step finishing (~0.1
+    s apart), not a 4 s silence after 40 steps dispatched in no time."""
+    args = bench.run_args(str(tmp_path / "run"), *shared_tok, steps=40)
     args += ["--config.model.n_layer=4", "--config.model.n_embd=256", "--config.model.n_head=4",
              "--config.model.resid_pdrop=0", "--config.data.block_size=64",
-             "--config.train.batch_size=16", "--config.train.log_every=60",
+             "--config.train.batch_size=16", "--config.train.log_every=40",
              "--config.eval.every=0", "--config.checkpoint.every=1000",
              "--config.train.watchdog_min_s=2", "--config.train.watchdog_factor=10"]
     out = subprocess.run(args, cwd=helpers.REPO, capture_output=True, text=True, timeout=300,
                          check=False)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "stalled" not in out.stdout + out.stderr
+
+
+def test_watchdog_arms_at_the_first_finished_step_and_a_repeated_step_is_no_progress():
+    stalls = []
+    dog = faults.Watchdog(0.2, 3.0, poll_s=0.01, on_stall=stalls.append)
+    try:
+        time.sleep(0.5)           # the first step (compiling, then running) is not timed
+        dog.beat(1)
+        for _ in range(40):       # the same step seen finished again and again
+            time.sleep(0.02)
+            dog.beat(1)
+        assert len(stalls) == 1 and stalls[0].startswith("watchdog: stalled after step 1:")
+    finally:
+        dog.stop()
 
 
 def test_watchdog_times_phases_against_their_own_earlier_runs():
