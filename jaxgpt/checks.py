@@ -195,7 +195,7 @@ def _identity(value):
     return value
 
 
-def rollback_still_to_do(config, workdir: str, *, quiet: bool = False) -> int | None:
+def rollback_still_to_do(config, workdir: str) -> int | None:
     """checkpoint.restore_step, unless the newest checkpoint was written after that very
     rollback by this very config (a preempted job requeued with its command), which goes on
     from there instead of rolling back again on every start. Any other change to the
@@ -208,22 +208,20 @@ def rollback_still_to_do(config, workdir: str, *, quiet: bool = False) -> int | 
     except Exception:    # noqa: BLE001 - none, or unreadable: the rollback decides
         return step
     if latest > step and saved.get("config") == json.loads(json.dumps(config.to_dict())):
-        if not quiet:
-            log.warning("checkpoint.restore_step %d was applied already by this same config: "
-                        "step %d continues from it, so the run resumes there (to roll back "
-                        "to step %d again, move the newer steps out of checkpoints/)",
-                        step, latest, step)
+        log.warning("checkpoint.restore_step %d was applied already by this same config: "
+                    "step %d continues from it, so the run resumes there (to roll back to "
+                    "step %d again, move the newer steps out of checkpoints/)",
+                    step, latest, step)
         return None
     return step
 
 
-def precheck_resume(config, workdir: str) -> None:
+def precheck_resume(config, workdir: str, rollback: int | None) -> None:
     """The config part of the resume guard, against the checkpoint a resume would start
-    from, before training a tokenizer or preparing data that a refusal would waste (the
+    from (`rollback`: rollback_still_to_do's step, else the newest), before training a tokenizer or preparing data that a refusal would waste (the
     full guard, with the tokenizer and pipeline fingerprints, runs at restore)."""
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         return
-    rollback = rollback_still_to_do(config, workdir, quiet=True)
     try:
         step, saved = checkpoint.read_meta(workdir, rollback, quiet=True)
     except Exception as e:    # noqa: BLE001 - none or unreadable: the restore says

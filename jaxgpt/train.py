@@ -282,15 +282,14 @@ class Trainer:
 
 def make_trainer(cfg: model.GPTConfig, tx, mesh, rules, seed: int, *,
                  skip_nonfinite: bool = False, inject_nan=(-1, 0),
-                 n_valid_vocab: int | None = None) -> Trainer:
+                 n_valid_vocab: int | None = None, state_shardings=None) -> Trainer:
     """jax.eval_shape(init_state) -> shardings from logical names -> jitted functions.
 
     `n_valid_vocab`: the tokenizer's size, when the model's vocab_size is padded beyond it:
     eval_step and logprob_step score over those ids only (train_step's loss is unchanged)."""
     if n_valid_vocab is not None and n_valid_vocab >= cfg.vocab_size:
         n_valid_vocab = None
-    abstract = jax.eval_shape(functools.partial(init_state, cfg, tx, seed))
-    state_sh = sharding.tree_shardings(abstract, mesh, rules)
+    state_sh = state_shardings or state_layout(cfg, tx, mesh, rules, seed)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: model.GPT(cfg, rngs=nnx.Rngs(0))))
     batch_sh = jax.sharding.NamedSharding(
         mesh, sharding.logical_to_spec((None, "batch", None), rules))
@@ -316,6 +315,13 @@ def make_trainer(cfg: model.GPTConfig, tx, mesh, rules, seed: int, *,
                        out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     return Trainer(cfg, mesh, rules, graphdef, state_sh, init, step, evaluate, logprobs,
                    n_valid_vocab)
+
+
+def state_layout(cfg: model.GPTConfig, tx, mesh, rules, seed: int):
+    """The train state's shardings from jax.eval_shape of its init; a leaf its mesh axes do
+    not divide is an error naming it (before anything compiles)."""
+    abstract = jax.eval_shape(functools.partial(init_state, cfg, tx, seed))
+    return sharding.tree_shardings(abstract, mesh, rules)
 
 
 def to_global(x: np.ndarray, mesh, spec_names, rules) -> jax.Array:
@@ -394,12 +400,13 @@ def _sample_text(config, trainer: Trainer, params, tok, step: int) -> list[str]:
     return [tok.decode(o) for o in out]
 
 
-def _restore_or_init(config, trainer, ckpts, meta, train_iter):
-    """(state, the restored checkpoint's metadata or None for a fresh start)."""
+def _restore_or_init(config, trainer, ckpts, meta, train_iter, rollback: int | None):
+    """(state, the restored checkpoint's metadata or None for a fresh start); `rollback`:
+    the step to roll back to first (checks.rollback_still_to_do)."""
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             jax.eval_shape(trainer.init), trainer.state_shardings)
     out = ckpts.restore(abstract, check_meta=checks.resume_guard(config, meta),
-                        rollback_to=checks.rollback_still_to_do(config, ckpts.workdir))
+                        rollback_to=rollback)
     if out is None:
         return _init_from(config.init_from, trainer, trainer.init()), None
     state, data_state, saved_meta = out
@@ -471,9 +478,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checks.check_batch_divisible(micro_batch, config, mesh, rules)
     share, shares = sharding.batch_share(mesh, rules)
     tx = make_optimizer(optim, config.train.steps)
-    # Every parameter and optimizer moment divisible by its mesh axes (make_trainer's check).
-    sharding.tree_shardings(jax.eval_shape(functools.partial(
-        init_state, cfg, tx, config.train.seed)), mesh, rules)
+    state_sh = state_layout(cfg, tx, mesh, rules, config.train.seed)
     dcfg = data.DataConfig.from_config(config.data)
     # A missing path (or, streaming, a missing validation split) fails here, before the
     # workdir is touched.
@@ -492,7 +497,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if jax.process_index() == 0:
         lock.acquire()
     try:
-        checks.precheck_resume(config, workdir)
+        rollback = checks.rollback_still_to_do(config, workdir)
+        checks.precheck_resume(config, workdir, rollback)
         # Process 0 trains/caches the tokenizer and tokens first; the others then read them.
         if jax.process_index() != 0:
             multihost_utils.sync_global_devices("jaxgpt: workdir prepared")
@@ -509,7 +515,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             cfg, tx, mesh, rules, config.train.seed,
             skip_nonfinite=config.train.nonfinite == "skip",
             inject_nan=(config.train.inject_nan_at_step, config.train.inject_nan_steps),
-            n_valid_vocab=tok.vocab_size)
+            n_valid_vocab=tok.vocab_size, state_shardings=state_sh)
         train_iter, pipeline = data.train_iterator(
             corpus, dcfg, tok, global_batch=config.train.batch_size, seed=config.train.seed,
             process_index=share, process_count=shares)
@@ -520,7 +526,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 **checkpoint.provenance()}
         ckpts = checkpoint.Checkpoints(workdir, keep=config.checkpoint.keep,
                                        async_save=config.checkpoint.async_save)
-        state, saved = _restore_or_init(config, trainer, ckpts, meta, train_iter)
+        state, saved = _restore_or_init(config, trainer, ckpts, meta, train_iter, rollback)
         saved = saved or {}
         if jax.process_index() == 0:
             # Records of steps after the restored one belong to an abandoned continuation
